@@ -1,0 +1,221 @@
+/*
+ * ggml_lora.h: the whole C ABI of ggml-lora.
+ *
+ * Python reads the declarations between the cffi markers below (preprocessor lines removed) and opens
+ * the library in cffi ABI mode, so this header stays cffi-clean: standard integer types, no ggml types,
+ * no function-like macros.
+ *
+ * Conventions
+ *   - Every function that can fail returns an int32_t status (GLORA_OK = 0). On failure a message that
+ *     names the file, tensor, shape or argument is kept per thread; glora_last_error() returns it.
+ *   - Nothing here calls exit/abort/printf. Inputs are validated before ggml sees them.
+ *   - Shapes in comments are in ggml order: ne = [n_in, n_out] for a weight W of numpy shape (n_out, n_in).
+ *   - LoRA tensors: lora_a ne = [n_in, rank], lora_b ne = [rank, n_out], both F32, row-major; as numpy,
+ *     lora_a is (rank, n_in) and lora_b is (n_out, rank), the PEFT layout.
+ */
+#ifndef GGML_LORA_H
+#define GGML_LORA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(GLORA_BUILD)
+#  if defined(_WIN32)
+#    define GLORA_API __declspec(dllexport)
+#  else
+#    define GLORA_API __attribute__((visibility("default")))
+#  endif
+#else
+#  define GLORA_API
+#endif
+
+#define GLORA_ABI_VERSION 1
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* cffi-begin */
+
+/* ---------------------------------------------------------------------------------------------- */
+/* status, errors, logging                                                                         */
+/* ---------------------------------------------------------------------------------------------- */
+
+enum glora_status {
+    GLORA_OK                   = 0,
+    GLORA_ERR_INVALID_ARGUMENT = 1,  /* a caller-supplied value is out of range or inconsistent     */
+    GLORA_ERR_IO               = 2,  /* a file could not be opened or read                           */
+    GLORA_ERR_FORMAT           = 3,  /* a file is not what it claims (bad GGUF, missing tensor, ...) */
+    GLORA_ERR_UNSUPPORTED      = 4,  /* valid, but not something this build can do                   */
+    GLORA_ERR_OUT_OF_MEMORY    = 5,  /* a buffer could not be allocated                              */
+    GLORA_ERR_BACKEND          = 6,  /* a ggml backend failed to compute                             */
+    GLORA_ERR_INTERNAL         = 7   /* a bug in ggml-lora                                           */
+};
+
+typedef void (*glora_log_callback)(int32_t level, const char * text, void * user_data);
+
+GLORA_API int32_t      glora_abi_version(void);             /* == GLORA_ABI_VERSION of the build  */
+GLORA_API const char * glora_last_error(void);              /* this thread's last error message   */
+/* level follows ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 cont. NULL restores the default
+ * (drop everything). The callback may be called from ggml's worker threads. */
+GLORA_API void         glora_set_log_callback(glora_log_callback callback, void * user_data);
+
+/* ---------------------------------------------------------------------------------------------- */
+/* devices                                                                                         */
+/* ---------------------------------------------------------------------------------------------- */
+
+enum glora_device_type {
+    GLORA_DEVICE_CPU   = 0,
+    GLORA_DEVICE_GPU   = 1,
+    GLORA_DEVICE_IGPU  = 2,
+    GLORA_DEVICE_ACCEL = 3
+};
+
+typedef struct glora_device_info {
+    char     name[128];          /* ggml device name, e.g. "CPU", "CUDA0"      */
+    char     description[256];   /* human-readable, e.g. the CPU or GPU model  */
+    int32_t  type;               /* enum glora_device_type                     */
+    uint64_t memory_free;        /* bytes                                      */
+    uint64_t memory_total;       /* bytes                                      */
+} glora_device_info;
+
+GLORA_API int32_t glora_device_count(void);
+GLORA_API int32_t glora_device_get(int32_t index, glora_device_info * out);
+
+/* ---------------------------------------------------------------------------------------------- */
+/* base model                                                                                      */
+/* ---------------------------------------------------------------------------------------------- */
+
+typedef struct glora_model   glora_model;
+typedef struct glora_adapter glora_adapter;
+typedef struct glora_trainer glora_trainer;
+
+enum glora_rope_type {
+    GLORA_ROPE_NORM = 0,         /* rotate adjacent pairs (x[2i], x[2i+1])      */
+    GLORA_ROPE_NEOX = 2          /* rotate halves (x[i], x[i + n_rot/2])        */
+};
+
+/* What the GGUF's metadata says about the architecture; the Python side reads and checks it. The
+ * tensors themselves (and so n_embd, n_ff, n_vocab, biases, q/k norms) come from the file. */
+typedef struct glora_model_params {
+    const char * device;         /* ggml device name, or "auto" (first GPU, else CPU)            */
+    int32_t      n_threads;      /* CPU threads; <= 0 means all cores                            */
+    int32_t      n_layer;        /* blocks blk.0 .. blk.{n_layer-1}                              */
+    int32_t      n_head;         /* query heads                                                  */
+    int32_t      n_head_kv;      /* key/value heads (GQA when < n_head)                          */
+    int32_t      head_dim;       /* per-head size of q, k and v                                  */
+    int32_t      n_rot;          /* rotated dimensions per head                                  */
+    int32_t      rope_type;      /* enum glora_rope_type                                         */
+    int32_t      n_ctx_orig;     /* training context of the base model (rope's n_ctx_orig)      */
+    float        rope_freq_base;
+    float        rope_freq_scale;
+    float        rms_eps;
+    float        kq_scale;       /* attention logit scale, usually 1/sqrt(head_dim)              */
+} glora_model_params;
+
+typedef struct glora_tensor_info {
+    char     name[128];
+    int32_t  type;               /* ggml type id                                                 */
+    int32_t  n_dims;
+    int64_t  ne[4];
+    uint64_t nbytes;
+} glora_tensor_info;
+
+GLORA_API int32_t glora_model_load(const char * path, const glora_model_params * params, glora_model ** out);
+GLORA_API void    glora_model_free(glora_model * model);
+/* the device the model lives on, as in glora_device_info.name */
+GLORA_API const char * glora_model_device(const glora_model * model);
+GLORA_API int32_t glora_model_n_tensors(const glora_model * model);
+GLORA_API int32_t glora_model_tensor_info(const glora_model * model, int32_t index, glora_tensor_info * out);
+/* raw stored bytes of a weight (size = nbytes), e.g. to prove a training step left it unchanged */
+GLORA_API int32_t glora_model_read_tensor(const glora_model * model, const char * name, void * dst, uint64_t size);
+
+/* ---------------------------------------------------------------------------------------------- */
+/* adapters: LoRA pairs on named base weights                                                      */
+/* ---------------------------------------------------------------------------------------------- */
+
+/* n_targets weights by GGUF name (e.g. "blk.3.attn_q.weight"), each with its rank. The scale of a pair
+ * is alpha / rank, as llama.cpp applies it. A and B start at zero. */
+GLORA_API int32_t glora_adapter_new(glora_model * model, int32_t n_targets, const char * const * weight_names,
+                                    const int32_t * ranks, float alpha, glora_adapter ** out);
+GLORA_API void    glora_adapter_free(glora_adapter * adapter);
+/* which: 0 = lora_a (n = n_in*rank), 1 = lora_b (n = rank*n_out); float32 in ggml (row-major) order */
+GLORA_API int32_t glora_adapter_set(glora_adapter * adapter, int32_t target, int32_t which, const float * data, int64_t n);
+GLORA_API int32_t glora_adapter_get(const glora_adapter * adapter, int32_t target, int32_t which, float * data, int64_t n);
+
+/* ---------------------------------------------------------------------------------------------- */
+/* forward                                                                                         */
+/* ---------------------------------------------------------------------------------------------- */
+
+/* A batch of n_seq sequences of n_tokens each; row r of the flattened batch is seq r / n_tokens,
+ * position r % n_tokens. loss_rows/labels may be NULL when only logits are wanted. */
+typedef struct glora_batch {
+    const int32_t * tokens;      /* [n_seq * n_tokens] token ids                                  */
+    int32_t         n_seq;
+    int32_t         n_tokens;
+    const int32_t * segments;    /* NULL, or [n_seq * n_tokens] sample ids: attention stays inside
+                                    a sample and positions restart at each new id (packing)       */
+    const int32_t * loss_rows;   /* [n_loss] flattened rows whose logits carry loss, ascending    */
+    const int32_t * labels;      /* [n_loss] next-token targets for those rows                    */
+    int32_t         n_loss;
+} glora_batch;
+
+/* logits for every position: out = [n_seq * n_tokens * n_vocab] float32. adapters may be NULL when
+ * n_adapters == 0; scales[i] multiplies adapter i (llama.cpp's user scale). */
+GLORA_API int32_t glora_logits(glora_model * model, const glora_adapter * const * adapters, const float * scales,
+                               int32_t n_adapters, const glora_batch * batch, float * out);
+
+/* sum over batch->loss_rows of the next-token cross-entropy (natural log) */
+GLORA_API int32_t glora_loss(glora_model * model, const glora_adapter * adapter, float scale,
+                             const glora_batch * batch, double * out_loss_sum);
+
+/* ---------------------------------------------------------------------------------------------- */
+/* training                                                                                        */
+/* ---------------------------------------------------------------------------------------------- */
+
+enum glora_optimizer {
+    GLORA_OPTIMIZER_ADAMW = 0,
+    GLORA_OPTIMIZER_SGD   = 1
+};
+
+typedef struct glora_trainer_params {
+    int32_t optimizer;           /* enum glora_optimizer                                          */
+    float   dropout;             /* LoRA dropout on the input of A, in [0, 1)                     */
+} glora_trainer_params;
+
+/* Per optimizer step, from Python's schedule. */
+typedef struct glora_opt_step {
+    float   learning_rate;
+    float   beta1;               /* AdamW                                                          */
+    float   beta2;               /* AdamW                                                          */
+    float   eps;                 /* AdamW                                                          */
+    float   weight_decay;        /* decoupled: w *= 1 - lr * weight_decay                          */
+    int64_t step;                /* 1-based optimizer step, for AdamW bias correction              */
+    float   grad_scale;          /* multiplies the accumulated gradient (clipping); 1 = none       */
+} glora_opt_step;
+
+/* The trainer owns gradient accumulators and optimizer moments for every pair of the adapter. */
+GLORA_API int32_t glora_trainer_new(glora_adapter * adapter, const glora_trainer_params * params, glora_trainer ** out);
+GLORA_API void    glora_trainer_free(glora_trainer * trainer);
+/* forward + backward of loss_weight * (sum of cross-entropy over the batch's loss rows); the gradient
+ * of A and B is added to the accumulators. Pass loss_weight = 1 / (supervised tokens in the whole
+ * optimizer step). dropout_seed picks the dropout masks. out_loss_sum gets the unweighted sum. */
+GLORA_API int32_t glora_trainer_accumulate(glora_trainer * trainer, const glora_batch * batch, float loss_weight,
+                                           uint64_t dropout_seed, double * out_loss_sum);
+/* L2 norm over all accumulated gradients */
+GLORA_API int32_t glora_trainer_grad_norm(glora_trainer * trainer, double * out_norm);
+/* one optimizer update from the accumulated gradients, which are then zeroed */
+GLORA_API int32_t glora_trainer_step(glora_trainer * trainer, const glora_opt_step * step);
+GLORA_API int32_t glora_trainer_zero_grad(glora_trainer * trainer);
+/* kind: 0 = accumulated gradient, 1 = AdamW first moment m, 2 = second moment v; which as in
+ * glora_adapter_get. set != 0 writes data into the state instead of reading it. */
+GLORA_API int32_t glora_trainer_state(glora_trainer * trainer, int32_t target, int32_t which, int32_t kind,
+                                      float * data, int64_t n, int32_t set);
+
+/* cffi-end */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* GGML_LORA_H */

@@ -1,0 +1,199 @@
+// Errors, logging, devices and backend selection.
+#include "glora_internal.h"
+
+#include "ggml-cpu.h"
+
+#include <atomic>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+// ---- errors ---------------------------------------------------------------------------------------
+
+static thread_local std::string g_last_error;
+
+static std::string vformat(const char * fmt, va_list args) {
+    va_list copy;
+    va_copy(copy, args);
+    const int n = vsnprintf(nullptr, 0, fmt, copy);
+    va_end(copy);
+    std::string s(n > 0 ? (size_t) n : 0, '\0');
+    if (n > 0) {
+        vsnprintf(s.data(), (size_t) n + 1, fmt, args);
+    }
+    return s;
+}
+
+int32_t glora_fail(int32_t code, const char * fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    g_last_error = vformat(fmt, args);
+    va_end(args);
+    return code;
+}
+
+void glora_clear_error() { g_last_error.clear(); }
+
+std::string glora_shape_str(const ggml_tensor * t) {
+    char buf[128];
+    snprintf(buf, sizeof(buf), "[%lld, %lld, %lld, %lld] %s", (long long) t->ne[0], (long long) t->ne[1],
+             (long long) t->ne[2], (long long) t->ne[3], ggml_type_name(t->type));
+    return buf;
+}
+
+extern "C" GLORA_API int32_t glora_abi_version(void) { return GLORA_ABI_VERSION; }
+extern "C" GLORA_API const char * glora_last_error(void) { return g_last_error.c_str(); }
+
+// ---- logging --------------------------------------------------------------------------------------
+
+static std::mutex             g_log_mutex;
+static glora_log_callback     g_log_cb   = nullptr;
+static void                 * g_log_user = nullptr;
+
+static void forward_log(int32_t level, const char * text) {
+    std::lock_guard<std::mutex> lock(g_log_mutex);
+    if (g_log_cb) {
+        g_log_cb(level, text, g_log_user);
+    }
+}
+
+static void ggml_log_to_callback(enum ggml_log_level level, const char * text, void * /*user*/) {
+    forward_log((int32_t) level, text);
+}
+
+void glora_log(int32_t level, const char * fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    std::string s = vformat(fmt, args);
+    va_end(args);
+    forward_log(level, s.c_str());
+}
+
+extern "C" GLORA_API void glora_set_log_callback(glora_log_callback callback, void * user_data) {
+    {
+        std::lock_guard<std::mutex> lock(g_log_mutex);
+        g_log_cb   = callback;
+        g_log_user = user_data;
+    }
+    // Our statically linked ggml has its own logger; without this it would print to stderr.
+    ggml_log_set(ggml_log_to_callback, nullptr);
+}
+
+// ---- devices --------------------------------------------------------------------------------------
+
+static void copy_str(char * dst, size_t cap, const char * src) {
+    snprintf(dst, cap, "%s", src ? src : "");
+}
+
+static void ensure_quiet_logger() {
+    // ggml logs to stderr until a callback is set; route it through ours (which drops by default).
+    static std::once_flag once;
+    std::call_once(once, [] { ggml_log_set(ggml_log_to_callback, nullptr); });
+}
+
+extern "C" GLORA_API int32_t glora_device_count(void) {
+    ensure_quiet_logger();
+    return (int32_t) ggml_backend_dev_count();
+}
+
+extern "C" GLORA_API int32_t glora_device_get(int32_t index, glora_device_info * out) {
+    ensure_quiet_logger();
+    GLORA_CHECK_ARG(out != nullptr, "glora_device_get: out is NULL");
+    const int32_t n = (int32_t) ggml_backend_dev_count();
+    GLORA_CHECK_ARG(index >= 0 && index < n, "device index %d out of range [0, %d)", index, n);
+    ggml_backend_dev_t dev = ggml_backend_dev_get((size_t) index);
+    size_t free = 0, total = 0;
+    ggml_backend_dev_memory(dev, &free, &total);
+    copy_str(out->name, sizeof(out->name), ggml_backend_dev_name(dev));
+    copy_str(out->description, sizeof(out->description), ggml_backend_dev_description(dev));
+    switch (ggml_backend_dev_type(dev)) {
+        case GGML_BACKEND_DEVICE_TYPE_GPU:   out->type = GLORA_DEVICE_GPU;   break;
+        case GGML_BACKEND_DEVICE_TYPE_IGPU:  out->type = GLORA_DEVICE_IGPU;  break;
+        case GGML_BACKEND_DEVICE_TYPE_ACCEL: out->type = GLORA_DEVICE_ACCEL; break;
+        default:                             out->type = GLORA_DEVICE_CPU;   break;
+    }
+    out->memory_free  = free;
+    out->memory_total = total;
+    return GLORA_OK;
+}
+
+static std::string device_names() {
+    std::string s;
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        if (!s.empty()) s += ", ";
+        s += ggml_backend_dev_name(ggml_backend_dev_get(i));
+    }
+    return s;
+}
+
+// ---- backends -------------------------------------------------------------------------------------
+
+int32_t glora_backends_init(const char * device, int32_t n_threads, glora_backends * out) {
+    ensure_quiet_logger();
+    ggml_backend_dev_t dev = nullptr;
+    if (device == nullptr || device[0] == '\0' || strcmp(device, "auto") == 0) {
+        dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU);
+        if (!dev) dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_IGPU);
+        if (!dev) dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    } else {
+        for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+            ggml_backend_dev_t d = ggml_backend_dev_get(i);
+            if (strcasecmp(ggml_backend_dev_name(d), device) == 0) {
+                dev = d;
+                break;
+            }
+        }
+        if (!dev) {
+            return glora_fail(GLORA_ERR_INVALID_ARGUMENT, "unknown device '%s'; this build has: %s", device,
+                              device_names().c_str());
+        }
+    }
+    if (!dev) {
+        return glora_fail(GLORA_ERR_BACKEND, "no ggml device available");
+    }
+
+    ggml_backend_t main = ggml_backend_dev_init(dev, nullptr);
+    if (!main) {
+        return glora_fail(GLORA_ERR_BACKEND, "could not initialise device '%s'", ggml_backend_dev_name(dev));
+    }
+    out->main        = main;
+    out->device_name = ggml_backend_dev_name(dev);
+    out->backends.push_back(main);
+    out->bufts.push_back(ggml_backend_dev_buffer_type(dev));
+
+    if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+        out->cpu = main;
+    } else {
+        // every op the device lacks falls back to the CPU
+        out->cpu = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, nullptr);
+        if (!out->cpu) {
+            glora_backends_free(out);
+            return glora_fail(GLORA_ERR_BACKEND, "could not initialise the CPU backend");
+        }
+        out->backends.push_back(out->cpu);
+        out->bufts.push_back(ggml_backend_get_default_buffer_type(out->cpu));
+    }
+    const int hw = (int) std::thread::hardware_concurrency();
+    ggml_backend_cpu_set_n_threads(out->cpu, n_threads > 0 ? n_threads : (hw > 0 ? hw : 1));
+    return GLORA_OK;
+}
+
+void glora_backends_free(glora_backends * b) {
+    for (ggml_backend_t be : b->backends) {
+        ggml_backend_free(be);
+    }
+    b->backends.clear();
+    b->bufts.clear();
+    b->main = b->cpu = nullptr;
+}
+
+ggml_context * glora_graph_ctx(size_t n_nodes) {
+    ggml_init_params p = {
+        /*.mem_size   =*/ ggml_tensor_overhead() * n_nodes * 2 + ggml_graph_overhead_custom(n_nodes, true),
+        /*.mem_buffer =*/ nullptr,
+        /*.no_alloc   =*/ true,
+    };
+    return ggml_init(p);
+}

@@ -1,0 +1,241 @@
+// The forward graph of a llama-family model with LoRA, built the way llama.cpp builds it
+// (src/models/llama.cpp, llm_graph_context::build_lora_mm and build_attn_mha), plus the loss.
+#include "glora_internal.h"
+
+#include <cmath>
+#include <cstring>
+
+namespace {
+
+struct builder {
+    ggml_context              * ctx;
+    const glora_model         * m;
+    const glora_batch         * batch;
+    const glora_graph_options & opt;
+    glora_graph_inputs        * in;
+
+    // y = W·x + Σ_adapters s·(alpha/rank)·B·(A·dropout(x)), in build_lora_mm's op order.
+    // w: ne = [n_in, n_out]; x: ne = [n_in, N]; y: ne = [n_out, N]
+    ggml_tensor * lora_mm(ggml_tensor * w, ggml_tensor * x) {
+        ggml_tensor * res = ggml_mul_mat(ctx, w, x);
+        for (const glora_active_adapter & aa : opt.adapters) {
+            const glora_pair * p = aa.adapter->find(w);
+            if (!p) continue;
+            // llama.cpp: scale = alpha ? user_scale * alpha / rank : user_scale
+            const float alpha = aa.adapter->alpha;
+            const float scale = alpha != 0.0f ? aa.scale * alpha / (float) p->rank : aa.scale;
+            ggml_tensor * xin = x;
+            if (opt.dropout > 0.0f) {
+                ggml_tensor * mask = ggml_new_tensor(ctx, GGML_TYPE_F32, GGML_MAX_DIMS, x->ne);
+                ggml_format_name(mask, "dropout.%s", w->name);
+                ggml_set_input(mask);
+                in->dropout.push_back(mask);
+                in->dropout_salt.push_back((uint64_t) (p - aa.adapter->pairs.data()) + 1);
+                xin = ggml_mul(ctx, x, mask);
+            }
+            ggml_tensor * ax = ggml_mul_mat(ctx, p->a, xin);   // [rank, N]
+            ggml_tensor * ab = ggml_mul_mat(ctx, p->b, ax);    // [n_out, N]
+            ab  = ggml_scale(ctx, ab, scale);
+            res = ggml_add(ctx, res, ab);
+        }
+        return res;
+    }
+
+    ggml_tensor * rms_norm(ggml_tensor * x, ggml_tensor * w) {
+        return ggml_mul(ctx, ggml_rms_norm(ctx, x, m->hp.rms_eps), w);
+    }
+
+    // x: ne = [n_embd, N] -> ne = [n_embd, N]
+    ggml_tensor * attention(const glora_layer & L, ggml_tensor * x, int il) {
+        const glora_model_params & hp = m->hp;
+        const int64_t T = batch->n_tokens, S = batch->n_seq, N = T * S;
+
+        ggml_tensor * q = lora_mm(L.wq, x);                     // [n_head*hd, N]
+        ggml_tensor * k = lora_mm(L.wk, x);                     // [n_head_kv*hd, N]
+        ggml_tensor * v = lora_mm(L.wv, x);
+        if (L.bq) q = ggml_add(ctx, q, L.bq);
+        if (L.bk) k = ggml_add(ctx, k, L.bk);
+        if (L.bv) v = ggml_add(ctx, v, L.bv);
+
+        q = ggml_reshape_3d(ctx, q, hp.head_dim, hp.n_head, N);     // [hd, n_head, N]
+        k = ggml_reshape_3d(ctx, k, hp.head_dim, hp.n_head_kv, N);  // [hd, n_head_kv, N]
+        v = ggml_reshape_3d(ctx, v, hp.head_dim, hp.n_head_kv, N);
+        if (L.q_norm) {
+            q = rms_norm(q, L.q_norm);
+            k = rms_norm(k, L.k_norm);
+        }
+        q = ggml_rope_ext(ctx, q, in->positions, m->rope_freqs, hp.n_rot, hp.rope_type, hp.n_ctx_orig,
+                          hp.rope_freq_base, hp.rope_freq_scale, 0.0f, 1.0f, 32.0f, 1.0f);
+        k = ggml_rope_ext(ctx, k, in->positions, m->rope_freqs, hp.n_rot, hp.rope_type, hp.n_ctx_orig,
+                          hp.rope_freq_base, hp.rope_freq_scale, 0.0f, 1.0f, 32.0f, 1.0f);
+        ggml_format_name(q, "q_rope.%d", il);
+        ggml_format_name(k, "k_rope.%d", il);
+
+        // heads become a batch dimension: [hd, T, heads, S]
+        q = ggml_permute(ctx, ggml_reshape_4d(ctx, q, hp.head_dim, hp.n_head, T, S), 0, 2, 1, 3);
+        k = ggml_permute(ctx, ggml_reshape_4d(ctx, k, hp.head_dim, hp.n_head_kv, T, S), 0, 2, 1, 3);
+        // v transposed for the second product: [T, hd, n_head_kv, S]
+        ggml_tensor * vt = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_4d(ctx, v, hp.head_dim, hp.n_head_kv, T, S),
+                                                       1, 2, 0, 3));
+        const int64_t n_kv = in->mask->ne[0];
+        if (n_kv > T) {
+            k  = ggml_pad(ctx, ggml_cont(ctx, k), 0, (int) (n_kv - T), 0, 0);   // [hd, n_kv, n_head_kv, S]
+            vt = ggml_pad(ctx, vt, (int) (n_kv - T), 0, 0, 0);                   // [n_kv, hd, n_head_kv, S]
+        }
+
+        ggml_tensor * kq = ggml_mul_mat(ctx, k, q);              // [n_kv, T_q, n_head, S]; GQA by broadcast
+        ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
+        kq = ggml_soft_max_ext(ctx, kq, in->mask, hp.kq_scale, 0.0f);
+        ggml_tensor * kqv = ggml_mul_mat(ctx, vt, kq);           // [hd, T_q, n_head, S]
+        ggml_tensor * cur = ggml_cont_2d(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3), hp.head_dim * hp.n_head, N);
+
+        cur = lora_mm(L.wo, cur);
+        if (L.bo) cur = ggml_add(ctx, cur, L.bo);
+        return cur;
+    }
+
+    ggml_tensor * ffn(const glora_layer & L, ggml_tensor * x) {
+        ggml_tensor * gate = lora_mm(L.ffn_gate, x);            // [n_ff, N]
+        ggml_tensor * up   = lora_mm(L.ffn_up, x);
+        // the split form: the fused swiglu has no backward
+        ggml_tensor * h = ggml_swiglu_split(ctx, gate, up);
+        return lora_mm(L.ffn_down, h);
+    }
+
+    ggml_tensor * build(bool rows_only) {
+        const int64_t T = batch->n_tokens, S = batch->n_seq, N = T * S;
+        in->tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, N);
+        ggml_set_name(in->tokens, "tokens");
+        ggml_set_input(in->tokens);
+        in->positions = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, N);
+        ggml_set_name(in->positions, "positions");
+        ggml_set_input(in->positions);
+        const int64_t n_kv = opt.pad_kv ? (T + GLORA_KV_PAD - 1) / GLORA_KV_PAD * GLORA_KV_PAD : T;
+        in->mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, T, 1, S);
+        ggml_set_name(in->mask, "kq_mask");
+        ggml_set_input(in->mask);
+        in->dropout_p = opt.dropout;
+
+        ggml_tensor * x = ggml_get_rows(ctx, m->tok_embd, in->tokens);    // [n_embd, N]
+        ggml_set_name(x, "embd");
+        for (int il = 0; il < m->hp.n_layer; ++il) {
+            const glora_layer & L = m->layers[(size_t) il];
+            ggml_tensor * h = attention(L, rms_norm(x, L.attn_norm), il);
+            x = ggml_add(ctx, x, h);
+            h = ffn(L, rms_norm(x, L.ffn_norm));
+            x = ggml_add(ctx, x, h);
+            ggml_format_name(x, "block_out.%d", il);
+        }
+        if (rows_only) {
+            // only the supervised rows reach the LM head: [n_embd, n_loss]
+            in->loss_rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, batch->n_loss);
+            ggml_set_name(in->loss_rows, "loss_rows");
+            ggml_set_input(in->loss_rows);
+            x = ggml_get_rows(ctx, x, in->loss_rows);
+        }
+        x = rms_norm(x, m->output_norm);
+        ggml_tensor * logits = lora_mm(m->output, x);                     // [n_vocab, N or n_loss]
+        ggml_set_name(logits, "logits");
+        return logits;
+    }
+};
+
+// splitmix64: a counter-based generator, so a mask depends only on (seed, pair, element)
+inline uint64_t mix64(uint64_t z) {
+    z += 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+}  // namespace
+
+ggml_tensor * glora_build_forward(ggml_context * ctx, const glora_model * model, const glora_batch * batch,
+                                  const glora_graph_options & opt, bool rows_only, glora_graph_inputs * in) {
+    builder b{ctx, model, batch, opt, in};
+    return b.build(rows_only);
+}
+
+ggml_tensor * glora_build_loss(ggml_context * ctx, ggml_tensor * row_logits, float weight, glora_graph_inputs * in) {
+    // ggml's cross entropy is the mean over rows; weight·n_rows turns it into weight·sum.
+    in->labels = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, row_logits->ne[0], row_logits->ne[1]);
+    ggml_set_name(in->labels, "labels");
+    ggml_set_input(in->labels);
+    ggml_tensor * loss = ggml_cross_entropy_loss(ctx, row_logits, in->labels);
+    loss = ggml_scale(ctx, loss, weight * (float) row_logits->ne[1]);
+    ggml_set_name(loss, "loss");
+    ggml_set_output(loss);
+    return loss;
+}
+
+int32_t glora_validate_batch(const glora_model * model, const glora_batch * batch, bool need_loss) {
+    GLORA_CHECK_ARG(batch && batch->tokens, "batch: tokens is NULL");
+    GLORA_CHECK_ARG(batch->n_seq > 0 && batch->n_tokens > 0, "batch: n_seq=%d and n_tokens=%d must be positive",
+                    batch->n_seq, batch->n_tokens);
+    const int64_t N = (int64_t) batch->n_seq * batch->n_tokens;
+    for (int64_t i = 0; i < N; ++i) {
+        const int32_t t = batch->tokens[i];
+        GLORA_CHECK_ARG(t >= 0 && t < model->n_vocab, "batch: token id %d at row %lld is outside [0, n_vocab=%lld)", t,
+                        (long long) i, (long long) model->n_vocab);
+    }
+    if (need_loss) {
+        GLORA_CHECK_ARG(batch->n_loss > 0 && batch->loss_rows && batch->labels,
+                        "batch: no loss rows (n_loss=%d); at least one supervised token is needed", batch->n_loss);
+        for (int32_t i = 0; i < batch->n_loss; ++i) {
+            const int32_t r = batch->loss_rows[i], y = batch->labels[i];
+            GLORA_CHECK_ARG(r >= 0 && r < N, "batch: loss row %d is outside [0, %lld)", r, (long long) N);
+            GLORA_CHECK_ARG(y >= 0 && y < model->n_vocab, "batch: label %d of loss row %d is outside [0, n_vocab=%lld)",
+                            y, r, (long long) model->n_vocab);
+        }
+    }
+    return GLORA_OK;
+}
+
+void glora_graph_set_inputs(const glora_model * model, const glora_batch * batch, const glora_graph_inputs & in,
+                            uint64_t dropout_seed) {
+    const int64_t T = batch->n_tokens, S = batch->n_seq, N = T * S;
+    ggml_backend_tensor_set(in.tokens, batch->tokens, 0, (size_t) N * sizeof(int32_t));
+
+    // positions restart at every new segment; attention is causal and stays inside a segment
+    std::vector<int32_t> pos((size_t) N);
+    const int64_t n_kv = in.mask->ne[0];
+    std::vector<float>   mask((size_t) (n_kv * T * S), -INFINITY);
+    for (int64_t s = 0; s < S; ++s) {
+        const int32_t * seg = batch->segments ? batch->segments + s * T : nullptr;
+        int32_t p = 0;
+        for (int64_t t = 0; t < T; ++t) {
+            if (seg && t > 0 && seg[t] != seg[t - 1]) p = 0;
+            pos[(size_t) (s * T + t)] = p++;
+            float * row = mask.data() + (s * T + t) * n_kv;   // query t, keys 0..n_kv-1
+            for (int64_t j = 0; j <= t; ++j) {
+                if (!seg || seg[j] == seg[t]) row[j] = 0.0f;
+            }
+        }
+    }
+    ggml_backend_tensor_set(in.positions, pos.data(), 0, pos.size() * sizeof(int32_t));
+    ggml_backend_tensor_set(in.mask, mask.data(), 0, mask.size() * sizeof(float));
+
+    if (in.loss_rows) {
+        ggml_backend_tensor_set(in.loss_rows, batch->loss_rows, 0, (size_t) batch->n_loss * sizeof(int32_t));
+    }
+    if (in.labels) {
+        const int64_t V = model->n_vocab;
+        std::vector<float> onehot((size_t) (V * batch->n_loss), 0.0f);
+        for (int32_t i = 0; i < batch->n_loss; ++i) onehot[(size_t) (i * V + batch->labels[i])] = 1.0f;
+        ggml_backend_tensor_set(in.labels, onehot.data(), 0, onehot.size() * sizeof(float));
+    }
+    if (!in.dropout.empty()) {
+        const float p = in.dropout_p, keep = 1.0f / (1.0f - p);
+        const uint64_t threshold = (uint64_t) ((double) p * 18446744073709551616.0);
+        std::vector<float> buf;
+        for (size_t i = 0; i < in.dropout.size(); ++i) {
+            ggml_tensor * t = in.dropout[i];
+            buf.resize((size_t) ggml_nelements(t));
+            const uint64_t base = mix64(dropout_seed ^ mix64(in.dropout_salt[i]));
+            for (size_t e = 0; e < buf.size(); ++e) {
+                buf[e] = mix64(base + e) >= threshold ? keep : 0.0f;
+            }
+            ggml_backend_tensor_set(t, buf.data(), 0, buf.size() * sizeof(float));
+        }
+    }
+}

@@ -1,0 +1,152 @@
+// Internal declarations shared by the native sources. Not part of the ABI.
+#pragma once
+
+#include "ggml_lora.h"
+
+#include "ggml.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+
+#include <string>
+#include <vector>
+
+// ---- errors ---------------------------------------------------------------------------------------
+
+// Records a printf-style message as this thread's last error and returns `code`.
+int32_t glora_fail(int32_t code, const char * fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+void glora_clear_error();
+void glora_log(int32_t level, const char * fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
+#define GLORA_CHECK_ARG(cond, ...) \
+    do { if (!(cond)) return glora_fail(GLORA_ERR_INVALID_ARGUMENT, __VA_ARGS__); } while (0)
+
+std::string glora_shape_str(const ggml_tensor * t);
+
+// ---- backends -------------------------------------------------------------------------------------
+
+// The device the model lives on plus the CPU as the scheduler's fallback (the last backend).
+struct glora_backends {
+    std::vector<ggml_backend_t>             backends;   // [device, ..., cpu]
+    std::vector<ggml_backend_buffer_type_t> bufts;
+    ggml_backend_t                          main = nullptr;
+    ggml_backend_t                          cpu  = nullptr;
+    std::string                             device_name;
+};
+
+int32_t glora_backends_init(const char * device, int32_t n_threads, glora_backends * out);
+void    glora_backends_free(glora_backends * b);
+
+// ---- model ----------------------------------------------------------------------------------------
+
+struct glora_layer {
+    ggml_tensor * attn_norm = nullptr;      // ne = [n_embd]
+    ggml_tensor * wq = nullptr;             // ne = [n_embd, n_head*head_dim]
+    ggml_tensor * wk = nullptr;             // ne = [n_embd, n_head_kv*head_dim]
+    ggml_tensor * wv = nullptr;             // ne = [n_embd, n_head_kv*head_dim]
+    ggml_tensor * wo = nullptr;             // ne = [n_head*head_dim, n_embd]
+    ggml_tensor * bq = nullptr;             // optional biases (qwen2), ne = [n_out]
+    ggml_tensor * bk = nullptr;
+    ggml_tensor * bv = nullptr;
+    ggml_tensor * bo = nullptr;
+    ggml_tensor * q_norm = nullptr;         // optional per-head RMS norm (qwen3), ne = [head_dim]
+    ggml_tensor * k_norm = nullptr;
+    ggml_tensor * ffn_norm = nullptr;       // ne = [n_embd]
+    ggml_tensor * ffn_gate = nullptr;       // ne = [n_embd, n_ff]
+    ggml_tensor * ffn_up = nullptr;         // ne = [n_embd, n_ff]
+    ggml_tensor * ffn_down = nullptr;       // ne = [n_ff, n_embd]
+};
+
+struct glora_model {
+    glora_model_params       hp;             // copied; hp.device points into device_name
+    std::string              path;
+    int64_t                  n_embd  = 0;
+    int64_t                  n_vocab = 0;
+    int64_t                  n_ff    = 0;
+
+    glora_backends           be;
+    ggml_context           * ctx_w   = nullptr;   // tensor metadata of every weight
+    ggml_backend_buffer_t    buf_w   = nullptr;   // their data, on the main device
+    std::vector<ggml_tensor *> tensors;           // in file order
+
+    ggml_tensor            * tok_embd    = nullptr;   // ne = [n_embd, n_vocab]
+    ggml_tensor            * output_norm = nullptr;   // ne = [n_embd]
+    ggml_tensor            * output      = nullptr;   // ne = [n_embd, n_vocab]; == tok_embd when tied
+    ggml_tensor            * rope_freqs  = nullptr;   // optional, ne = [n_rot/2]
+    std::vector<glora_layer> layers;
+
+    ggml_backend_sched_t     sched = nullptr;
+    size_t                   graph_size = 0;          // node budget of the training graph
+
+    ggml_tensor * find(const char * name) const;
+};
+
+// ---- adapters -------------------------------------------------------------------------------------
+
+struct glora_pair {
+    const ggml_tensor * weight = nullptr;   // the base weight, ne = [n_in, n_out]
+    ggml_tensor       * a = nullptr;        // ne = [n_in, rank]
+    ggml_tensor       * b = nullptr;        // ne = [rank, n_out]
+    int32_t             rank = 0;
+};
+
+struct glora_adapter {
+    glora_model           * model = nullptr;
+    float                   alpha = 0.0f;
+    ggml_context          * ctx = nullptr;
+    ggml_backend_buffer_t   buf = nullptr;
+    std::vector<glora_pair> pairs;
+
+    const glora_pair * find(const ggml_tensor * weight) const;
+};
+
+// ---- graph ----------------------------------------------------------------------------------------
+
+struct glora_active_adapter {
+    const glora_adapter * adapter;
+    float                 scale;            // user scale; the pair scale alpha/rank is applied on top
+};
+
+// Inputs of one forward graph, filled after allocation by glora_graph_set_inputs.
+struct glora_graph_inputs {
+    ggml_tensor * tokens    = nullptr;      // I32 [n_seq*n_tokens]
+    ggml_tensor * positions = nullptr;      // I32 [n_seq*n_tokens]
+    ggml_tensor * mask      = nullptr;      // F32 [n_kv, n_tokens, 1, n_seq], 0 or -INF; n_kv >= n_tokens
+    ggml_tensor * loss_rows = nullptr;      // I32 [n_loss]
+    ggml_tensor * labels    = nullptr;      // F32 [n_vocab, n_loss] one-hot
+    std::vector<ggml_tensor *> dropout;     // F32 masks, one per LoRA pair input when dropout > 0
+    std::vector<uint64_t>      dropout_salt;
+    float                      dropout_p = 0.0f;
+};
+
+struct glora_graph_options {
+    std::vector<glora_active_adapter> adapters;
+    float dropout = 0.0f;                   // on the input of every A, training only
+    // Pad the keys to a multiple of 256 with masked zeros, as llama.cpp's KV cache does, so the
+    // attention sums group exactly like llama.cpp's (forward only: ggml_pad has no backward).
+    bool  pad_kv  = false;
+};
+
+constexpr int64_t GLORA_KV_PAD = 256;       // llama_kv_cache::get_n_kv pads to max(n_pad, 256)
+
+// Builds the forward pass; returns logits ne = [n_vocab, n_seq*n_tokens] (or only the loss rows when
+// batch->n_loss > 0 and rows_only).
+ggml_tensor * glora_build_forward(ggml_context * ctx, const glora_model * model, const glora_batch * batch,
+                                  const glora_graph_options & opt, bool rows_only, glora_graph_inputs * in);
+// Cross-entropy summed over the loss rows, times `weight`: a scalar.
+ggml_tensor * glora_build_loss(ggml_context * ctx, ggml_tensor * row_logits, float weight, glora_graph_inputs * in);
+// Uploads tokens, positions, mask, rows, labels and dropout masks.
+void glora_graph_set_inputs(const glora_model * model, const glora_batch * batch, const glora_graph_inputs & in,
+                            uint64_t dropout_seed);
+
+int32_t glora_validate_batch(const glora_model * model, const glora_batch * batch, bool need_loss);
+
+// A context for graph metadata sized from ggml's own overheads.
+ggml_context * glora_graph_ctx(size_t n_nodes);

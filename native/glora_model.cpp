@@ -1,0 +1,224 @@
+// Loading a GGUF base model: every weight in its stored type, in one buffer on the chosen device.
+#include "glora_internal.h"
+
+#include "gguf.h"
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+
+ggml_tensor * glora_model::find(const char * name) const {
+    return ggml_get_tensor(ctx_w, name);
+}
+
+static void model_free(glora_model * m) {
+    if (!m) return;
+    if (m->sched) ggml_backend_sched_free(m->sched);
+    if (m->buf_w) ggml_backend_buffer_free(m->buf_w);
+    if (m->ctx_w) ggml_free(m->ctx_w);
+    glora_backends_free(&m->be);
+    delete m;
+}
+
+// Looks up a weight and checks its shape; `required` decides whether absence is an error.
+static int32_t get_weight(glora_model * m, const char * name, int64_t ne0, int64_t ne1, bool required,
+                          ggml_tensor ** out) {
+    ggml_tensor * t = m->find(name);
+    *out = t;
+    if (!t) {
+        return required ? glora_fail(GLORA_ERR_FORMAT, "%s: tensor '%s' is missing", m->path.c_str(), name)
+                        : GLORA_OK;
+    }
+    const int64_t want1 = ne1 < 0 ? 1 : ne1;
+    if (t->ne[0] != ne0 || t->ne[1] != want1 || t->ne[2] != 1 || t->ne[3] != 1) {
+        return glora_fail(GLORA_ERR_FORMAT, "%s: tensor '%s' has shape %s, expected [%lld, %lld]", m->path.c_str(),
+                          name, glora_shape_str(t).c_str(), (long long) ne0, (long long) want1);
+    }
+    return GLORA_OK;
+}
+
+static int32_t bind_tensors(glora_model * m) {
+    const glora_model_params & hp = m->hp;
+    ggml_tensor * embd = m->find("token_embd.weight");
+    if (!embd || ggml_n_dims(embd) != 2) {
+        return glora_fail(GLORA_ERR_FORMAT, "%s: tensor 'token_embd.weight' is missing or not 2-D", m->path.c_str());
+    }
+    m->n_embd  = embd->ne[0];
+    m->n_vocab = embd->ne[1];
+    m->tok_embd = embd;
+    const int64_t n_embd = m->n_embd;
+    const int64_t n_q    = (int64_t) hp.n_head * hp.head_dim;
+    const int64_t n_kv   = (int64_t) hp.n_head_kv * hp.head_dim;
+
+    int32_t rc;
+    if ((rc = get_weight(m, "output_norm.weight", n_embd, -1, true, &m->output_norm))) return rc;
+    if ((rc = get_weight(m, "output.weight", n_embd, m->n_vocab, false, &m->output))) return rc;
+    if (!m->output) m->output = m->tok_embd;   // tied embeddings
+    if ((rc = get_weight(m, "rope_freqs.weight", hp.n_rot / 2, -1, false, &m->rope_freqs))) return rc;
+
+    ggml_tensor * gate0 = m->find("blk.0.ffn_gate.weight");
+    if (!gate0) {
+        return glora_fail(GLORA_ERR_FORMAT, "%s: tensor 'blk.0.ffn_gate.weight' is missing", m->path.c_str());
+    }
+    m->n_ff = gate0->ne[1];
+
+    m->layers.resize((size_t) hp.n_layer);
+    char name[128];
+    for (int il = 0; il < hp.n_layer; ++il) {
+        glora_layer & L = m->layers[(size_t) il];
+        struct spec { const char * suffix; int64_t ne0, ne1; bool required; ggml_tensor ** dst; } specs[] = {
+            {"attn_norm.weight",   n_embd,      -1,     true,  &L.attn_norm},
+            {"attn_q.weight",      n_embd,      n_q,    true,  &L.wq},
+            {"attn_k.weight",      n_embd,      n_kv,   true,  &L.wk},
+            {"attn_v.weight",      n_embd,      n_kv,   true,  &L.wv},
+            {"attn_output.weight", n_q,         n_embd, true,  &L.wo},
+            {"attn_q.bias",        n_q,         -1,     false, &L.bq},
+            {"attn_k.bias",        n_kv,        -1,     false, &L.bk},
+            {"attn_v.bias",        n_kv,        -1,     false, &L.bv},
+            {"attn_output.bias",   n_embd,      -1,     false, &L.bo},
+            {"attn_q_norm.weight", hp.head_dim, -1,     false, &L.q_norm},
+            {"attn_k_norm.weight", hp.head_dim, -1,     false, &L.k_norm},
+            {"ffn_norm.weight",    n_embd,      -1,     true,  &L.ffn_norm},
+            {"ffn_gate.weight",    n_embd,      m->n_ff, true, &L.ffn_gate},
+            {"ffn_up.weight",      n_embd,      m->n_ff, true, &L.ffn_up},
+            {"ffn_down.weight",    m->n_ff,     n_embd, true,  &L.ffn_down},
+        };
+        for (const spec & s : specs) {
+            snprintf(name, sizeof(name), "blk.%d.%s", il, s.suffix);
+            if ((rc = get_weight(m, name, s.ne0, s.ne1, s.required, s.dst))) return rc;
+        }
+        if ((L.q_norm == nullptr) != (L.k_norm == nullptr)) {
+            return glora_fail(GLORA_ERR_FORMAT, "%s: block %d has only one of attn_q_norm/attn_k_norm", m->path.c_str(), il);
+        }
+    }
+    return GLORA_OK;
+}
+
+static int32_t read_weights(glora_model * m, gguf_context * gctx) {
+    FILE * f = fopen(m->path.c_str(), "rb");
+    if (!f) {
+        return glora_fail(GLORA_ERR_IO, "%s: cannot open: %s", m->path.c_str(), strerror(errno));
+    }
+    std::unique_ptr<FILE, int (*)(FILE *)> guard(f, fclose);
+    fseek(f, 0, SEEK_END);
+    const long long file_size = ftell(f);
+    const size_t data_offset = gguf_get_data_offset(gctx);
+    std::vector<uint8_t> staging;
+    const bool host = ggml_backend_buffer_is_host(m->buf_w);
+    for (int64_t i = 0; i < gguf_get_n_tensors(gctx); ++i) {
+        const char * name = gguf_get_tensor_name(gctx, i);
+        ggml_tensor * t = m->find(name);
+        const size_t nbytes = ggml_nbytes(t);
+        const size_t offset = data_offset + gguf_get_tensor_offset(gctx, i);
+        if ((long long) (offset + nbytes) > file_size) {
+            return glora_fail(GLORA_ERR_FORMAT, "%s: data of tensor '%s' lies outside the file (truncated?)",
+                              m->path.c_str(), name);
+        }
+        void * dst = t->data;
+        if (!host) {
+            staging.resize(nbytes);
+            dst = staging.data();
+        }
+        if (fseek(f, (long) offset, SEEK_SET) != 0 || fread(dst, 1, nbytes, f) != nbytes) {
+            return glora_fail(GLORA_ERR_IO, "%s: short read of tensor '%s'", m->path.c_str(), name);
+        }
+        if (!host) {
+            ggml_backend_tensor_set(t, dst, 0, nbytes);
+        }
+        m->tensors.push_back(t);
+    }
+    return GLORA_OK;
+}
+
+extern "C" GLORA_API int32_t glora_model_load(const char * path, const glora_model_params * params, glora_model ** out) {
+    glora_clear_error();
+    GLORA_CHECK_ARG(path && params && out, "glora_model_load: NULL argument");
+    *out = nullptr;
+    const glora_model_params & hp = *params;
+    GLORA_CHECK_ARG(hp.n_layer > 0 && hp.n_head > 0 && hp.n_head_kv > 0 && hp.head_dim > 0,
+                    "%s: invalid hparams n_layer=%d n_head=%d n_head_kv=%d head_dim=%d", path, hp.n_layer, hp.n_head,
+                    hp.n_head_kv, hp.head_dim);
+    GLORA_CHECK_ARG(hp.n_head % hp.n_head_kv == 0, "%s: n_head=%d is not a multiple of n_head_kv=%d", path,
+                    hp.n_head, hp.n_head_kv);
+    GLORA_CHECK_ARG(hp.n_rot > 0 && hp.n_rot <= hp.head_dim && hp.n_rot % 2 == 0,
+                    "%s: n_rot=%d must be even and in (0, head_dim=%d]", path, hp.n_rot, hp.head_dim);
+    GLORA_CHECK_ARG(hp.rope_type == GLORA_ROPE_NORM || hp.rope_type == GLORA_ROPE_NEOX, "%s: unknown rope type %d",
+                    path, hp.rope_type);
+
+    auto * m = new glora_model();
+    m->path = path;
+    m->hp   = hp;
+
+    ggml_context * ctx_meta = nullptr;
+    gguf_init_params gp = { /*.no_alloc =*/ true, /*.ctx =*/ &ctx_meta };
+    gguf_context * gctx = gguf_init_from_file(path, gp);
+    if (!gctx) {
+        model_free(m);
+        return glora_fail(GLORA_ERR_FORMAT, "%s: not a readable GGUF file", path);
+    }
+    m->ctx_w = ctx_meta;
+
+    int32_t rc = glora_backends_init(hp.device, hp.n_threads, &m->be);
+    if (rc == GLORA_OK) {
+        m->hp.device = m->be.device_name.c_str();
+        rc = bind_tensors(m);
+    }
+    if (rc == GLORA_OK) {
+        m->buf_w = ggml_backend_alloc_ctx_tensors_from_buft(m->ctx_w, m->be.bufts[0]);
+        if (!m->buf_w) {
+            rc = glora_fail(GLORA_ERR_OUT_OF_MEMORY, "%s: could not allocate the weights on %s", path,
+                            m->be.device_name.c_str());
+        } else {
+            ggml_backend_buffer_set_usage(m->buf_w, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+            rc = read_weights(m, gctx);
+        }
+    }
+    gguf_free(gctx);
+    if (rc == GLORA_OK) {
+        // forward ~40 nodes a block, LoRA 6 per pair, backward about three times the forward
+        m->graph_size = 4096 + (size_t) hp.n_layer * 1024;
+        m->sched = ggml_backend_sched_new(m->be.backends.data(), m->be.bufts.data(), (int) m->be.backends.size(),
+                                          m->graph_size, false, true);
+        if (!m->sched) rc = glora_fail(GLORA_ERR_BACKEND, "could not create the backend scheduler");
+    }
+    if (rc != GLORA_OK) {
+        model_free(m);
+        return rc;
+    }
+    *out = m;
+    return GLORA_OK;
+}
+
+extern "C" GLORA_API void glora_model_free(glora_model * model) { model_free(model); }
+
+extern "C" GLORA_API const char * glora_model_device(const glora_model * model) {
+    return model ? model->be.device_name.c_str() : "";
+}
+
+extern "C" GLORA_API int32_t glora_model_n_tensors(const glora_model * model) {
+    return model ? (int32_t) model->tensors.size() : 0;
+}
+
+extern "C" GLORA_API int32_t glora_model_tensor_info(const glora_model * model, int32_t index, glora_tensor_info * out) {
+    GLORA_CHECK_ARG(model && out, "glora_model_tensor_info: NULL argument");
+    GLORA_CHECK_ARG(index >= 0 && index < (int32_t) model->tensors.size(), "tensor index %d out of range [0, %zu)",
+                    index, model->tensors.size());
+    const ggml_tensor * t = model->tensors[(size_t) index];
+    snprintf(out->name, sizeof(out->name), "%s", t->name);
+    out->type   = (int32_t) t->type;
+    out->n_dims = ggml_n_dims(t);
+    for (int i = 0; i < 4; ++i) out->ne[i] = t->ne[i];
+    out->nbytes = ggml_nbytes(t);
+    return GLORA_OK;
+}
+
+extern "C" GLORA_API int32_t glora_model_read_tensor(const glora_model * model, const char * name, void * dst, uint64_t size) {
+    GLORA_CHECK_ARG(model && name && dst, "glora_model_read_tensor: NULL argument");
+    const ggml_tensor * t = model->find(name);
+    GLORA_CHECK_ARG(t != nullptr, "%s: no tensor named '%s'", model->path.c_str(), name);
+    GLORA_CHECK_ARG(size == ggml_nbytes(t), "tensor '%s' has %zu bytes, buffer has %llu", name, ggml_nbytes(t),
+                    (unsigned long long) size);
+    ggml_backend_tensor_get(t, dst, 0, size);
+    return GLORA_OK;
+}

@@ -1,0 +1,400 @@
+// Adapters, forward evaluation, and the training step: backward to A and B only, then the optimizer.
+#include "glora_internal.h"
+
+#include <cmath>
+#include <cstring>
+#include <unordered_map>
+
+// ---- adapters -------------------------------------------------------------------------------------
+
+const glora_pair * glora_adapter::find(const ggml_tensor * weight) const {
+    for (const glora_pair & p : pairs) {
+        if (p.weight == weight) return &p;
+    }
+    return nullptr;
+}
+
+static void adapter_free(glora_adapter * a) {
+    if (!a) return;
+    if (a->buf) ggml_backend_buffer_free(a->buf);
+    if (a->ctx) ggml_free(a->ctx);
+    delete a;
+}
+
+extern "C" GLORA_API int32_t glora_adapter_new(glora_model * model, int32_t n_targets, const char * const * weight_names,
+                                               const int32_t * ranks, float alpha, glora_adapter ** out) {
+    glora_clear_error();
+    GLORA_CHECK_ARG(model && out, "glora_adapter_new: NULL argument");
+    GLORA_CHECK_ARG(n_targets > 0 && weight_names && ranks, "glora_adapter_new: no targets");
+    GLORA_CHECK_ARG(std::isfinite(alpha), "glora_adapter_new: alpha is not finite");
+    *out = nullptr;
+
+    auto * a = new glora_adapter();
+    a->model = model;
+    a->alpha = alpha;
+    ggml_init_params ip = { ggml_tensor_overhead() * (size_t) (2 * n_targets + 1), nullptr, true };
+    a->ctx = ggml_init(ip);
+    for (int32_t i = 0; i < n_targets; ++i) {
+        const char * name = weight_names[i];
+        const ggml_tensor * w = name ? model->find(name) : nullptr;
+        if (!w) {
+            adapter_free(a);
+            return glora_fail(GLORA_ERR_INVALID_ARGUMENT, "LoRA target '%s' is not a tensor of %s", name ? name : "(null)",
+                              model->path.c_str());
+        }
+        if (ggml_n_dims(w) != 2) {
+            adapter_free(a);
+            return glora_fail(GLORA_ERR_INVALID_ARGUMENT, "LoRA target '%s' has shape %s; only 2-D weights take LoRA",
+                              name, glora_shape_str(w).c_str());
+        }
+        const int64_t n_in = w->ne[0], n_out = w->ne[1];
+        const int32_t r = ranks[i];
+        if (r <= 0 || r > n_in || r > n_out) {
+            adapter_free(a);
+            return glora_fail(GLORA_ERR_INVALID_ARGUMENT, "rank %d for '%s' must be in [1, min(n_in=%lld, n_out=%lld)]",
+                              r, name, (long long) n_in, (long long) n_out);
+        }
+        if (a->find(w)) {
+            adapter_free(a);
+            return glora_fail(GLORA_ERR_INVALID_ARGUMENT, "LoRA target '%s' is listed twice", name);
+        }
+        glora_pair p;
+        p.weight = w;
+        p.rank   = r;
+        p.a = ggml_new_tensor_2d(a->ctx, GGML_TYPE_F32, n_in, r);     // ne = [n_in, rank]
+        p.b = ggml_new_tensor_2d(a->ctx, GGML_TYPE_F32, r, n_out);    // ne = [rank, n_out]
+        ggml_format_name(p.a, "%s.lora_a", name);
+        ggml_format_name(p.b, "%s.lora_b", name);
+        a->pairs.push_back(p);
+    }
+    a->buf = ggml_backend_alloc_ctx_tensors_from_buft(a->ctx, model->be.bufts[0]);
+    if (!a->buf) {
+        adapter_free(a);
+        return glora_fail(GLORA_ERR_OUT_OF_MEMORY, "could not allocate the LoRA tensors on %s", model->be.device_name.c_str());
+    }
+    ggml_backend_buffer_clear(a->buf, 0);
+    *out = a;
+    return GLORA_OK;
+}
+
+extern "C" GLORA_API void glora_adapter_free(glora_adapter * adapter) { adapter_free(adapter); }
+
+static int32_t pair_tensor(const glora_adapter * a, int32_t target, int32_t which, int64_t n, ggml_tensor ** out) {
+    GLORA_CHECK_ARG(a != nullptr, "adapter is NULL");
+    GLORA_CHECK_ARG(target >= 0 && target < (int32_t) a->pairs.size(), "LoRA target index %d out of range [0, %zu)",
+                    target, a->pairs.size());
+    GLORA_CHECK_ARG(which == 0 || which == 1, "which=%d must be 0 (lora_a) or 1 (lora_b)", which);
+    ggml_tensor * t = which == 0 ? a->pairs[(size_t) target].a : a->pairs[(size_t) target].b;
+    GLORA_CHECK_ARG(n == ggml_nelements(t), "'%s' has %lld elements (shape %s), got %lld", t->name,
+                    (long long) ggml_nelements(t), glora_shape_str(t).c_str(), (long long) n);
+    *out = t;
+    return GLORA_OK;
+}
+
+extern "C" GLORA_API int32_t glora_adapter_set(glora_adapter * adapter, int32_t target, int32_t which, const float * data, int64_t n) {
+    ggml_tensor * t;
+    int32_t rc = pair_tensor(adapter, target, which, n, &t);
+    if (rc) return rc;
+    GLORA_CHECK_ARG(data != nullptr, "glora_adapter_set: data is NULL");
+    ggml_backend_tensor_set(t, data, 0, ggml_nbytes(t));
+    return GLORA_OK;
+}
+
+extern "C" GLORA_API int32_t glora_adapter_get(const glora_adapter * adapter, int32_t target, int32_t which, float * data, int64_t n) {
+    ggml_tensor * t;
+    int32_t rc = pair_tensor(adapter, target, which, n, &t);
+    if (rc) return rc;
+    GLORA_CHECK_ARG(data != nullptr, "glora_adapter_get: data is NULL");
+    ggml_backend_tensor_get(t, data, 0, ggml_nbytes(t));
+    return GLORA_OK;
+}
+
+// ---- running a graph ------------------------------------------------------------------------------
+
+namespace {
+
+struct graph_run {
+    ggml_context * ctx = nullptr;
+    ~graph_run() { if (ctx) ggml_free(ctx); }
+};
+
+int32_t alloc_graph(glora_model * m, ggml_cgraph * gf) {
+    ggml_backend_sched_reset(m->sched);
+    if (!ggml_backend_sched_alloc_graph(m->sched, gf)) {
+        return glora_fail(GLORA_ERR_OUT_OF_MEMORY, "could not allocate the compute graph (%d nodes) on %s",
+                          ggml_graph_n_nodes(gf), m->be.device_name.c_str());
+    }
+    return GLORA_OK;
+}
+
+int32_t run(glora_model * m, ggml_cgraph * gf) {
+    const ggml_status st = ggml_backend_sched_graph_compute(m->sched, gf);
+    if (st != GGML_STATUS_SUCCESS) {
+        return glora_fail(GLORA_ERR_BACKEND, "graph compute failed on %s (ggml status %d)", m->be.device_name.c_str(), (int) st);
+    }
+    return GLORA_OK;
+}
+
+int32_t check_adapter_model(const glora_model * m, const glora_adapter * a) {
+    GLORA_CHECK_ARG(a->model == m, "the adapter was made for another model (%s)", a->model->path.c_str());
+    return GLORA_OK;
+}
+
+}  // namespace
+
+extern "C" GLORA_API int32_t glora_logits(glora_model * model, const glora_adapter * const * adapters, const float * scales,
+                                          int32_t n_adapters, const glora_batch * batch, float * out) {
+    glora_clear_error();
+    GLORA_CHECK_ARG(model && out, "glora_logits: NULL argument");
+    GLORA_CHECK_ARG(n_adapters >= 0 && (n_adapters == 0 || (adapters && scales)), "glora_logits: bad adapter list");
+    int32_t rc = glora_validate_batch(model, batch, false);
+    if (rc) return rc;
+    glora_graph_options opt;
+    opt.pad_kv = true;
+    for (int32_t i = 0; i < n_adapters; ++i) {
+        GLORA_CHECK_ARG(adapters[i] != nullptr, "glora_logits: adapter %d is NULL", i);
+        if ((rc = check_adapter_model(model, adapters[i]))) return rc;
+        opt.adapters.push_back({adapters[i], scales[i]});
+    }
+    graph_run g;
+    g.ctx = glora_graph_ctx(model->graph_size);
+    glora_graph_inputs in;
+    ggml_tensor * logits = glora_build_forward(g.ctx, model, batch, opt, false, &in);
+    ggml_set_output(logits);
+    ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, model->graph_size, false);
+    ggml_build_forward_expand(gf, logits);
+    if ((rc = alloc_graph(model, gf))) return rc;
+    glora_graph_set_inputs(model, batch, in, 0);
+    if ((rc = run(model, gf))) return rc;
+    ggml_backend_tensor_get(logits, out, 0, ggml_nbytes(logits));
+    return GLORA_OK;
+}
+
+extern "C" GLORA_API int32_t glora_loss(glora_model * model, const glora_adapter * adapter, float scale,
+                                        const glora_batch * batch, double * out_loss_sum) {
+    glora_clear_error();
+    GLORA_CHECK_ARG(model && out_loss_sum, "glora_loss: NULL argument");
+    int32_t rc = glora_validate_batch(model, batch, true);
+    if (rc) return rc;
+    glora_graph_options opt;
+    if (adapter) {
+        if ((rc = check_adapter_model(model, adapter))) return rc;
+        opt.adapters.push_back({adapter, scale});
+    }
+    graph_run g;
+    g.ctx = glora_graph_ctx(model->graph_size);
+    glora_graph_inputs in;
+    ggml_tensor * logits = glora_build_forward(g.ctx, model, batch, opt, true, &in);
+    ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in);
+    ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, model->graph_size, false);
+    ggml_build_forward_expand(gf, loss);
+    if ((rc = alloc_graph(model, gf))) return rc;
+    glora_graph_set_inputs(model, batch, in, 0);
+    if ((rc = run(model, gf))) return rc;
+    float v = 0.0f;
+    ggml_backend_tensor_get(loss, &v, 0, sizeof(v));
+    *out_loss_sum = v;
+    return GLORA_OK;
+}
+
+// ---- trainer --------------------------------------------------------------------------------------
+
+// Gradient accumulators and optimizer moments mirror the adapter's pairs one to one:
+// params_t = [A0, B0, A1, B1, ...] and grad/m/v in the same order and shapes.
+struct glora_trainer {
+    glora_adapter        * adapter = nullptr;
+    glora_trainer_params   params{};
+    ggml_context         * ctx_grad = nullptr;
+    ggml_context         * ctx_opt  = nullptr;
+    ggml_backend_buffer_t  buf_grad = nullptr;
+    ggml_backend_buffer_t  buf_opt  = nullptr;
+    std::vector<ggml_tensor *> params_t, grad, m, v;
+};
+
+static void trainer_free(glora_trainer * t) {
+    if (!t) return;
+    if (t->buf_grad) ggml_backend_buffer_free(t->buf_grad);
+    if (t->buf_opt) ggml_backend_buffer_free(t->buf_opt);
+    if (t->ctx_grad) ggml_free(t->ctx_grad);
+    if (t->ctx_opt) ggml_free(t->ctx_opt);
+    delete t;
+}
+
+static ggml_context * meta_ctx(size_t n_tensors) {
+    ggml_init_params ip = { ggml_tensor_overhead() * (n_tensors + 1), nullptr, true };
+    return ggml_init(ip);
+}
+
+extern "C" GLORA_API int32_t glora_trainer_new(glora_adapter * adapter, const glora_trainer_params * params, glora_trainer ** out) {
+    glora_clear_error();
+    GLORA_CHECK_ARG(adapter && params && out, "glora_trainer_new: NULL argument");
+    GLORA_CHECK_ARG(params->optimizer == GLORA_OPTIMIZER_ADAMW || params->optimizer == GLORA_OPTIMIZER_SGD,
+                    "unknown optimizer %d", params->optimizer);
+    GLORA_CHECK_ARG(params->dropout >= 0.0f && params->dropout < 0.999f, "dropout %g must be in [0, 1)",
+                    (double) params->dropout);
+    *out = nullptr;
+    auto * t = new glora_trainer();
+    t->adapter = adapter;
+    t->params  = *params;
+    const size_t n = adapter->pairs.size() * 2;
+    t->ctx_grad = meta_ctx(n);
+    t->ctx_opt  = meta_ctx(2 * n);
+    for (glora_pair & p : adapter->pairs) {
+        for (ggml_tensor * w : {p.a, p.b}) {
+            ggml_set_param(w);
+            t->params_t.push_back(w);
+            t->grad.push_back(ggml_dup_tensor(t->ctx_grad, w));
+            t->m.push_back(ggml_dup_tensor(t->ctx_opt, w));
+            t->v.push_back(ggml_dup_tensor(t->ctx_opt, w));
+            ggml_format_name(t->grad.back(), "grad.%s", w->name);
+            ggml_format_name(t->m.back(), "adam_m.%s", w->name);
+            ggml_format_name(t->v.back(), "adam_v.%s", w->name);
+        }
+    }
+    ggml_backend_buffer_type_t buft = adapter->model->be.bufts[0];
+    t->buf_grad = ggml_backend_alloc_ctx_tensors_from_buft(t->ctx_grad, buft);
+    t->buf_opt  = ggml_backend_alloc_ctx_tensors_from_buft(t->ctx_opt, buft);
+    if (!t->buf_grad || !t->buf_opt) {
+        trainer_free(t);
+        return glora_fail(GLORA_ERR_OUT_OF_MEMORY, "could not allocate optimizer state on %s",
+                          adapter->model->be.device_name.c_str());
+    }
+    ggml_backend_buffer_clear(t->buf_grad, 0);
+    ggml_backend_buffer_clear(t->buf_opt, 0);
+    *out = t;
+    return GLORA_OK;
+}
+
+extern "C" GLORA_API void glora_trainer_free(glora_trainer * trainer) { trainer_free(trainer); }
+
+extern "C" GLORA_API int32_t glora_trainer_accumulate(glora_trainer * trainer, const glora_batch * batch, float loss_weight,
+                                                      uint64_t dropout_seed, double * out_loss_sum) {
+    glora_clear_error();
+    GLORA_CHECK_ARG(trainer && out_loss_sum, "glora_trainer_accumulate: NULL argument");
+    GLORA_CHECK_ARG(std::isfinite(loss_weight) && loss_weight > 0.0f, "loss_weight %g must be positive and finite",
+                    (double) loss_weight);
+    glora_model * model = trainer->adapter->model;
+    int32_t rc = glora_validate_batch(model, batch, true);
+    if (rc) return rc;
+
+    glora_graph_options opt;
+    opt.adapters.push_back({trainer->adapter, 1.0f});
+    opt.dropout = trainer->params.dropout;
+
+    graph_run g;
+    g.ctx = glora_graph_ctx(model->graph_size);
+    glora_graph_inputs in;
+    ggml_tensor * logits = glora_build_forward(g.ctx, model, batch, opt, true, &in);
+    ggml_tensor * loss = glora_build_loss(g.ctx, logits, loss_weight, &in);
+    ggml_set_loss(loss);
+    ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, model->graph_size, true);
+    ggml_build_forward_expand(gf, loss);
+
+    // A and B accumulate their gradient in place into the trainer's buffers
+    std::unordered_map<const ggml_tensor *, ggml_tensor *> acc_of;
+    for (size_t i = 0; i < trainer->params_t.size(); ++i) acc_of[trainer->params_t[i]] = trainer->grad[i];
+    std::vector<ggml_tensor *> grad_accs((size_t) ggml_graph_n_nodes(gf), nullptr);
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        auto it = acc_of.find(ggml_graph_node(gf, i));
+        if (it != acc_of.end()) grad_accs[(size_t) i] = it->second;
+    }
+    ggml_build_backward_expand(g.ctx, gf, grad_accs.data());
+    // d(loss)/d(loss) = 1, fed as an input so the accumulators are not reset by ggml_graph_reset
+    ggml_tensor * seed = ggml_graph_get_grad(gf, loss);
+    ggml_set_input(seed);
+
+    if ((rc = alloc_graph(model, gf))) return rc;
+    glora_graph_set_inputs(model, batch, in, dropout_seed);
+    const float one = 1.0f;
+    ggml_backend_tensor_set(seed, &one, 0, sizeof(one));
+    if ((rc = run(model, gf))) return rc;
+    float v = 0.0f;
+    ggml_backend_tensor_get(loss, &v, 0, sizeof(v));
+    *out_loss_sum = (double) v / (double) loss_weight;
+    return GLORA_OK;
+}
+
+extern "C" GLORA_API int32_t glora_trainer_grad_norm(glora_trainer * trainer, double * out_norm) {
+    GLORA_CHECK_ARG(trainer && out_norm, "glora_trainer_grad_norm: NULL argument");
+    // LoRA gradients are small (r·(n_in+n_out) per pair): reading them back is cheaper than a graph
+    double sum = 0.0;
+    std::vector<float> buf;
+    for (ggml_tensor * g : trainer->grad) {
+        buf.resize((size_t) ggml_nelements(g));
+        ggml_backend_tensor_get(g, buf.data(), 0, ggml_nbytes(g));
+        for (float x : buf) sum += (double) x * (double) x;
+    }
+    *out_norm = std::sqrt(sum);
+    return GLORA_OK;
+}
+
+extern "C" GLORA_API int32_t glora_trainer_zero_grad(glora_trainer * trainer) {
+    GLORA_CHECK_ARG(trainer, "glora_trainer_zero_grad: NULL argument");
+    ggml_backend_buffer_clear(trainer->buf_grad, 0);
+    return GLORA_OK;
+}
+
+extern "C" GLORA_API int32_t glora_trainer_step(glora_trainer * trainer, const glora_opt_step * step) {
+    glora_clear_error();
+    GLORA_CHECK_ARG(trainer && step, "glora_trainer_step: NULL argument");
+    GLORA_CHECK_ARG(std::isfinite(step->learning_rate) && step->learning_rate > 0.0f,
+                    "learning_rate %g must be positive and finite", (double) step->learning_rate);
+    GLORA_CHECK_ARG(step->weight_decay >= 0.0f && step->weight_decay * step->learning_rate < 1.0f,
+                    "weight_decay %g must be >= 0 with learning_rate * weight_decay < 1", (double) step->weight_decay);
+    GLORA_CHECK_ARG(std::isfinite(step->grad_scale) && step->grad_scale >= 0.0f, "grad_scale %g must be >= 0",
+                    (double) step->grad_scale);
+    const bool adamw = trainer->params.optimizer == GLORA_OPTIMIZER_ADAMW;
+    if (adamw) {
+        GLORA_CHECK_ARG(step->beta1 >= 0.0f && step->beta1 < 1.0f && step->beta2 >= 0.0f && step->beta2 < 1.0f,
+                        "betas (%g, %g) must be in [0, 1)", (double) step->beta1, (double) step->beta2);
+        GLORA_CHECK_ARG(step->eps > 0.0f, "eps %g must be positive", (double) step->eps);
+        GLORA_CHECK_ARG(step->step >= 1, "optimizer step %lld must be >= 1", (long long) step->step);
+    }
+    glora_model * model = trainer->adapter->model;
+
+    graph_run g;
+    const size_t n = trainer->params_t.size();
+    g.ctx = glora_graph_ctx(4 * n + 8);
+    ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, 4 * n + 8, false);
+    ggml_tensor * hyper = ggml_new_tensor_1d(g.ctx, GGML_TYPE_F32, adamw ? 7 : 2);
+    ggml_set_name(hyper, "opt_params");
+    ggml_set_input(hyper);
+    for (size_t i = 0; i < n; ++i) {
+        ggml_tensor * grad = trainer->grad[i];
+        if (step->grad_scale != 1.0f) grad = ggml_scale(g.ctx, grad, step->grad_scale);
+        ggml_tensor * upd = adamw ? ggml_opt_step_adamw(g.ctx, trainer->params_t[i], grad, trainer->m[i], trainer->v[i], hyper)
+                                  : ggml_opt_step_sgd(g.ctx, trainer->params_t[i], grad, hyper);
+        ggml_build_forward_expand(gf, upd);
+    }
+    int32_t rc = alloc_graph(model, gf);
+    if (rc) return rc;
+    if (adamw) {
+        const double t = (double) step->step;
+        const float h[7] = {
+            step->learning_rate, step->beta1, step->beta2, step->eps, step->weight_decay,
+            (float) (1.0 / (1.0 - std::pow((double) step->beta1, t))),   // beta1h: bias correction of m
+            (float) (1.0 / (1.0 - std::pow((double) step->beta2, t))),   // beta2h: bias correction of v
+        };
+        ggml_backend_tensor_set(hyper, h, 0, sizeof(h));
+    } else {
+        const float h[2] = { step->learning_rate, step->weight_decay };
+        ggml_backend_tensor_set(hyper, h, 0, sizeof(h));
+    }
+    if ((rc = run(model, gf))) return rc;
+    ggml_backend_buffer_clear(trainer->buf_grad, 0);
+    return GLORA_OK;
+}
+
+extern "C" GLORA_API int32_t glora_trainer_state(glora_trainer * trainer, int32_t target, int32_t which, int32_t kind,
+                                                 float * data, int64_t n, int32_t set) {
+    GLORA_CHECK_ARG(trainer && data, "glora_trainer_state: NULL argument");
+    GLORA_CHECK_ARG(kind >= 0 && kind <= 2, "kind=%d must be 0 (grad), 1 (m) or 2 (v)", kind);
+    ggml_tensor * p;
+    int32_t rc = pair_tensor(trainer->adapter, target, which, n, &p);
+    if (rc) return rc;
+    const size_t i = (size_t) target * 2 + (size_t) which;
+    ggml_tensor * t = kind == 0 ? trainer->grad[i] : kind == 1 ? trainer->m[i] : trainer->v[i];
+    if (set) ggml_backend_tensor_set(t, data, 0, ggml_nbytes(t));
+    else     ggml_backend_tensor_get(t, data, 0, ggml_nbytes(t));
+    return GLORA_OK;
+}

@@ -1,0 +1,45 @@
+"""ggml-lora: train LoRA adapters for GGUF models on ggml and save them as llama.cpp GGUF LoRA adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__version__ = "0.1.0"
+
+from ._native import ffi, lib
+from .adapter import Adapter
+from .arch import ARCHITECTURES
+from .config import LoRAConfig
+from .errors import (BackendError, ContextLengthError, GGMLLoRAError, GGUFFormatError, InvalidArgumentError,
+                     OutOfMemoryError, UnsupportedArchitectureError, UnsupportedError)
+from .model import BaseModel
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str            # pass this as device=
+    description: str
+    type: str            # "cpu", "gpu", "igpu" or "accel"
+    memory_free: int     # bytes
+    memory_total: int    # bytes
+
+
+_DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
+
+
+def devices() -> list[Device]:
+    """The ggml devices this build of ggml-lora has."""
+    from ._native import check
+
+    out = []
+    info = ffi.new("glora_device_info *")
+    for i in range(lib.glora_device_count()):
+        check(lib.glora_device_get(i, info))
+        out.append(Device(ffi.string(info.name).decode(), ffi.string(info.description).decode(),
+                          _DEVICE_TYPES.get(info.type, "cpu"), int(info.memory_free), int(info.memory_total)))
+    return out
+
+
+__all__ = ["Adapter", "ARCHITECTURES", "BackendError", "BaseModel", "ContextLengthError", "Device", "GGMLLoRAError",
+           "GGUFFormatError", "InvalidArgumentError", "LoRAConfig", "OutOfMemoryError", "UnsupportedArchitectureError",
+           "UnsupportedError", "devices", "__version__"]

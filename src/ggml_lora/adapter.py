@@ -1,0 +1,166 @@
+"""Adapter: LoRA pairs (A, B) on named weights of a BaseModel, held on the model's device."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from ._handles import NativeHandle, float_buffer
+from ._native import check, ffi, lib
+from .arch import LM_HEAD, TARGET_MODULES
+from .config import LoRAConfig
+from .errors import InvalidArgumentError
+from .model import BaseModel
+
+
+def target_weights(model: BaseModel, config: LoRAConfig) -> list[str]:
+    """The GGUF names of the weights ``config`` adapts in ``model``, block by block."""
+    layers = config.layers if config.layers is not None else tuple(range(model.n_layers))
+    bad = [i for i in layers if i >= model.n_layers]
+    if bad:
+        raise InvalidArgumentError(f"LoRAConfig.layers: blocks {bad} do not exist; the model has {model.n_layers} "
+                                   f"(0..{model.n_layers - 1})")
+    names = []
+    for i in layers:
+        for module in config.target_modules:
+            if module != LM_HEAD:
+                names.append(f"blk.{i}.{TARGET_MODULES[module]}.weight")
+    if LM_HEAD in config.target_modules:
+        if model.tied_embeddings:
+            raise InvalidArgumentError(
+                "LoRAConfig.target_modules: lm_head is tied to token_embd.weight in this model (the GGUF has no "
+                "output.weight); llama.cpp cannot apply a LoRA there, so it cannot be trained")
+        names.append("output.weight")
+    return names
+
+
+class Adapter(NativeHandle):
+    """LoRA pairs for a :class:`BaseModel`. Create with :meth:`init` or :meth:`from_tensors`.
+
+    ``lora_a`` of a target has numpy shape (rank, n_in) and ``lora_b`` (n_out, rank): PEFT's layout and
+    the GGUF adapter's (ggml ne = [n_in, rank] and [rank, n_out]).
+    """
+
+    def __init__(self, *_, **__):
+        raise TypeError("use Adapter.init(model, LoRAConfig(...)) or Adapter.from_tensors(...)")
+
+    @classmethod
+    def _create(cls, model: BaseModel, targets: list[str], ranks: list[int], alpha: float,
+                config: LoRAConfig | None) -> "Adapter":
+        for name, r in zip(targets, ranks):
+            n_in, n_out = model.weight_shape(name)
+            if not 0 < r <= min(n_in, n_out):
+                raise InvalidArgumentError(f"rank {r} for '{name}' must be in [1, min(n_in={n_in}, n_out={n_out})]")
+        names = [ffi.new("char[]", t.encode()) for t in targets]
+        out = ffi.new("glora_adapter **")
+        check(lib.glora_adapter_new(model._handle(), len(targets), ffi.new("char *[]", names),
+                                    ffi.new("int32_t[]", ranks), float(alpha), out))
+        self = object.__new__(cls)
+        self._set_handle(out[0], lib.glora_adapter_free)
+        self.model = model
+        self.targets = list(targets)
+        self.ranks = dict(zip(targets, ranks))
+        self.alpha = float(alpha)
+        self.config = config
+        self._index = {t: i for i, t in enumerate(targets)}
+        return self
+
+    @classmethod
+    def init(cls, model: BaseModel, config: LoRAConfig) -> "Adapter":
+        """A fresh adapter: A by ``config.init`` (seeded), B = 0, so it starts as exactly the base model.
+
+        - ``"kaiming"``: PEFT's default, A ~ U(-1/sqrt(n_in), 1/sqrt(n_in)) (Kaiming-uniform with a=sqrt(5)).
+          Use it unless you have a reason not to.
+        - ``"gaussian"``: A ~ N(0, (1/r)^2), PEFT's ``init_lora_weights="gaussian"``; a scale that does not
+          depend on n_in, for comparing with runs that used it.
+        """
+        targets = target_weights(model, config)
+        self = cls._create(model, targets, [config.rank] * len(targets), config.file_alpha, config)
+        rng = np.random.default_rng(config.seed)
+        for name in targets:
+            n_in, _ = model.weight_shape(name)
+            shape = (config.rank, n_in)
+            if config.init == "kaiming":
+                bound = 1.0 / math.sqrt(n_in)
+                a = rng.uniform(-bound, bound, size=shape)
+            else:
+                a = rng.normal(0.0, 1.0 / config.rank, size=shape)
+            self.set(name, lora_a=a)
+        return self
+
+    @classmethod
+    def from_tensors(cls, model: BaseModel, tensors: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                     alpha: float) -> "Adapter":
+        """An adapter with given pairs: ``{weight name: (lora_a (r, n_in), lora_b (n_out, r))}``.
+
+        ``alpha`` is llama.cpp's: each pair is scaled by alpha / its rank.
+        """
+        if not tensors:
+            raise InvalidArgumentError("from_tensors: no tensors")
+        targets = list(tensors)
+        ranks = [int(np.shape(tensors[t][0])[0]) for t in targets]
+        self = cls._create(model, targets, ranks, alpha, None)
+        for t, (a, b) in tensors.items():
+            self.set(t, lora_a=a, lora_b=b)
+        return self
+
+    # ---- tensors ----------------------------------------------------------------------------------
+
+    def _shape(self, name: str, which: int) -> tuple[int, int]:
+        n_in, n_out = self.model.weight_shape(name)
+        r = self.ranks[name]
+        return (r, n_in) if which == 0 else (n_out, r)
+
+    def _target(self, name: str) -> int:
+        try:
+            return self._index[name]
+        except KeyError:
+            raise InvalidArgumentError(f"adapter has no pair on '{name}'; its targets: {', '.join(self.targets)}") from None
+
+    def get(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(lora_a, lora_b) of one target as float32 numpy arrays (copies)."""
+        i = self._target(name)
+        out = []
+        for which in (0, 1):
+            arr = np.empty(self._shape(name, which), dtype=np.float32)
+            check(lib.glora_adapter_get(self._handle(), i, which, float_buffer(arr), arr.size))
+            out.append(arr)
+        return out[0], out[1]
+
+    def set(self, name: str, lora_a: np.ndarray | None = None, lora_b: np.ndarray | None = None) -> None:
+        i = self._target(name)
+        for which, value in ((0, lora_a), (1, lora_b)):
+            if value is None:
+                continue
+            arr = np.ascontiguousarray(value, dtype=np.float32)
+            want = self._shape(name, which)
+            if arr.shape != want:
+                half = "lora_a" if which == 0 else "lora_b"
+                raise InvalidArgumentError(f"{name}.{half}: shape {arr.shape}, expected {want}")
+            if not np.isfinite(arr).all():
+                raise InvalidArgumentError(f"{name}: {'lora_a' if which == 0 else 'lora_b'} has non-finite values")
+            check(lib.glora_adapter_set(self._handle(), i, which, float_buffer(arr), arr.size))
+
+    def tensors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {t: self.get(t) for t in self.targets}
+
+    @property
+    def n_parameters(self) -> int:
+        """Trainable parameters: the sum of r·(n_in + n_out) over the targets."""
+        total = 0
+        for t in self.targets:
+            n_in, n_out = self.model.weight_shape(t)
+            total += self.ranks[t] * (n_in + n_out)
+        return total
+
+    def save(self, path, metadata=None):
+        """Write this adapter as a llama.cpp GGUF LoRA file (atomically: temporary file, then rename)."""
+        from .adapter_file import write_lora_gguf
+
+        return write_lora_gguf(path, self.model.arch, self.alpha, self.tensors(), metadata,
+                               tied_embeddings=self.model.tied_embeddings)
+
+    def __repr__(self) -> str:
+        return f"Adapter({len(self.targets)} targets, alpha={self.alpha:g}, {self.n_parameters} parameters)"

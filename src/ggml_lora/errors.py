@@ -1,0 +1,71 @@
+"""The exceptions ggml-lora raises. Each native status code maps to one class here."""
+
+from __future__ import annotations
+
+
+class GGMLLoRAError(Exception):
+    """Base class. ``code`` is the native status code (0 when raised from Python)."""
+
+    code: int = 0
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class InvalidArgumentError(GGMLLoRAError, ValueError):
+    """A value passed in is out of range or inconsistent with the model."""
+
+    code = 1
+
+
+class NativeIOError(GGMLLoRAError, OSError):
+    """A file could not be opened or read by the native library."""
+
+    code = 2
+
+
+class GGUFFormatError(GGMLLoRAError, ValueError):
+    """A file is not a valid GGUF of the expected kind (bad header, missing or misshapen tensor, ...)."""
+
+    code = 3
+
+
+class UnsupportedError(GGMLLoRAError, NotImplementedError):
+    """Valid input that this build cannot handle (an architecture, a tensor type, a device)."""
+
+    code = 4
+
+
+class UnsupportedArchitectureError(UnsupportedError):
+    """The GGUF's ``general.architecture`` is not one ggml-lora knows how to run."""
+
+
+class OutOfMemoryError(GGMLLoRAError, MemoryError):
+    """A backend buffer could not be allocated."""
+
+    code = 5
+
+
+class BackendError(GGMLLoRAError, RuntimeError):
+    """A ggml backend failed while computing."""
+
+    code = 6
+
+
+class InternalError(GGMLLoRAError, RuntimeError):
+    """A bug in ggml-lora; please report it with the message."""
+
+    code = 7
+
+
+class ContextLengthError(InvalidArgumentError):
+    """A sequence is longer than the context the caller asked for."""
+
+
+BY_CODE: dict[int, type[GGMLLoRAError]] = {
+    cls.code: cls
+    for cls in (InvalidArgumentError, NativeIOError, GGUFFormatError, UnsupportedError, OutOfMemoryError,
+                BackendError, InternalError)
+}

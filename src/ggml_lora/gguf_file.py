@@ -1,0 +1,173 @@
+"""Reading and checking a GGUF base model's metadata in Python, before ggml sees the file.
+
+ggml asserts (and kills the process) on some malformed inputs, so everything the native loader relies
+on is checked here first, with errors that name the file, the key or the tensor.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .arch import ARCHITECTURES, HParams, supported_list
+from .errors import GGUFFormatError, UnsupportedArchitectureError, UnsupportedError
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    shape: tuple[int, ...]   # ggml order: ne[0] first
+    type_name: str
+    n_bytes: int
+
+
+def open_reader(path: str | os.PathLike[str]):
+    """A gguf.GGUFReader for ``path``; FileNotFoundError or GGUFFormatError otherwise."""
+    import gguf
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, "no such GGUF file", str(path))
+    if not path.is_file():
+        raise GGUFFormatError(f"{path}: not a regular file")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise GGUFFormatError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, IndexError, struct/numpy errors on bad files
+        raise GGUFFormatError(f"{path}: cannot parse GGUF ({type(e).__name__}: {e}); truncated or corrupted?") from e
+    size = path.stat().st_size
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise GGUFFormatError(f"{path}: data of tensor '{t.name}' ends at byte {end}, past the end of the "
+                                  f"file ({size} bytes); the file is truncated")
+    return reader
+
+
+def field(reader, key: str, kind: type, default: Any = None, *, path: str = "") -> Any:
+    """The value of metadata ``key`` checked to be ``kind`` (int, float, str); ``default`` if absent."""
+    f = reader.fields.get(key)
+    if f is None:
+        if default is None:
+            raise GGUFFormatError(f"{path}: metadata key '{key}' is missing")
+        return default
+    try:
+        value = f.contents()
+    except Exception as e:
+        raise GGUFFormatError(f"{path}: metadata key '{key}' cannot be read: {e}") from e
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    if kind is str and isinstance(value, str):
+        return value
+    raise GGUFFormatError(f"{path}: metadata key '{key}' is {type(value).__name__} {value!r}, expected {kind.__name__}")
+
+
+def tensor_metas(reader) -> dict[str, TensorMeta]:
+    metas = {}
+    for t in reader.tensors:
+        metas[t.name] = TensorMeta(t.name, tuple(int(x) for x in t.shape), t.tensor_type.name, int(t.n_bytes))
+    return metas
+
+
+def read_hparams(reader, path: str) -> tuple[HParams, dict[str, TensorMeta]]:
+    arch = field(reader, "general.architecture", str, path=path)
+    spec = ARCHITECTURES.get(arch)
+    if spec is None:
+        raise UnsupportedArchitectureError(
+            f"{path}: architecture '{arch}' is not supported; supported: {supported_list()}")
+    tensors = tensor_metas(reader)
+
+    def key(name: str, kind: type, default: Any = None) -> Any:
+        return field(reader, f"{arch}.{name}", kind, default, path=path)
+
+    n_embd = key("embedding_length", int)
+    n_head = key("attention.head_count", int)
+    n_head_kv = key("attention.head_count_kv", int, n_head)
+    if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv:
+        raise GGUFFormatError(f"{path}: head counts n_head={n_head}, n_head_kv={n_head_kv} are inconsistent")
+    head_dim = key("attention.key_length", int, n_embd // n_head)
+    if key("attention.value_length", int, head_dim) != head_dim:
+        raise UnsupportedError(f"{path}: key_length != value_length is not supported")
+    n_rot = key("rope.dimension_count", int, head_dim)
+    scaling = key("rope.scaling.type", str, "none")
+    freq_scale = 1.0
+    if scaling == "linear":
+        freq_scale = 1.0 / key("rope.scaling.factor", float, 1.0)
+    elif scaling not in ("none", ""):
+        raise UnsupportedError(f"{path}: rope scaling '{scaling}' is not supported (only none and linear)")
+
+    embd = tensors.get("token_embd.weight")
+    if embd is None or len(embd.shape) != 2 or embd.shape[0] != n_embd:
+        got = "missing" if embd is None else f"shape {list(embd.shape)}"
+        raise GGUFFormatError(f"{path}: tensor 'token_embd.weight' is {got}, expected [{n_embd}, n_vocab]")
+    hp = HParams(
+        arch=arch,
+        n_layers=key("block_count", int),
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+        n_rot=n_rot,
+        n_ff=key("feed_forward_length", int),
+        n_vocab=embd.shape[1],
+        n_ctx_train=key("context_length", int),
+        rms_eps=key("attention.layer_norm_rms_epsilon", float),
+        rope_freq_base=key("rope.freq_base", float, spec.rope_freq_base),
+        rope_freq_scale=freq_scale,
+        rope_type=spec.rope_type,
+    )
+    if hp.n_layers <= 0 or hp.n_rot <= 0 or hp.n_rot > hp.head_dim or hp.n_rot % 2:
+        raise GGUFFormatError(f"{path}: block_count={hp.n_layers}, rope.dimension_count={hp.n_rot} "
+                              f"(head_dim {hp.head_dim}) are not valid")
+    check_tensors(hp, tensors, path, qk_norm=spec.qk_norm)
+    return hp, tensors
+
+
+def check_tensors(hp: HParams, tensors: dict[str, TensorMeta], path: str, *, qk_norm: bool) -> None:
+    """Every tensor the forward pass needs exists with the shape the hyperparameters imply."""
+    n_q, n_kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+    want: dict[str, tuple[int, ...]] = {"output_norm.weight": (hp.n_embd,)}
+    optional: dict[str, tuple[int, ...]] = {"output.weight": (hp.n_embd, hp.n_vocab),
+                                            "rope_freqs.weight": (hp.n_rot // 2,)}
+    for i in range(hp.n_layers):
+        b = f"blk.{i}."
+        want |= {
+            b + "attn_norm.weight": (hp.n_embd,),
+            b + "attn_q.weight": (hp.n_embd, n_q),
+            b + "attn_k.weight": (hp.n_embd, n_kv),
+            b + "attn_v.weight": (hp.n_embd, n_kv),
+            b + "attn_output.weight": (n_q, hp.n_embd),
+            b + "ffn_norm.weight": (hp.n_embd,),
+            b + "ffn_gate.weight": (hp.n_embd, hp.n_ff),
+            b + "ffn_up.weight": (hp.n_embd, hp.n_ff),
+            b + "ffn_down.weight": (hp.n_ff, hp.n_embd),
+        }
+        norms = {b + "attn_q_norm.weight": (hp.head_dim,), b + "attn_k_norm.weight": (hp.head_dim,)}
+        if qk_norm:
+            want |= norms
+        else:
+            optional |= norms
+        optional |= {b + "attn_q.bias": (n_q,), b + "attn_k.bias": (n_kv,), b + "attn_v.bias": (n_kv,),
+                     b + "attn_output.bias": (hp.n_embd,)}
+    for name, shape in want.items():
+        if name not in tensors:
+            raise GGUFFormatError(f"{path}: tensor '{name}' is missing")
+    for name, shape in (want | optional).items():
+        t = tensors.get(name)
+        if t is not None and t.shape != shape:
+            raise GGUFFormatError(f"{path}: tensor '{name}' has shape {list(t.shape)}, expected {list(shape)}")
+    for name, t in tensors.items():
+        if name.endswith(("_norm.weight", ".bias", "rope_freqs.weight")) and t.type_name != "F32":
+            raise GGUFFormatError(f"{path}: tensor '{name}' is {t.type_name}; norms and biases must be F32")

@@ -1,0 +1,42 @@
+"""Helpers around llama-cpp-python: the tokenizer of a GGUF (and, later, adapters on a live Llama)."""
+
+from __future__ import annotations
+
+import os
+
+
+def load_vocab(path: str | os.PathLike[str]):
+    """A vocab-only llama_cpp.Llama for tokenizing with the GGUF's own tokenizer."""
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+
+def apply_adapters(llm, adapters) -> list:
+    """Set several GGUF LoRA adapters, each with its scale, on a live ``llama_cpp.Llama`` at once.
+
+    ``adapters`` is a list of ``(path, scale)``. The previous set is replaced (an empty list clears it)
+    and the KV cache is reset so the next evaluation uses the new set. Returns the native handles,
+    which stay valid until the model is freed.
+    """
+    import ctypes
+
+    import llama_cpp
+
+    model = llm._model.model
+    ctx = llm._ctx.ctx
+    handles = []
+    for path, _scale in adapters:
+        h = llama_cpp.llama_adapter_lora_init(model, str(path).encode())
+        if not h:  # a NULL LP_c_void_p is falsy but not None
+            raise RuntimeError(f"llama.cpp could not load the adapter {path}")
+        handles.append(h)
+    n = len(handles)
+    arr = (llama_cpp.llama_adapter_lora_p_ctypes * max(n, 1))(*handles)
+    scales = (ctypes.c_float * max(n, 1))(*[float(s) for _, s in adapters])
+    if n:
+        llama_cpp.llama_set_adapters_lora(ctx, arr, n, scales)
+    else:
+        llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
+    llm.reset()
+    return handles

@@ -1,0 +1,184 @@
+"""BaseModel: a GGUF base model loaded on a ggml device, its weights kept in their stored types."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import gguf_file
+from ._handles import Batch, NativeHandle
+from ._native import check, ffi, lib
+from .arch import LM_HEAD, TARGET_MODULES, HParams
+from .errors import ContextLengthError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
+
+AdapterArg = "Adapter | Sequence[tuple[Adapter, float]] | None"
+
+
+class BaseModel(NativeHandle):
+    """A frozen base model. Create with :meth:`load`."""
+
+    def __init__(self, *_, **__):
+        raise TypeError("use BaseModel.load(path)")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: str = "auto", n_threads: int | None = None,
+             n_ctx: int | None = None) -> "BaseModel":
+        """Load ``path`` onto ``device`` (a name from :func:`ggml_lora.devices` or ``"auto"``).
+
+        ``n_ctx`` is the longest sequence this model will be asked to process (default: the
+        model's training context).
+        """
+        path = Path(path)
+        reader = gguf_file.open_reader(path)
+        hp, tensors = gguf_file.read_hparams(reader, str(path))
+        del reader
+        if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads <= 0):
+            raise InvalidArgumentError(f"n_threads={n_threads!r} must be a positive integer or None")
+        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx <= 0):
+            raise InvalidArgumentError(f"n_ctx={n_ctx!r} must be a positive integer or None")
+
+        params = ffi.new("glora_model_params *")
+        device_c = ffi.new("char[]", device.encode())
+        params.device = device_c
+        params.n_threads = n_threads or 0
+        params.n_layer = hp.n_layers
+        params.n_head = hp.n_head
+        params.n_head_kv = hp.n_head_kv
+        params.head_dim = hp.head_dim
+        params.n_rot = hp.n_rot
+        params.rope_type = hp.rope_type
+        params.n_ctx_orig = hp.n_ctx_train
+        params.rope_freq_base = hp.rope_freq_base
+        params.rope_freq_scale = hp.rope_freq_scale
+        params.rms_eps = hp.rms_eps
+        params.kq_scale = hp.kq_scale
+        out = ffi.new("glora_model **")
+        check(lib.glora_model_load(str(path).encode(), params, out), f"loading {path}")
+
+        self = object.__new__(cls)
+        self._set_handle(out[0], lib.glora_model_free)
+        self.path = path
+        self.hparams: HParams = hp
+        self.tensors = tensors
+        self.n_ctx = n_ctx or hp.n_ctx_train
+        self.n_threads = n_threads
+        self._vocab = None
+        return self
+
+    # ---- properties -------------------------------------------------------------------------------
+
+    arch = property(lambda self: self.hparams.arch)
+    n_layers = property(lambda self: self.hparams.n_layers)
+    n_embd = property(lambda self: self.hparams.n_embd)
+    n_vocab = property(lambda self: self.hparams.n_vocab)
+    n_ctx_train = property(lambda self: self.hparams.n_ctx_train)
+
+    @property
+    def device(self) -> str:
+        return ffi.string(lib.glora_model_device(self._handle())).decode()
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """True when the LM head reuses token_embd.weight (the GGUF has no output.weight)."""
+        return "output.weight" not in self.tensors
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        """The PEFT names of the modules that can carry LoRA in this model."""
+        return tuple(TARGET_MODULES) + (() if self.tied_embeddings else (LM_HEAD,))
+
+    def weight_shape(self, name: str) -> tuple[int, int]:
+        """(n_in, n_out) of a 2-D weight: ggml ne = [n_in, n_out]."""
+        t = self.tensors.get(name)
+        if t is None or len(t.shape) != 2:
+            raise InvalidArgumentError(f"{self.path}: no 2-D weight named '{name}'")
+        return t.shape[0], t.shape[1]
+
+    def read_tensor(self, name: str) -> bytes:
+        """The stored bytes of a weight, as they sit on the device."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise InvalidArgumentError(f"{self.path}: no tensor named '{name}'")
+        buf = bytearray(t.n_bytes)
+        check(lib.glora_model_read_tensor(self._handle(), name.encode(), ffi.from_buffer(buf), len(buf)))
+        return bytes(buf)
+
+    # ---- tokenizer --------------------------------------------------------------------------------
+
+    def _llama_vocab(self):
+        if self._vocab is None:
+            from .llama import load_vocab
+
+            self._vocab = load_vocab(self.path)
+        return self._vocab
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Token ids from the GGUF's own tokenizer (llama.cpp's, through llama-cpp-python)."""
+        return self._llama_vocab().tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._llama_vocab().detokenize(list(ids)).decode("utf-8", errors="replace")
+
+    # ---- forward ----------------------------------------------------------------------------------
+
+    def as_tokens(self, tokens) -> tuple[np.ndarray, bool]:
+        """(n_seq, n_tokens) int32 and whether the input was a single sequence; checks ids and length."""
+        try:
+            arr = np.asarray(tokens)
+        except ValueError as e:
+            raise InvalidArgumentError(f"tokens: sequences must have equal lengths ({e})") from None
+        if arr.dtype == object:
+            raise InvalidArgumentError("tokens: sequences must have equal lengths")
+        single = arr.ndim == 1
+        if single:
+            arr = arr[None, :]
+        if arr.ndim != 2 or arr.shape[1] == 0 or arr.shape[0] == 0:
+            raise InvalidArgumentError(f"tokens: expected a non-empty sequence or list of sequences, got shape {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise InvalidArgumentError(f"tokens: expected integer ids, got {arr.dtype}")
+        bad = (arr < 0) | (arr >= self.n_vocab)
+        if bad.any():
+            s, t = map(int, np.argwhere(bad)[0])
+            raise InvalidArgumentError(f"tokens: id {int(arr[s, t])} at sequence {s}, position {t} is outside "
+                                       f"[0, n_vocab={self.n_vocab})")
+        if arr.shape[1] > self.n_ctx:
+            raise ContextLengthError(f"tokens: a sequence of {arr.shape[1]} tokens is longer than n_ctx={self.n_ctx} "
+                                     "(pass n_ctx= to BaseModel.load for longer sequences)")
+        return np.ascontiguousarray(arr, dtype=np.int32), single
+
+    def _adapter_list(self, adapter, scale: float) -> list[tuple["Adapter", float]]:
+        if adapter is None:
+            return []
+        pairs = [(adapter, scale)] if not isinstance(adapter, (list, tuple)) else list(adapter)
+        for a, _ in pairs:
+            if a.model is not self:
+                raise InvalidArgumentError("the adapter was made for another BaseModel")
+        return pairs
+
+    def logits(self, tokens, adapter: "Adapter | Sequence[tuple[Adapter, float]] | None" = None,
+               scale: float = 1.0) -> np.ndarray:
+        """Float32 logits: [T, n_vocab] for one sequence, [B, T, n_vocab] for a list of equal-length ones.
+
+        ``adapter`` is an :class:`Adapter` (applied with ``scale``) or a list of ``(adapter, scale)``.
+        Attention is causal and positions start at 0, as in llama.cpp.
+        """
+        arr, single = self.as_tokens(tokens)
+        pairs = self._adapter_list(adapter, scale)
+        batch = Batch(arr)
+        n = len(pairs)
+        handles = ffi.new("glora_adapter *[]", [a._handle() for a, _ in pairs] or [ffi.NULL])
+        scales = ffi.new("float[]", [float(s) for _, s in pairs] or [0.0])
+        out = np.empty((arr.shape[0], arr.shape[1], self.n_vocab), dtype=np.float32)
+        check(lib.glora_logits(self._handle(), handles, scales, n, batch.c, ffi.cast("float *", ffi.from_buffer(out))))
+        return out[0] if single else out
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else self.device
+        return f"BaseModel({str(self.path)!r}, arch={self.arch}, n_layers={self.n_layers}, {state})"

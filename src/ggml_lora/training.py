@@ -1,0 +1,171 @@
+"""One optimizer step at a time: the native training context and the Python side of a step.
+
+Loss = next-token cross-entropy over the supervised tokens only, normalised by the number of
+supervised tokens in the whole optimizer step, so k accumulated micro-batches give the same update as
+one batch k times larger. Only the rows that carry loss reach the LM head (rows are selected before
+the loss, never masked with zero labels).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from collections.abc import Sequence
+
+import numpy as np
+
+from ._handles import Batch, NativeHandle, float_buffer
+from ._native import check, ffi, lib
+from .adapter import Adapter
+from .errors import InvalidArgumentError
+from .model import BaseModel
+
+OPTIMIZERS = {"adamw": 0, "sgd": 1}
+
+
+def loss_batch(model: BaseModel, tokens, loss_mask=None) -> Batch:
+    """A Batch whose loss rows are the supervised tokens: row p-1 predicts token p where mask[p] is true.
+
+    ``loss_mask`` has the shape of ``tokens`` ((T,) or (B, T)); None supervises every token but the
+    first of each sequence. Position 0 can never be a target (nothing predicts it).
+    """
+    arr, single = model.as_tokens(tokens)
+    n_seq, n_tok = arr.shape
+    if loss_mask is None:
+        mask = np.ones_like(arr, dtype=bool)
+    else:
+        mask = np.asarray(loss_mask, dtype=bool)
+        if single and mask.ndim == 1:
+            mask = mask[None, :]
+        if mask.shape != arr.shape:
+            raise InvalidArgumentError(f"loss_mask: shape {mask.shape} does not match tokens {arr.shape}")
+    mask = mask.copy()
+    mask[:, 0] = False
+    seq, pos = np.nonzero(mask)
+    if len(seq) == 0:
+        raise InvalidArgumentError("loss_mask: no supervised tokens (loss positions are empty)")
+    rows = seq * n_tok + pos - 1
+    labels = arr[seq, pos]
+    return Batch(arr, loss_rows=rows, labels=labels)
+
+
+def evaluate(model: BaseModel, adapter: Adapter | None, tokens, loss_mask=None, scale: float = 1.0) -> tuple[float, int]:
+    """(mean next-token cross-entropy, supervised token count) of ``tokens``; no dropout."""
+    batch = loss_batch(model, tokens, loss_mask)
+    out = ffi.new("double *")
+    handle = adapter._handle() if adapter is not None else ffi.NULL
+    if adapter is not None and adapter.model is not model:
+        raise InvalidArgumentError("the adapter was made for another BaseModel")
+    check(lib.glora_loss(model._handle(), handle, float(scale), batch.c, out))
+    return out[0] / batch.n_loss, batch.n_loss
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float            # mean cross-entropy over the step's supervised tokens (before the update)
+    n_tokens: int          # supervised tokens in the step
+    grad_norm: float       # global L2 norm of the gradient, before clipping
+    clip_scale: float      # factor applied to the gradient (1.0 when not clipped)
+
+
+class TrainingContext(NativeHandle):
+    """Gradient accumulators and optimizer moments for one adapter, on the model's device."""
+
+    def __init__(self, adapter: Adapter, optimizer: str = "adamw", dropout: float | None = None):
+        if optimizer not in OPTIMIZERS:
+            raise InvalidArgumentError(f"optimizer={optimizer!r}: must be one of {', '.join(OPTIMIZERS)}")
+        if dropout is None:
+            dropout = adapter.config.dropout if adapter.config is not None else 0.0
+        if not 0.0 <= dropout < 1.0:
+            raise InvalidArgumentError(f"dropout={dropout!r}: must be in [0, 1)")
+        params = ffi.new("glora_trainer_params *")
+        params.optimizer = OPTIMIZERS[optimizer]
+        params.dropout = float(dropout)
+        out = ffi.new("glora_trainer **")
+        check(lib.glora_trainer_new(adapter._handle(), params, out))
+        self._set_handle(out[0], lib.glora_trainer_free)
+        self.adapter = adapter
+        self.optimizer = optimizer
+        self.dropout = dropout
+
+    def accumulate(self, batch: Batch, n_step_tokens: int, dropout_seed: int = 0) -> float:
+        """Add the gradient of (sum of CE over ``batch``) / n_step_tokens; returns the CE sum."""
+        if n_step_tokens <= 0:
+            raise InvalidArgumentError(f"n_step_tokens={n_step_tokens}: must be positive")
+        out = ffi.new("double *")
+        check(lib.glora_trainer_accumulate(self._handle(), batch.c, 1.0 / n_step_tokens,
+                                           dropout_seed & 0xFFFFFFFFFFFFFFFF, out))
+        return out[0]
+
+    def grad_norm(self) -> float:
+        out = ffi.new("double *")
+        check(lib.glora_trainer_grad_norm(self._handle(), out))
+        return out[0]
+
+    def zero_grad(self) -> None:
+        check(lib.glora_trainer_zero_grad(self._handle()))
+
+    def apply(self, learning_rate: float, step: int, *, betas: tuple[float, float] = (0.9, 0.999),
+              eps: float = 1e-8, weight_decay: float = 0.0, grad_scale: float = 1.0) -> None:
+        """One optimizer update from the accumulated gradient (times grad_scale); zeroes the gradient."""
+        if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
+            raise InvalidArgumentError(f"learning_rate={learning_rate!r}: must be positive and finite")
+        s = ffi.new("glora_opt_step *")
+        s.learning_rate = learning_rate
+        s.beta1, s.beta2 = betas
+        s.eps = eps
+        s.weight_decay = weight_decay
+        s.step = step
+        s.grad_scale = grad_scale
+        check(lib.glora_trainer_step(self._handle(), s))
+
+    def step(self, micro_batches: Sequence[Batch], learning_rate: float, step: int, *,
+             betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+             max_grad_norm: float | None = None, dropout_seed: int = 0) -> StepResult:
+        """Forward + backward over every micro-batch, then clip and update: one optimizer step."""
+        if not micro_batches:
+            raise InvalidArgumentError("step: no micro-batches")
+        n_tokens = sum(b.n_loss for b in micro_batches)
+        loss_sum = 0.0
+        for i, b in enumerate(micro_batches):
+            loss_sum += self.accumulate(b, n_tokens, dropout_seed=dropout_seed * 1_000_003 + i)
+        norm = self.grad_norm()
+        clip = 1.0
+        if max_grad_norm is not None and max_grad_norm > 0 and norm > max_grad_norm:
+            clip = max_grad_norm / (norm + 1e-6)
+        if math.isfinite(norm):
+            self.apply(learning_rate, step, betas=betas, eps=eps, weight_decay=weight_decay, grad_scale=clip)
+        else:
+            self.zero_grad()
+        return StepResult(loss_sum / n_tokens, n_tokens, norm, clip)
+
+    # ---- state --------------------------------------------------------------------------------------
+
+    def _state(self, kind: int, name: str, which: int, value: np.ndarray | None = None) -> np.ndarray | None:
+        i = self.adapter._target(name)
+        shape = self.adapter._shape(name, which)
+        if value is None:
+            arr = np.empty(shape, dtype=np.float32)
+            check(lib.glora_trainer_state(self._handle(), i, which, kind, float_buffer(arr), arr.size, 0))
+            return arr
+        arr = np.ascontiguousarray(value, dtype=np.float32)
+        if arr.shape != shape:
+            raise InvalidArgumentError(f"{name}: state shape {arr.shape}, expected {shape}")
+        check(lib.glora_trainer_state(self._handle(), i, which, kind, float_buffer(arr), arr.size, 1))
+        return None
+
+    def gradients(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The accumulated gradient of every (lora_a, lora_b)."""
+        return {t: (self._state(0, t, 0), self._state(0, t, 1)) for t in self.adapter.targets}
+
+    def moments(self) -> dict[str, tuple[np.ndarray, ...]]:
+        """AdamW moments (m_a, v_a, m_b, v_b) of every target."""
+        return {t: (self._state(1, t, 0), self._state(2, t, 0), self._state(1, t, 1), self._state(2, t, 1))
+                for t in self.adapter.targets}
+
+    def set_moments(self, moments: dict[str, tuple[np.ndarray, ...]]) -> None:
+        for t, (ma, va, mb, vb) in moments.items():
+            self._state(1, t, 0, ma)
+            self._state(2, t, 0, va)
+            self._state(1, t, 1, mb)
+            self._state(2, t, 1, vb)

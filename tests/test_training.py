@@ -1,0 +1,228 @@
+"""Issue 3: the LoRA backward pass, the optimizer, accumulation, invariants and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import N_THREADS
+
+from ggml_lora import Adapter, BaseModel, InvalidArgumentError, LoRAConfig
+from ggml_lora.training import TrainingContext, evaluate, loss_batch
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def randomize(adapter: Adapter, seed: int, b_scale: float = 0.1) -> None:
+    """Non-zero A and B, so both halves of every pair get a gradient."""
+    rng = np.random.default_rng(seed)
+    for name in adapter.targets:
+        a, b = adapter.get(name)
+        adapter.set(name, lora_a=rng.normal(0, 0.2, a.shape), lora_b=rng.normal(0, b_scale, b.shape))
+
+
+def sample_tokens(model: BaseModel, shape, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, model.n_vocab, shape)
+
+
+def directional_check(model, adapter, tokens, mask, h: float, seed: int) -> dict[str, float]:
+    """Relative error of <grad, d> against central differences of our own forward, per tensor."""
+    ctx = TrainingContext(adapter, optimizer="sgd")
+    batch = loss_batch(model, tokens, mask)
+    ctx.accumulate(batch, batch.n_loss)           # gradient of the mean loss
+    grads = ctx.gradients()
+    ctx.close()
+    rng = np.random.default_rng(seed)
+    errors = {}
+    for name in adapter.targets:
+        a0, b0 = adapter.get(name)
+        for which, (p0, g) in enumerate(zip((a0, b0), grads[name])):
+            d = rng.normal(size=p0.shape)
+            d /= np.linalg.norm(d)
+            losses = []
+            for sign in (+1, -1):
+                p = (p0.astype(np.float64) + sign * h * d).astype(np.float32)
+                adapter.set(name, **{("lora_a", "lora_b")[which]: p})
+                losses.append(evaluate(model, adapter, tokens, mask)[0])
+            adapter.set(name, lora_a=a0, lora_b=b0)
+            fd = (losses[0] - losses[1]) / (2 * h)
+            an = float((g.astype(np.float64) * d).sum())
+            errors[f"{name}.{('lora_a', 'lora_b')[which]}"] = abs(fd - an) / max(abs(fd), abs(an), 1e-6)
+    return errors
+
+
+GRAD_CASES = [("llama", {}), ("llama", {"tied": False}), ("qwen2", {}), ("qwen3", {"head_dim": 32})]
+
+
+@pytest.mark.parametrize("arch,kw", GRAD_CASES)
+def test_gradient_matches_finite_differences(tiny_model_file, arch, kw):
+    # float32 forward: loss ~ 5 carries ~1e-6 absolute rounding; h = 1e-2 keeps the difference
+    # quotient's rounding near 1e-4 while the O(h^2) truncation stays below that on these tiny models.
+    with BaseModel.load(tiny_model_file(arch, "f32", **kw), n_threads=N_THREADS) as model:
+        targets = model.target_modules
+        with Adapter.init(model, LoRAConfig(rank=4, target_modules=targets, layers=(1,) if arch != "llama" else None)) as ad:
+            randomize(ad, seed=1)
+            tokens = sample_tokens(model, (2, 24), seed=2)
+            mask = np.random.default_rng(3).random(tokens.shape) < 0.6
+            errors = directional_check(model, ad, tokens, mask, h=1e-2, seed=4)
+            worst = max(errors, key=errors.get)
+            print(f"{arch}{kw}: worst relative error {errors[worst]:.2e} at {worst} over {len(errors)} tensors")
+            assert {n.split(".")[2] for n in errors} >= {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
+                                                          "ffn_up", "ffn_down"} - set()
+            if "lm_head" in targets:
+                assert "output.weight.lora_a" in errors
+            assert errors[worst] <= 1e-2, errors
+
+
+@pytest.mark.parametrize("weight_type", ["q8_0", "q4_1"])
+def test_gradient_through_quantized_base(tiny_model_file, weight_type):
+    # Quantized products round their activations to 8 bits, so our forward is piecewise constant at
+    # the finest scale; a larger step (h = 3e-2) averages over that, at the cost of some truncation.
+    with BaseModel.load(tiny_model_file("llama", weight_type), n_threads=N_THREADS) as model:
+        with Adapter.init(model, LoRAConfig(rank=4, target_modules=ALL_TARGETS, layers=(0,))) as ad:
+            randomize(ad, seed=5)
+            tokens = sample_tokens(model, (2, 24), seed=6)
+            errors = directional_check(model, ad, tokens, None, h=3e-2, seed=7)
+            worst = max(errors, key=errors.get)
+            print(f"{weight_type}: worst relative error {errors[worst]:.2e} at {worst}")
+            assert errors[worst] <= 1e-2, errors
+
+
+def test_zero_b_loss_is_base_loss_and_only_lora_changes(tiny_model_file):
+    with BaseModel.load(tiny_model_file("qwen2", "q8_0"), n_threads=N_THREADS) as model:
+        cfg = LoRAConfig(rank=4, target_modules=ALL_TARGETS)
+        tokens = sample_tokens(model, (2, 32), seed=8)
+        base_loss = evaluate(model, None, tokens)
+        before = {name: model.read_tensor(name) for name in model.tensors}
+        with Adapter.init(model, cfg) as ad:
+            assert evaluate(model, ad, tokens) == base_loss
+            n_expected = sum(cfg.rank * sum(model.weight_shape(t)) for t in ad.targets)
+            assert ad.n_parameters == n_expected == sum(a.size + b.size for a, b in ad.tensors().values())
+            old = ad.tensors()
+            with TrainingContext(ad) as ctx:
+                res = ctx.step([loss_batch(model, tokens)], learning_rate=1e-2, step=1)
+            assert abs(res.loss - base_loss[0]) < 1e-5 and res.n_tokens == base_loss[1]
+            new = ad.tensors()
+            assert all(not np.array_equal(old[t][0], new[t][0]) or not np.array_equal(old[t][1], new[t][1])
+                       for t in ad.targets)
+            assert all(np.abs(new[t][1]).max() > 0 for t in ad.targets)   # B moved off zero
+        after = {name: model.read_tensor(name) for name in model.tensors}
+        assert before == after
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_accumulation_equals_big_batch(tiny_model_file, optimizer):
+    with BaseModel.load(tiny_model_file("llama", "f32"), n_threads=N_THREADS) as model:
+        tokens = sample_tokens(model, (4, 20), seed=9)
+        rng = np.random.default_rng(10)
+        mask = rng.random(tokens.shape) < np.array([0.2, 0.5, 0.8, 1.0])[:, None]   # unequal token counts
+        results = []
+        for split in (False, True):
+            with Adapter.init(model, LoRAConfig(rank=4, target_modules=ALL_TARGETS, seed=3)) as ad:
+                randomize(ad, seed=11)
+                with TrainingContext(ad, optimizer=optimizer) as ctx:
+                    batches = ([loss_batch(model, tokens[i:i + 1], mask[i:i + 1]) for i in range(4)] if split
+                               else [loss_batch(model, tokens, mask)])
+                    res = ctx.step(batches, learning_rate=1e-2, step=1)
+                results.append((res, ad.tensors()))
+        (r1, t1), (r4, t4) = results
+        assert r1.n_tokens == r4.n_tokens
+        assert abs(r1.loss - r4.loss) <= 1e-5 * abs(r1.loss)
+        worst = 0.0
+        for name in t1:
+            for x, y in zip(t1[name], t4[name]):
+                worst = max(worst, float(np.abs(x - y).max() / np.abs(x).max()))
+        print(f"{optimizer}: max relative difference of updated A/B {worst:.2e}")
+        assert worst <= 1e-5
+
+
+def adamw_reference(p, g, m, v, lr, b1, b2, eps, wd, t):
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    mh = m / (1 - b1 ** t)
+    vh = v / (1 - b2 ** t)
+    return p * (1 - lr * wd) - lr * mh / (np.sqrt(vh) + eps), m, v
+
+
+def test_adamw_matches_numpy_and_clipping(tiny_model_file):
+    with BaseModel.load(tiny_model_file("llama", "f32"), n_threads=N_THREADS) as model:
+        with Adapter.init(model, LoRAConfig(rank=2, target_modules=("q_proj",), layers=(0,))) as ad:
+            randomize(ad, seed=12)
+            name = ad.targets[0]
+            tokens = sample_tokens(model, (1, 16), seed=13)
+            hyper = dict(lr=3e-3, b1=0.9, b2=0.99, eps=1e-8, wd=0.1)
+            with TrainingContext(ad) as ctx:
+                p = [x.astype(np.float64) for x in ad.get(name)]
+                m = [np.zeros_like(x) for x in p]
+                v = [np.zeros_like(x) for x in p]
+                for t in (1, 2, 3):
+                    b = loss_batch(model, tokens)
+                    ctx.accumulate(b, b.n_loss)
+                    g = [x.astype(np.float64) for x in ctx.gradients()[name]]
+                    norm = np.sqrt(sum((x ** 2).sum() for x in g))
+                    assert abs(ctx.grad_norm() - norm) <= 1e-6 * norm
+                    clip = 0.5 if t == 3 else 1.0          # clipping: the gradient scaled by max_norm/norm
+                    ctx.apply(hyper["lr"], t, betas=(hyper["b1"], hyper["b2"]), eps=hyper["eps"],
+                              weight_decay=hyper["wd"], grad_scale=clip)
+                    for i in range(2):
+                        p[i], m[i], v[i] = adamw_reference(p[i], clip * g[i], m[i], v[i], hyper["lr"], hyper["b1"],
+                                                           hyper["b2"], hyper["eps"], hyper["wd"], t)
+                    got = ad.get(name)
+                    for i in range(2):
+                        np.testing.assert_allclose(got[i], p[i], rtol=0, atol=1e-6)
+                    assert not ctx.grad_norm()   # zeroed after the update
+                # step() clips by global norm: with max_grad_norm tiny, clip_scale = max_norm / norm
+                res = ctx.step([loss_batch(model, tokens)], learning_rate=1e-3, step=4, max_grad_norm=1e-3)
+                assert res.grad_norm > 1e-3 and abs(res.clip_scale - 1e-3 / (res.grad_norm + 1e-6)) < 1e-12
+
+
+def test_same_seed_same_losses(tiny_model_file):
+    with BaseModel.load(tiny_model_file("qwen3", "q8_0", head_dim=32), n_threads=N_THREADS) as model:
+        tokens = sample_tokens(model, (2, 24), seed=14)
+        runs = []
+        for _ in range(2):
+            with Adapter.init(model, LoRAConfig(rank=4, dropout=0.1, seed=7)) as ad, TrainingContext(ad) as ctx:
+                runs.append([ctx.step([loss_batch(model, tokens)], 5e-3, t, dropout_seed=t).loss for t in range(1, 6)])
+        assert runs[0] == runs[1]
+        assert runs[0][-1] < runs[0][0]
+
+
+def test_dropout_is_training_only(tiny_model_file):
+    with BaseModel.load(tiny_model_file("llama", "f32"), n_threads=N_THREADS) as model:
+        tokens = sample_tokens(model, (1, 16), seed=15)
+        with Adapter.init(model, LoRAConfig(rank=4, dropout=0.5)) as ad:
+            randomize(ad, seed=16)
+            b = loss_batch(model, tokens)
+            with TrainingContext(ad, optimizer="sgd") as ctx:
+                seeds = [ctx.accumulate(b, b.n_loss, dropout_seed=s) for s in (1, 1, 2)]
+            assert seeds[0] == seeds[1] != seeds[2]                       # masks follow the seed
+            with TrainingContext(ad, optimizer="sgd", dropout=0.0) as ctx:
+                assert abs(ctx.accumulate(b, b.n_loss) / b.n_loss - evaluate(model, ad, tokens)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"rank": 0}, "rank"), ({"rank": -2}, "rank"), ({"alpha": 0}, "alpha"), ({"alpha": -1.0}, "alpha"),
+    ({"dropout": 1.0}, "dropout"), ({"dropout": -0.1}, "dropout"), ({"init": "xavier"}, "init"),
+])
+def test_bad_lora_config(kwargs, field):
+    with pytest.raises(InvalidArgumentError, match=f"LoRAConfig.{field}="):
+        LoRAConfig(**kwargs)
+
+
+def test_bad_training_input(tiny_model_file):
+    with BaseModel.load(tiny_model_file("llama", "f32"), n_threads=N_THREADS) as model:
+        with pytest.raises(InvalidArgumentError, match="rank 65 .*min\\(n_in=64"):
+            Adapter.init(model, LoRAConfig(rank=65))
+        with pytest.raises(InvalidArgumentError, match="layers.*\\[7\\]"):
+            Adapter.init(model, LoRAConfig(layers=(0, 7)))
+        with Adapter.init(model, LoRAConfig(rank=2)) as ad, TrainingContext(ad) as ctx:
+            tokens = sample_tokens(model, (1, 8), seed=17)
+            with pytest.raises(InvalidArgumentError, match="loss positions are empty"):
+                loss_batch(model, tokens, np.zeros(8, bool))
+            b = loss_batch(model, tokens)
+            ctx.accumulate(b, b.n_loss)
+            for lr in (0.0, -1e-3, float("nan")):
+                with pytest.raises(InvalidArgumentError, match="learning_rate"):
+                    ctx.apply(lr, 1)
+            with pytest.raises(InvalidArgumentError, match="optimizer='adam'"):
+                TrainingContext(ad, optimizer="adam")
