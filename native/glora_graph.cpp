@@ -41,6 +41,15 @@ struct builder {
         return res;
     }
 
+    // [a, b, n_head_kv, S] -> [a, b, n_head, S] where query head h reads KV head h / (n_head / n_head_kv),
+    // the grouping ggml_mul_mat's broadcast uses; x must be contiguous.
+    ggml_tensor * repeat_heads(ggml_tensor * x) {
+        const int64_t group = m->hp.n_head / m->hp.n_head_kv;
+        ggml_tensor * flat = ggml_reshape_4d(ctx, x, x->ne[0] * x->ne[1], 1, x->ne[2] * x->ne[3], 1);
+        ggml_tensor * rep  = ggml_repeat_4d(ctx, flat, flat->ne[0], group, flat->ne[2], 1);
+        return ggml_reshape_4d(ctx, rep, x->ne[0], x->ne[1], group * x->ne[2], x->ne[3]);
+    }
+
     ggml_tensor * rms_norm(ggml_tensor * x, ggml_tensor * w) {
         return ggml_mul(ctx, ggml_rms_norm(ctx, x, m->hp.rms_eps), w);
     }
@@ -77,6 +86,10 @@ struct builder {
         // v transposed for the second product: [T, hd, n_head_kv, S]
         ggml_tensor * vt = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_4d(ctx, v, hp.head_dim, hp.n_head_kv, T, S),
                                                        1, 2, 0, 3));
+        if (opt.expand_gqa && hp.n_head != hp.n_head_kv) {
+            k  = repeat_heads(ggml_cont(ctx, k));               // [hd, T, n_head, S]
+            vt = repeat_heads(vt);                              // [T, hd, n_head, S]
+        }
         const int64_t n_kv = in->mask->ne[0];
         if (n_kv > T) {
             k  = ggml_pad(ctx, ggml_cont(ctx, k), 0, (int) (n_kv - T), 0, 0);   // [hd, n_kv, n_head_kv, S]

@@ -132,6 +132,9 @@ struct glora_graph_options {
     // Pad the keys to a multiple of 256 with masked zeros, as llama.cpp's KV cache does, so the
     // attention sums group exactly like llama.cpp's (forward only: ggml_pad has no backward).
     bool  pad_kv  = false;
+    // Give every query head its own copy of K and V instead of broadcasting the shared KV heads: the
+    // backward of a broadcast mul_mat only supports one sequence (ggml.c, GGML_OP_MUL_MAT backward).
+    bool  expand_gqa = false;
 };
 
 constexpr int64_t GLORA_KV_PAD = 256;       // llama_kv_cache::get_n_kv pads to max(n_pad, 256)

