@@ -8,6 +8,7 @@
 #include "ggml-backend.h"
 
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 // ---- errors ---------------------------------------------------------------------------------------
@@ -85,6 +86,13 @@ struct glora_model {
     ggml_backend_sched_t     sched = nullptr;
     size_t                   graph_size = 0;          // node budget of the training graph
 
+    // Transposed working copies for the backward pass: weight ne = [n_in, n_out] -> ne = [n_out, n_in]
+    // (F16, or F32 for F32 weights). dx = Wᵀ·dy then runs as mul_mat, which every backend has and
+    // runs fast, instead of out_prod through a quantized W (CPU only, and slow there).
+    ggml_context           * ctx_wt = nullptr;
+    ggml_backend_buffer_t    buf_wt = nullptr;
+    std::unordered_map<const ggml_tensor *, ggml_tensor *> wt;
+
     ggml_tensor * find(const char * name) const;
 };
 
@@ -150,6 +158,9 @@ void glora_graph_set_inputs(const glora_model * model, const glora_batch * batch
                             uint64_t dropout_seed);
 
 int32_t glora_validate_batch(const glora_model * model, const glora_batch * batch, bool need_loss);
+
+// Builds the transposed working copies once per model (no-op when they exist).
+int32_t glora_model_prepare_backward(glora_model * model);
 
 // A context for graph metadata sized from ggml's own overheads.
 ggml_context * glora_graph_ctx(size_t n_nodes);

@@ -15,6 +15,8 @@ ggml_tensor * glora_model::find(const char * name) const {
 static void model_free(glora_model * m) {
     if (!m) return;
     if (m->sched) ggml_backend_sched_free(m->sched);
+    if (m->buf_wt) ggml_backend_buffer_free(m->buf_wt);
+    if (m->ctx_wt) ggml_free(m->ctx_wt);
     if (m->buf_w) ggml_backend_buffer_free(m->buf_w);
     if (m->ctx_w) ggml_free(m->ctx_w);
     glora_backends_free(&m->be);
@@ -220,5 +222,57 @@ extern "C" GLORA_API int32_t glora_model_read_tensor(const glora_model * model, 
     GLORA_CHECK_ARG(size == ggml_nbytes(t), "tensor '%s' has %zu bytes, buffer has %llu", name, ggml_nbytes(t),
                     (unsigned long long) size);
     ggml_backend_tensor_get(t, dst, 0, size);
+    return GLORA_OK;
+}
+
+int32_t glora_model_prepare_backward(glora_model * m) {
+    if (m->ctx_wt) return GLORA_OK;
+    std::vector<ggml_tensor *> weights;
+    for (const glora_layer & L : m->layers) {
+        for (ggml_tensor * w : {L.wq, L.wk, L.wv, L.wo, L.ffn_gate, L.ffn_up, L.ffn_down}) weights.push_back(w);
+    }
+    weights.push_back(m->output);
+
+    ggml_init_params ip = { ggml_tensor_overhead() * (weights.size() + 1), nullptr, true };
+    m->ctx_wt = ggml_init(ip);
+    for (ggml_tensor * w : weights) {
+        const ggml_type type = w->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
+        ggml_tensor * t = ggml_new_tensor_2d(m->ctx_wt, type, w->ne[1], w->ne[0]);   // [n_out, n_in]
+        ggml_format_name(t, "%s.T", w->name);
+        m->wt[w] = t;
+    }
+    m->buf_wt = ggml_backend_alloc_ctx_tensors_from_buft(m->ctx_wt, m->be.bufts[0]);
+    if (!m->buf_wt) {
+        ggml_free(m->ctx_wt);
+        m->ctx_wt = nullptr;
+        m->wt.clear();
+        return glora_fail(GLORA_ERR_OUT_OF_MEMORY, "could not allocate the transposed weight copies on %s",
+                          m->be.device_name.c_str());
+    }
+    // one small graph per weight: dequantize every row (get_rows), then copy transposed
+    for (ggml_tensor * w : weights) {
+        ggml_context * ctx = glora_graph_ctx(8);
+        ggml_tensor * ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, w->ne[1]);
+        ggml_set_input(ids);
+        ggml_tensor * rows = ggml_get_rows(ctx, w, ids);                          // F32 [n_in, n_out]
+        ggml_tensor * out  = ggml_cpy(ctx, ggml_transpose(ctx, rows), m->wt[w]);
+        ggml_cgraph * gf = ggml_new_graph_custom(ctx, 8, false);
+        ggml_build_forward_expand(gf, out);
+        ggml_backend_sched_reset(m->sched);
+        int32_t rc = GLORA_OK;
+        if (!ggml_backend_sched_alloc_graph(m->sched, gf)) {
+            rc = glora_fail(GLORA_ERR_OUT_OF_MEMORY, "could not allocate the transpose of '%s'", w->name);
+        } else {
+            std::vector<int32_t> idx((size_t) w->ne[1]);
+            for (size_t i = 0; i < idx.size(); ++i) idx[i] = (int32_t) i;
+            ggml_backend_tensor_set(ids, idx.data(), 0, idx.size() * sizeof(int32_t));
+            if (ggml_backend_sched_graph_compute(m->sched, gf) != GGML_STATUS_SUCCESS) {
+                rc = glora_fail(GLORA_ERR_BACKEND, "transposing '%s' failed", w->name);
+            }
+        }
+        ggml_free(ctx);
+        if (rc) return rc;
+    }
+    ggml_backend_sched_reset(m->sched);
     return GLORA_OK;
 }

@@ -262,11 +262,34 @@ extern "C" GLORA_API int32_t glora_trainer_new(glora_adapter * adapter, const gl
     }
     ggml_backend_buffer_clear(t->buf_grad, 0);
     ggml_backend_buffer_clear(t->buf_opt, 0);
+    const int32_t rc = glora_model_prepare_backward(adapter->model);
+    if (rc) {
+        trainer_free(t);
+        return rc;
+    }
     *out = t;
     return GLORA_OK;
 }
 
 extern "C" GLORA_API void glora_trainer_free(glora_trainer * trainer) { trainer_free(trainer); }
+
+// ggml's backward of y = mul_mat(W, x) gives dx = out_prod(W, transpose(dy)) = Wᵀ·dy. Through a frozen
+// weight we compute the same product as mul_mat(Wᵀ, dy) with the model's transposed working copy.
+static void use_transposed_weights(const glora_model * model, ggml_cgraph * gf) {
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        if (node->op != GGML_OP_OUT_PROD || node->src[1]->op != GGML_OP_TRANSPOSE) continue;
+        auto it = model->wt.find(node->src[0]);
+        if (it == model->wt.end()) continue;
+        ggml_tensor * wt = it->second;                  // [n_out, n_in]
+        ggml_tensor * dy = node->src[1]->src[0];        // [n_out, T]
+        if (wt->ne[0] != dy->ne[0] || node->ne[0] != wt->ne[1] || node->ne[1] != dy->ne[1]) continue;
+        node->op = GGML_OP_MUL_MAT;                     // -> [n_in, T], the shape out_prod had
+        memset(node->op_params, 0, sizeof(node->op_params));
+        node->src[0] = wt;
+        node->src[1] = dy;
+    }
+}
 
 extern "C" GLORA_API int32_t glora_trainer_accumulate(glora_trainer * trainer, const glora_batch * batch, float loss_weight,
                                                       uint64_t dropout_seed, double * out_loss_sum) {
@@ -301,6 +324,7 @@ extern "C" GLORA_API int32_t glora_trainer_accumulate(glora_trainer * trainer, c
         if (it != acc_of.end()) grad_accs[(size_t) i] = it->second;
     }
     ggml_build_backward_expand(g.ctx, gf, grad_accs.data());
+    use_transposed_weights(model, gf);
     // d(loss)/d(loss) = 1, fed as an input so the accumulators are not reset by ggml_graph_reset
     ggml_tensor * seed = ggml_graph_get_grad(gf, loss);
     ggml_set_input(seed);

@@ -42,8 +42,20 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def python_with_pip() -> str:
+    """An interpreter that has pip: ours, or (inside pip's isolated build environment, which has
+    none) the python3 first on PATH, e.g. the virtual environment pip was started from."""
+    candidates = [sys.executable] + [p for p in (shutil.which("python3"), shutil.which("python")) if p]
+    for exe in candidates:
+        probe = subprocess.run([exe, "-m", "pip", "--version"], capture_output=True)
+        if probe.returncode == 0:
+            return exe
+    raise SystemExit("no pip found to download the pinned llama-cpp-python sdist; run "
+                     "`python vendor/fetch_llama_cpp.py` with a python that has pip, or set GGML_LORA_LLAMA_CPP")
+
+
 def download_sdist(pin: dict[str, str], into: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", pin["package"],
+    cmd = [python_with_pip(), "-m", "pip", "download", "--no-deps", "--no-binary", pin["package"],
            "--disable-pip-version-check", "-d", str(into), f"{pin['package']}=={pin['version']}"]
     subprocess.run(cmd, check=True, stdout=sys.stderr)
     path = into / pin["sdist"]
