@@ -64,6 +64,7 @@ class Adapter(NativeHandle):
         self.ranks = dict(zip(targets, ranks))
         self.alpha = float(alpha)
         self.config = config
+        self.metadata: dict = {}
         self._index = {t: i for i, t in enumerate(targets)}
         return self
 
@@ -155,11 +156,52 @@ class Adapter(NativeHandle):
             total += self.ranks[t] * (n_in + n_out)
         return total
 
+    @classmethod
+    def load(cls, model: BaseModel, path) -> "Adapter":
+        """Read a GGUF LoRA adapter (ours, or llama.cpp's convert_lora_to_gguf.py output) for ``model``.
+
+        The file is checked against the model first: architecture, every tensor's name and shape,
+        complete pairs, alpha stored as FLOAT32. Each problem is a GGUFFormatError naming it.
+        """
+        from .adapter_file import read_lora_gguf
+
+        shapes = {name: t.shape for name, t in model.tensors.items()}
+        alpha, pairs, meta = read_lora_gguf(path, model.arch, shapes)
+        self = cls.from_tensors(model, pairs, alpha)
+        self.metadata = meta
+        return self
+
+    def describe(self) -> dict:
+        """The ggml_lora.* metadata this adapter is saved with (besides anything passed to save)."""
+        import json
+
+        from . import __version__
+
+        ranks = sorted(set(self.ranks.values()))
+        info = {
+            "version": __version__,
+            "base_model": self.model.name,
+            "base_sha256": self.model.sha256,
+            "rank": ranks[0] if len(ranks) == 1 else -1,
+            "target_modules": ",".join(sorted({t.split(".")[-2] if t.startswith("blk.") else t.split(".")[0]
+                                                for t in self.targets})),
+        }
+        if self.config is not None:
+            info["lora_config"] = json.dumps(self.config.to_dict(), sort_keys=True)
+        return info
+
     def save(self, path, metadata=None):
-        """Write this adapter as a llama.cpp GGUF LoRA file (atomically: temporary file, then rename)."""
+        """Write this adapter as a llama.cpp GGUF LoRA file (atomically: temporary file, then rename).
+
+        ``metadata`` (str/int/float/bool values) is stored under the ``ggml_lora.`` key prefix, after
+        the library's own keys (version, base model name and sha256, rank, target modules, config).
+        """
         from .adapter_file import write_lora_gguf
 
-        return write_lora_gguf(path, self.model.arch, self.alpha, self.tensors(), metadata,
+        meta = dict(getattr(self, "metadata", None) or {})
+        meta.update(self.describe())
+        meta.update(metadata or {})
+        return write_lora_gguf(path, self.model.arch, self.alpha, self.tensors(), meta,
                                tied_embeddings=self.model.tied_embeddings)
 
     def __repr__(self) -> str:

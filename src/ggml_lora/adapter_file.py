@@ -74,3 +74,95 @@ def write_lora_gguf(path: str | os.PathLike[str], arch: str, alpha: float,
         w.write_tensors_to_file()
         w.close()
     return path
+
+
+def _adapter_error(path, what: str) -> "GGUFFormatError":
+    from .errors import GGUFFormatError
+
+    return GGUFFormatError(f"{path}: {what}")
+
+
+def read_lora_gguf(path: str | os.PathLike[str], base_arch: str,
+                   base_shapes: Mapping[str, tuple[int, ...]]) -> tuple[float, dict[str, tuple[np.ndarray, np.ndarray]],
+                                                                       dict[str, Any]]:
+    """Read and check a GGUF LoRA adapter against a base model's architecture and weight shapes.
+
+    Returns (alpha, {base weight: (lora_a (r, n_in), lora_b (n_out, r)) float32}, ggml_lora metadata).
+    Every check llama.cpp makes (docs/llama-cpp-facts.md §1) fails here first, as a GGUFFormatError
+    naming the file and the key or tensor, instead of a crash in llama.cpp.
+    """
+    from .gguf_header import F32, STRING, TYPE_NAMES, read_header
+
+    h = read_header(path)
+
+    def string_key(key: str, want: str | None = None) -> str:
+        f = h.fields.get(key)
+        if f is None:
+            raise _adapter_error(path, f"metadata key '{key}' is missing; not a LoRA adapter")
+        if f.type != STRING:
+            raise _adapter_error(path, f"metadata key '{key}' is {TYPE_NAMES.get(f.type)}, must be STRING")
+        if want is not None and f.value != want:
+            raise _adapter_error(path, f"'{key}' is {f.value!r}, expected {want!r}; not a LoRA adapter")
+        return f.value
+
+    string_key("general.type", "adapter")
+    string_key("adapter.type", "lora")
+    arch = string_key("general.architecture")
+    if arch != base_arch:
+        raise _adapter_error(path, f"adapter architecture '{arch}' does not match the base model's '{base_arch}'")
+    alpha = 0.0
+    fa = h.fields.get("adapter.lora.alpha")
+    if fa is not None:
+        if fa.type != F32:
+            raise _adapter_error(path, f"adapter.lora.alpha is stored as {TYPE_NAMES.get(fa.type)}; llama.cpp requires "
+                                 "FLOAT32 (and aborts the process otherwise)")
+        alpha = float(fa.value)
+        if not np.isfinite(alpha):
+            raise _adapter_error(path, f"adapter.lora.alpha is {alpha}")
+
+    halves: dict[str, dict[str, Any]] = {}
+    for name, t in h.tensors.items():
+        if name.endswith(".lora_a") or name.endswith(".lora_b"):
+            base, half = name[:-7], name[-6:]
+            halves.setdefault(base, {})[half] = t
+        elif name.endswith("_norm.weight"):
+            continue                        # llama.cpp skips these silently; so do we
+        else:
+            raise _adapter_error(path, f"tensor '{name}' has an unexpected suffix (expected .lora_a or .lora_b)")
+
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    with open(h.path, "rb") as f:
+        for base, parts in halves.items():
+            if set(parts) != {"lora_a", "lora_b"}:
+                missing = ({"lora_a", "lora_b"} - set(parts)).pop()
+                raise _adapter_error(path, f"tensor pair for '{base}' is missing {base}.{missing}")
+            if base not in base_shapes:
+                raise _adapter_error(path, f"LoRA tensor '{base}' does not exist in the base model (wrong base model?)")
+            if base == "token_embd.weight":
+                raise _adapter_error(path, "a LoRA on token_embd.weight is not supported by ggml-lora yet")
+            w = base_shapes[base]
+            a, b = parts["lora_a"], parts["lora_b"]
+            if len(w) != 2 or len(a.shape) != 2 or len(b.shape) != 2:
+                raise _adapter_error(path, f"'{base}': only 2-D weights and 2-D LoRA tensors are supported")
+            n_in, n_out = w
+            r = b.shape[0]
+            if a.shape != (n_in, r) or b.shape != (r, n_out):
+                raise _adapter_error(path, f"'{base}': lora_a ne={list(a.shape)} and lora_b ne={list(b.shape)} do not fit "
+                                     f"the base weight ne=[{n_in}, {n_out}] (expected [{n_in}, r] and [r, {n_out}]; "
+                                     "wrong base model?)")
+            pairs[base] = (_read_f32(f, a, (r, n_in), path), _read_f32(f, b, (n_out, r), path))
+    if not pairs:
+        raise _adapter_error(path, "the adapter has no LoRA tensors")
+    meta = {k[len(KEY_PREFIX):]: v.value for k, v in h.fields.items() if k.startswith(KEY_PREFIX)}
+    return alpha, pairs, meta
+
+
+def _read_f32(f, t, shape: tuple[int, int], path) -> np.ndarray:
+    dtypes = {"F32": np.float32, "F16": np.float16}
+    if t.type_name not in dtypes:
+        raise _adapter_error(path, f"tensor '{t.name}' is {t.type_name}; ggml-lora reads F32 or F16 adapters")
+    f.seek(t.offset)
+    data = np.frombuffer(f.read(t.n_bytes), dtype=dtypes[t.type_name]).reshape(shape).astype(np.float32)
+    if not np.isfinite(data).all():
+        raise _adapter_error(path, f"tensor '{t.name}' has non-finite values")
+    return data

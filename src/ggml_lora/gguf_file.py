@@ -6,18 +6,13 @@ on is checked here first, with errors that name the file, the key or the tensor.
 
 from __future__ import annotations
 
-import errno
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from .arch import ARCHITECTURES, HParams, supported_list
 from .errors import GGUFFormatError, UnsupportedArchitectureError, UnsupportedError
-
-GGUF_MAGIC = b"GGUF"
+from .gguf_header import TYPE_NAMES, Header, read_header
 
 
 @dataclass(frozen=True)
@@ -28,57 +23,31 @@ class TensorMeta:
     n_bytes: int
 
 
-def open_reader(path: str | os.PathLike[str]):
-    """A gguf.GGUFReader for ``path``; FileNotFoundError or GGUFFormatError otherwise."""
-    import gguf
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(errno.ENOENT, "no such GGUF file", str(path))
-    if not path.is_file():
-        raise GGUFFormatError(f"{path}: not a regular file")
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise GGUFFormatError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, IndexError, struct/numpy errors on bad files
-        raise GGUFFormatError(f"{path}: cannot parse GGUF ({type(e).__name__}: {e}); truncated or corrupted?") from e
-    size = path.stat().st_size
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise GGUFFormatError(f"{path}: data of tensor '{t.name}' ends at byte {end}, past the end of the "
-                                  f"file ({size} bytes); the file is truncated")
-    return reader
+def open_reader(path: str | os.PathLike[str]) -> Header:
+    """The checked header of a GGUF file; FileNotFoundError or GGUFFormatError otherwise."""
+    return read_header(path)
 
 
-def field(reader, key: str, kind: type, default: Any = None, *, path: str = "") -> Any:
+def field(reader: Header, key: str, kind: type, default: Any = None, *, path: str = "") -> Any:
     """The value of metadata ``key`` checked to be ``kind`` (int, float, str); ``default`` if absent."""
     f = reader.fields.get(key)
     if f is None:
         if default is None:
             raise GGUFFormatError(f"{path}: metadata key '{key}' is missing")
         return default
-    try:
-        value = f.contents()
-    except Exception as e:
-        raise GGUFFormatError(f"{path}: metadata key '{key}' cannot be read: {e}") from e
+    value = f.value
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if kind is int and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
         return int(value)
     if kind is str and isinstance(value, str):
         return value
-    raise GGUFFormatError(f"{path}: metadata key '{key}' is {type(value).__name__} {value!r}, expected {kind.__name__}")
+    raise GGUFFormatError(f"{path}: metadata key '{key}' is {TYPE_NAMES.get(f.type, f.type)} {value!r}, "
+                          f"expected {kind.__name__}")
 
 
-def tensor_metas(reader) -> dict[str, TensorMeta]:
-    metas = {}
-    for t in reader.tensors:
-        metas[t.name] = TensorMeta(t.name, tuple(int(x) for x in t.shape), t.tensor_type.name, int(t.n_bytes))
-    return metas
+def tensor_metas(reader: Header) -> dict[str, TensorMeta]:
+    return {t.name: TensorMeta(t.name, t.shape, t.type_name, t.n_bytes) for t in reader.tensors.values()}
 
 
 def read_hparams(reader, path: str) -> tuple[HParams, dict[str, TensorMeta]]:

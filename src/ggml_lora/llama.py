@@ -12,6 +12,27 @@ def load_vocab(path: str | os.PathLike[str]):
     return Llama(model_path=str(path), vocab_only=True, verbose=False)
 
 
+def check_adapters(model_path, adapter_paths) -> None:
+    """Check GGUF LoRA files against a base GGUF as llama.cpp will, raising GGUFFormatError/FileNotFoundError.
+
+    llama-cpp-python crashes the process on an adapter llama.cpp rejects (a NULL handle is used anyway),
+    so nothing reaches llama.cpp before this passes.
+    """
+    from . import gguf_file
+    from .adapter_file import read_lora_gguf
+
+    header = gguf_file.open_reader(model_path)
+    arch = header.get("general.architecture")
+    shapes = {name: t.shape for name, t in header.tensors.items()}
+    tied = "output.weight" not in shapes
+    for path in adapter_paths:
+        _, pairs, _ = read_lora_gguf(path, arch, shapes)
+        if tied and ("token_embd.weight" in pairs or "output.weight" in pairs):
+            from .errors import GGUFFormatError
+
+            raise GGUFFormatError(f"{path}: LoRA on the tied token_embd/output of {model_path} aborts llama.cpp")
+
+
 def apply_adapters(llm, adapters) -> list:
     """Set several GGUF LoRA adapters, each with its scale, on a live ``llama_cpp.Llama`` at once.
 
@@ -23,6 +44,8 @@ def apply_adapters(llm, adapters) -> list:
 
     import llama_cpp
 
+    adapters = [(path, float(scale)) for path, scale in adapters]
+    check_adapters(llm.model_path, [path for path, _ in adapters])
     model = llm._model.model
     ctx = llm._ctx.ctx
     handles = []

@@ -18,9 +18,6 @@ from .errors import ContextLengthError, InvalidArgumentError
 if TYPE_CHECKING:
     from .adapter import Adapter
 
-AdapterArg = "Adapter | Sequence[tuple[Adapter, float]] | None"
-
-
 class BaseModel(NativeHandle):
     """A frozen base model. Create with :meth:`load`."""
 
@@ -38,7 +35,7 @@ class BaseModel(NativeHandle):
         path = Path(path)
         reader = gguf_file.open_reader(path)
         hp, tensors = gguf_file.read_hparams(reader, str(path))
-        del reader
+        name = reader.get("general.name")
         if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads <= 0):
             raise InvalidArgumentError(f"n_threads={n_threads!r} must be a positive integer or None")
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx <= 0):
@@ -70,6 +67,8 @@ class BaseModel(NativeHandle):
         self.n_ctx = n_ctx or hp.n_ctx_train
         self.n_threads = n_threads
         self._vocab = None
+        self._name = name if isinstance(name, str) else None
+        self._sha256 = None
         return self
 
     # ---- properties -------------------------------------------------------------------------------
@@ -109,6 +108,24 @@ class BaseModel(NativeHandle):
         buf = bytearray(t.n_bytes)
         check(lib.glora_model_read_tensor(self._handle(), name.encode(), ffi.from_buffer(buf), len(buf)))
         return bytes(buf)
+
+    @property
+    def name(self) -> str:
+        """general.name from the GGUF, or the file name."""
+        return self._name or self.path.name
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the base GGUF file (computed once), recorded in adapters for provenance."""
+        if self._sha256 is None:
+            import hashlib
+
+            digest = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+            self._sha256 = digest.hexdigest()
+        return self._sha256
 
     # ---- tokenizer --------------------------------------------------------------------------------
 
