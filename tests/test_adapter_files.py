@@ -158,3 +158,21 @@ def test_tied_model_refuses_embedding_lora(tiny_model_file, tmp_path):
             write_lora_gguf(tmp_path / "x.gguf", "llama", 1.0, {"token_embd.weight": (np.zeros((2, 2)), np.zeros((2, 2)))},
                             tied_embeddings=True)
         assert not (tmp_path / "x.gguf").exists()
+
+
+def test_cli_info(tiny_model_file, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    with BaseModel.load(tiny_model_file("llama", "f32"), n_threads=N_THREADS) as model:
+        with Adapter.init(model, LoRAConfig(rank=4, target_modules=("q_proj", "v_proj"))) as ad:
+            path = ad.save(tmp_path / "a.gguf", metadata={"step": 7})
+    out = subprocess.run([sys.executable, "-m", "ggml_lora", "info", str(path), "--json"], capture_output=True,
+                         text=True, check=True).stdout
+    info = json.loads(out)
+    assert info["architecture"] == "llama" and info["rank"] == 4 and info["pairs"] == 2 * 2
+    assert info["alpha"] == 8.0 and info["metadata"]["step"] == 7 and info["tensor_types"] == ["F32"]
+    bad = subprocess.run([sys.executable, "-m", "ggml_lora", "info", str(tmp_path / "missing.gguf")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "missing.gguf" in bad.stderr

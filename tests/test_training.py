@@ -246,3 +246,37 @@ def test_bad_training_input(tiny_model_file):
                     ctx.apply(lr, 1)
             with pytest.raises(InvalidArgumentError, match="optimizer='adam'"):
                 TrainingContext(ad, optimizer="adam")
+
+
+def test_pissa_starts_at_base_and_exports_a_plain_lora(tiny_model_file, tmp_path):
+    from reference import assert_parity, llama_logits
+
+    path = tiny_model_file("llama", "f16")
+    with BaseModel.load(path, n_threads=N_THREADS) as model:
+        tokens = sample_tokens(model, (1, 32), seed=18)
+        cfg = LoRAConfig(rank=4, init="pissa", target_modules=("q_proj", "v_proj", "down_proj"))
+        with Adapter.init(model, cfg) as ad:
+            assert set(ad.ranks.values()) == {8} and ad.alpha == cfg.scale * 8
+            name = "blk.0.attn_q.weight"
+            from ggml_lora.adapter import read_weight_f32
+            a, b = ad.get(name)
+            # the trainable half holds the top-4 singular directions of W: scale·B0·A0 = U_4 S_4 V_4ᵀ
+            w = read_weight_f32(model, name).astype(np.float64)
+            u, s, vt = np.linalg.svd(w, full_matrices=False)
+            np.testing.assert_allclose(cfg.scale * b[:, :4] @ a[:4], (u[:, :4] * s[:4]) @ vt[:4], atol=1e-4)
+            # starts as the base model: B0·A0 - B0·A0 cancels up to float32 rounding
+            np.testing.assert_allclose(model.logits(tokens, ad), model.logits(tokens), atol=1e-3)
+            frozen_before = [x.copy() for x in (a[4:], b[:, 4:])]
+            with TrainingContext(ad) as ctx:
+                for t in (1, 2):
+                    ctx.step([loss_batch(model, tokens)], 1e-2, t, weight_decay=0.1)
+            a2, b2 = ad.get(name)
+            np.testing.assert_array_equal(a2[4:], frozen_before[0])
+            np.testing.assert_array_equal(b2[:, 4:], frozen_before[1])
+            assert not np.array_equal(a2[:4], a[:4])
+            saved = ad.save(tmp_path / "pissa.gguf")
+            assert_parity(model.logits(tokens[0], ad), llama_logits(path, tokens[0], lora=saved, n_threads=N_THREADS),
+                          "pissa adapter in llama.cpp")
+    with BaseModel.load(tiny_model_file("llama", "q8_0"), n_threads=N_THREADS) as qmodel:
+        with pytest.raises(InvalidArgumentError, match="pissa.*Q8_0"):
+            Adapter.init(qmodel, LoRAConfig(rank=4, init="pissa"))

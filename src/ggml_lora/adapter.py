@@ -36,6 +36,22 @@ def target_weights(model: BaseModel, config: LoRAConfig) -> list[str]:
     return names
 
 
+def read_weight_f32(model: BaseModel, name: str) -> np.ndarray:
+    """A F32/F16/BF16 weight as float32 numpy, shape (n_out, n_in)."""
+    n_in, n_out = model.weight_shape(name)
+    raw = model.read_tensor(name)
+    kind = model.tensors[name].type_name
+    if kind == "F32":
+        w = np.frombuffer(raw, dtype=np.float32)
+    elif kind == "F16":
+        w = np.frombuffer(raw, dtype=np.float16).astype(np.float32)
+    elif kind == "BF16":
+        w = (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        raise InvalidArgumentError(f"'{name}' is {kind}; only F32, F16 and BF16 weights can be read as floats")
+    return w.reshape(n_out, n_in)
+
+
 class Adapter(NativeHandle):
     """LoRA pairs for a :class:`BaseModel`. Create with :meth:`init` or :meth:`from_tensors`.
 
@@ -65,6 +81,8 @@ class Adapter(NativeHandle):
         self.alpha = float(alpha)
         self.config = config
         self.metadata: dict = {}
+        # name -> (rows r: of lora_a, columns r: of lora_b) that training must leave as they are (PiSSA)
+        self.frozen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._index = {t: i for i, t in enumerate(targets)}
         return self
 
@@ -76,8 +94,17 @@ class Adapter(NativeHandle):
           Use it unless you have a reason not to.
         - ``"gaussian"``: A ~ N(0, (1/r)^2), PEFT's ``init_lora_weights="gaussian"``; a scale that does not
           depend on n_in, for comparing with runs that used it.
+        - ``"pissa"``: PiSSA, for F32/F16/BF16 targets. With W = U S Vᵀ, the trainable pair starts at the
+          top-r singular directions, scale·B₀A₀ = U_r S_r V_rᵀ, and PiSSA's base is the residual
+          W - scale·B₀A₀. We keep the stored W unchanged and carry the residual's correction as a
+          frozen second half of the pair: the adapter is ``[B, -B₀]·[A; A₀]``, an ordinary LoRA of rank
+          2r that llama.cpp applies to the unchanged base exactly as trained (the file's alpha is
+          scale·2r). It starts as the base model (up to float rounding of B₀A₀ - B₀A₀) and learns
+          faster on the principal directions; the cost is twice the rank in the file and at inference.
         """
         targets = target_weights(model, config)
+        if config.init == "pissa":
+            return cls._init_pissa(model, config, targets)
         self = cls._create(model, targets, [config.rank] * len(targets), config.file_alpha, config)
         rng = np.random.default_rng(config.seed)
         for name in targets:
@@ -89,6 +116,27 @@ class Adapter(NativeHandle):
             else:
                 a = rng.normal(0.0, 1.0 / config.rank, size=shape)
             self.set(name, lora_a=a)
+        return self
+
+    @classmethod
+    def _init_pissa(cls, model: BaseModel, config: LoRAConfig, targets: list[str]) -> "Adapter":
+        r, scale = config.rank, config.scale
+        weights = {}
+        for name in targets:
+            t = model.tensors[name]
+            if t.type_name not in ("F32", "F16", "BF16"):
+                raise InvalidArgumentError(f"LoRAConfig.init='pissa' needs F32, F16 or BF16 targets; '{name}' is "
+                                           f"{t.type_name} (use 'kaiming' on quantized bases)")
+            weights[name] = read_weight_f32(model, name)                      # (n_out, n_in)
+        self = cls._create(model, targets, [2 * r] * len(targets), scale * 2 * r, config)
+        self.frozen = {}
+        for name, w in weights.items():
+            u, s, vt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
+            root = np.sqrt(s[:r] / scale)
+            a0 = (root[:, None] * vt[:r]).astype(np.float32)                   # (r, n_in)
+            b0 = (u[:, :r] * root[None, :]).astype(np.float32)                 # (n_out, r)
+            self.set(name, lora_a=np.concatenate([a0, a0]), lora_b=np.concatenate([b0, -b0], axis=1))
+            self.frozen[name] = (a0, -b0)
         return self
 
     @classmethod

@@ -9,7 +9,7 @@ from typing import Any
 from .arch import LM_HEAD, TARGET_MODULES
 from .errors import InvalidArgumentError
 
-INIT_STRATEGIES = ("kaiming", "gaussian")
+INIT_STRATEGIES = ("kaiming", "gaussian", "pissa")
 
 
 def _fail(cls: str, name: str, value: Any, why: str) -> InvalidArgumentError:
@@ -42,7 +42,7 @@ class LoRAConfig:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")   # PEFT names or GGUF names (attn_q, ...)
     layers: tuple[int, ...] | None = None           # block indices to adapt; None means all
     use_rslora: bool = False                        # scale alpha/sqrt(r) instead of alpha/r
-    init: str = "kaiming"                           # "kaiming" (PEFT default) or "gaussian"
+    init: str = "kaiming"                           # "kaiming" (PEFT default), "gaussian" or "pissa"
     seed: int = 0                                   # seeds the initialisation of A
 
     def __post_init__(self) -> None:

@@ -118,6 +118,20 @@ class TrainingContext(NativeHandle):
         s.step = step
         s.grad_scale = grad_scale
         check(lib.glora_trainer_step(self._handle(), s))
+        for name, (a_fixed, b_fixed) in self.adapter.frozen.items():
+            a, b = self.adapter.get(name)
+            r = a.shape[0] - a_fixed.shape[0]
+            a[r:], b[:, r:] = a_fixed, b_fixed
+            self.adapter.set(name, lora_a=a, lora_b=b)
+
+    def _drop_frozen_grads(self) -> None:
+        """Zero the gradient of frozen halves (PiSSA), so clipping and AdamW see only trainable values."""
+        for name, (a_fixed, _) in self.adapter.frozen.items():
+            r = self.adapter.ranks[name] - a_fixed.shape[0]
+            ga, gb = self._state(0, name, 0), self._state(0, name, 1)
+            ga[r:], gb[:, r:] = 0.0, 0.0
+            self._state(0, name, 0, ga)
+            self._state(0, name, 1, gb)
 
     def step(self, micro_batches: Sequence[Batch], learning_rate: float, step: int, *,
              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
@@ -129,6 +143,7 @@ class TrainingContext(NativeHandle):
         loss_sum = 0.0
         for i, b in enumerate(micro_batches):
             loss_sum += self.accumulate(b, n_tokens, dropout_seed=dropout_seed * 1_000_003 + i)
+        self._drop_frozen_grads()
         norm = self.grad_norm()
         clip = 1.0
         if max_grad_norm is not None and max_grad_norm > 0 and norm > max_grad_norm:

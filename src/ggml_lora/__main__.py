@@ -1,0 +1,7 @@
+"""python -m ggml_lora ... is the ggml-lora command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,72 @@
+"""The ggml-lora command line. Verbs so far: info (the rest arrive with the training pipeline)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import GGMLLoRAError
+
+
+def adapter_info(path: str | Path) -> dict:
+    """What a GGUF LoRA adapter holds, read from its header alone (no base model needed)."""
+    from .adapter_file import KEY_PREFIX
+    from .gguf_header import read_header
+
+    h = read_header(path)
+    if h.get("general.type") != "adapter" or h.get("adapter.type") != "lora":
+        raise GGMLLoRAError(f"{path}: not a GGUF LoRA adapter (general.type={h.get('general.type')!r}, "
+                            f"adapter.type={h.get('adapter.type')!r})")
+    pairs: dict[str, dict] = {}
+    for name, t in h.tensors.items():
+        if name.endswith((".lora_a", ".lora_b")):
+            pairs.setdefault(name[:-7], {})[name[-6:]] = t
+    ranks = sorted({p["lora_b"].shape[0] for p in pairs.values() if "lora_b" in p})
+    types = sorted({t.type_name for t in h.tensors.values()})
+    params = sum(t.shape[0] * t.shape[1] for t in h.tensors.values() if len(t.shape) == 2)
+    return {
+        "path": str(path),
+        "architecture": h.get("general.architecture"),
+        "alpha": h.get("adapter.lora.alpha"),
+        "rank": ranks[0] if len(ranks) == 1 else ranks,
+        "pairs": len(pairs),
+        "parameters": params,
+        "tensor_types": types,
+        "size_bytes": h.file_size,
+        "targets": sorted(pairs),
+        "metadata": {k[len(KEY_PREFIX):]: v.value for k, v in h.fields.items() if k.startswith(KEY_PREFIX)},
+    }
+
+
+def _info(args: argparse.Namespace) -> int:
+    info = adapter_info(args.adapter)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key in ("path", "architecture", "alpha", "rank", "pairs", "parameters", "tensor_types", "size_bytes"):
+        print(f"{key:13s} {info[key]}")
+    print(f"{'targets':13s} {', '.join(info['targets'][:6])}{' ...' if len(info['targets']) > 6 else ''}")
+    for key, value in info["metadata"].items():
+        print(f"  ggml_lora.{key} = {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ggml-lora", description="Train and inspect LoRA adapters for GGUF models.")
+    sub = ap.add_subparsers(dest="verb", required=True)
+    p = sub.add_parser("info", help="describe a GGUF LoRA adapter: metadata, tensors, rank, alpha, size")
+    p.add_argument("adapter", type=Path)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_info)
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except (GGMLLoRAError, OSError) as e:
+        print(f"ggml-lora: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
