@@ -1,4 +1,4 @@
-"""The ggml-lora command line. Verbs so far: info (the rest arrive with the training pipeline)."""
+"""The ggml-lora command line. Verbs so far: info, export-peft, import-peft (training arrives with the pipeline)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,27 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_peft(args: argparse.Namespace) -> int:
+    from .adapter import Adapter
+    from .model import BaseModel
+    from .peft import export_peft
+
+    with BaseModel.load(args.model) as model, Adapter.load(model, args.adapter) as adapter:
+        out = export_peft(adapter, args.out)
+    print(f"wrote {out}/adapter_config.json and adapter_model.safetensors")
+    return 0
+
+
+def _import_peft(args: argparse.Namespace) -> int:
+    from .model import BaseModel
+    from .peft import import_peft
+
+    with BaseModel.load(args.model) as model, import_peft(args.peft_dir, model) as adapter:
+        out = adapter.save(args.out)
+    print(f"wrote {out} ({len(adapter.targets)} pairs, alpha {adapter.alpha:g})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ggml-lora", description="Train and inspect LoRA adapters for GGUF models.")
     sub = ap.add_subparsers(dest="verb", required=True)
@@ -60,6 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("adapter", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_info)
+    p = sub.add_parser("export-peft", help="write a GGUF adapter as a PEFT folder (adapter_config.json + safetensors)")
+    p.add_argument("adapter", type=Path)
+    p.add_argument("--model", type=Path, required=True, help="the base GGUF the adapter belongs to")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(func=_export_peft)
+    p = sub.add_parser("import-peft", help="turn a PEFT LoRA folder into a llama.cpp GGUF adapter")
+    p.add_argument("peft_dir", type=Path)
+    p.add_argument("--model", type=Path, required=True, help="the base GGUF (converted from the PEFT base model)")
+    p.add_argument("--out", type=Path, required=True, help="output .gguf")
+    p.set_defaults(func=_import_peft)
     args = ap.parse_args(argv)
     try:
         return args.func(args)
