@@ -135,3 +135,56 @@ def test_cli_export_and_import(tiny_model_file, tmp_path):
     done = run("import-peft", tmp_path / "peft", "--model", path, "--out", tmp_path / "b.gguf")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "b.gguf").read_bytes() == src.read_bytes()
+
+
+def test_llama_cpp_converter_output_loads_and_matches(tiny_model_file, tmp_path):
+    """convert_lora_to_gguf.py (llama.cpp's own) on a PEFT adapter made here from known A/B."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("torch")
+    from safetensors.numpy import save_file
+
+    from reference import assert_parity, llama_logits
+
+    converter = Path(__file__).resolve().parents[1] / "vendor" / "llama.cpp" / "convert_lora_to_gguf.py"
+    path = tiny_model_file("llama", "f32")
+    with BaseModel.load(path, n_threads=N_THREADS) as model:
+        hp = model.hparams
+        (tmp_path / "hf").mkdir()
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": hp.n_vocab,
+            "hidden_size": hp.n_embd, "intermediate_size": hp.n_ff, "num_hidden_layers": hp.n_layers,
+            "num_attention_heads": hp.n_head, "num_key_value_heads": hp.n_head_kv, "rms_norm_eps": hp.rms_eps,
+            "max_position_embeddings": hp.n_ctx_train, "rope_theta": hp.rope_freq_base, "tie_word_embeddings": True}))
+        rng = np.random.default_rng(7)
+        known, tensors = {}, {}
+        for layer in range(hp.n_layers):
+            for proj, name in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("o_proj", "attn_output")):
+                gguf_name = f"blk.{layer}.{name}.weight"
+                n_in, n_out = model.weight_shape(gguf_name)
+                a = rng.normal(0, 0.2, (4, n_in)).astype(np.float32)
+                b = rng.normal(0, 0.2, (n_out, 4)).astype(np.float32)
+                module = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+                tensors[module + ".lora_A.weight"], tensors[module + ".lora_B.weight"] = a, b
+                known[gguf_name] = (a, b)
+        (tmp_path / "peft").mkdir()
+        save_file(tensors, str(tmp_path / "peft" / "adapter_model.safetensors"))
+        (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 4, "lora_alpha": 6.0, "target_modules": ["q_proj", "k_proj", "o_proj"]}))
+        out = tmp_path / "converted.gguf"
+        done = subprocess.run([sys.executable, str(converter), "--base", str(tmp_path / "hf"), "--outtype", "f32",
+                               "--outfile", str(out), str(tmp_path / "peft")], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        tokens = np.arange(40) * 17 % model.n_vocab
+        with Adapter.load(model, out) as ad, import_peft(tmp_path / "peft", model) as ours:
+            assert ad.alpha == 6.0
+            for name, (a, b) in known.items():
+                got_a, got_b = ad.get(name)
+                np.testing.assert_array_equal(got_a, a)
+                heads = {"attn_q": hp.n_head, "attn_k": hp.n_head_kv}.get(name.split(".")[2])
+                np.testing.assert_array_equal(got_b, to_gguf_rows(b, heads) if heads else b)
+                np.testing.assert_array_equal(ours.get(name)[1], got_b)     # our importer agrees with theirs
+            assert_parity(model.logits(tokens, ad), llama_logits(path, tokens, lora=out, n_threads=N_THREADS),
+                          "convert_lora_to_gguf adapter")

@@ -37,8 +37,8 @@ def apply_adapters(llm, adapters) -> list:
     """Set several GGUF LoRA adapters, each with its scale, on a live ``llama_cpp.Llama`` at once.
 
     ``adapters`` is a list of ``(path, scale)``. The previous set is replaced (an empty list clears it)
-    and the KV cache is reset so the next evaluation uses the new set. Returns the native handles,
-    which stay valid until the model is freed.
+    and the KV cache is reset so the next evaluation uses the new set. Adapters set by an earlier call
+    are freed once replaced. Returns the native handles of the new set.
     """
     import ctypes
 
@@ -61,5 +61,9 @@ def apply_adapters(llm, adapters) -> list:
         llama_cpp.llama_set_adapters_lora(ctx, arr, n, scales)
     else:
         llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
+    # the replaced set is no longer referenced by the context: free it (llama.cpp would only at model free)
+    for old in getattr(llm, "_ggml_lora_adapters", []):
+        llama_cpp.llama_adapter_lora_free(old)
+    llm._ggml_lora_adapters = handles
     llm.reset()
     return handles
