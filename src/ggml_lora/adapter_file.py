@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidArgumentError
+from .errors import GGUFFormatError, InvalidArgumentError
 
 KEY_PREFIX = "ggml_lora."
 
@@ -76,9 +76,7 @@ def write_lora_gguf(path: str | os.PathLike[str], arch: str, alpha: float,
     return path
 
 
-def _adapter_error(path, what: str) -> "GGUFFormatError":
-    from .errors import GGUFFormatError
-
+def _adapter_error(path, what: str) -> GGUFFormatError:
     return GGUFFormatError(f"{path}: {what}")
 
 

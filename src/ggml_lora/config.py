@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .arch import LM_HEAD, TARGET_MODULES
@@ -105,4 +105,4 @@ class LoRAConfig:
         return cls(**data)
 
 
-__all__ = ["LoRAConfig", "INIT_STRATEGIES", "normalize_target", "field"]
+__all__ = ["LoRAConfig", "INIT_STRATEGIES", "normalize_target"]
