@@ -95,3 +95,13 @@ def test_lm_head_on_tied_model_is_refused(tiny_model_file):
         assert model.tied_embeddings
         with pytest.raises(InvalidArgumentError, match="lm_head is tied"):
             Adapter.init(model, LoRAConfig(target_modules=("q_proj", "lm_head")))
+
+
+def test_out_of_range_hparam(tiny_model_file):
+    # found by the fuzz test: a context_length past int32 used to overflow in the native call
+    from tinymodels import write_tiny_model
+
+    path = write_tiny_model(tiny_model_file("llama", "f32").parent / "huge-ctx.gguf", "llama", "f32",
+                            n_ctx_train=2**31 + 512)
+    with pytest.raises(GGUFFormatError, match="context_length=2147484160 is out of range"):
+        BaseModel.load(path)

@@ -6,6 +6,7 @@ on is checked here first, with errors that name the file, the key or the tensor.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -73,7 +74,10 @@ def read_hparams(reader, path: str) -> tuple[HParams, dict[str, TensorMeta]]:
     scaling = key("rope.scaling.type", str, "none")
     freq_scale = 1.0
     if scaling == "linear":
-        freq_scale = 1.0 / key("rope.scaling.factor", float, 1.0)
+        factor = key("rope.scaling.factor", float, 1.0)
+        if not (math.isfinite(factor) and factor > 0):
+            raise GGUFFormatError(f"{path}: {arch}.rope.scaling.factor={factor} must be positive and finite")
+        freq_scale = 1.0 / factor
     elif scaling not in ("none", ""):
         raise UnsupportedError(f"{path}: rope scaling '{scaling}' is not supported (only none and linear)")
 
@@ -97,6 +101,17 @@ def read_hparams(reader, path: str) -> tuple[HParams, dict[str, TensorMeta]]:
         rope_freq_scale=freq_scale,
         rope_type=spec.rope_type,
     )
+    # the native side takes these as int32/float: out-of-range values are format errors, not overflows
+    for key_name, value in (("block_count", hp.n_layers), ("embedding_length", hp.n_embd),
+                            ("attention.head_count", hp.n_head), ("attention.head_count_kv", hp.n_head_kv),
+                            ("attention.key_length", hp.head_dim), ("rope.dimension_count", hp.n_rot),
+                            ("feed_forward_length", hp.n_ff), ("context_length", hp.n_ctx_train)):
+        if not 0 < value < 2**31:
+            raise GGUFFormatError(f"{path}: {arch}.{key_name}={value} is out of range")
+    for key_name, value in (("attention.layer_norm_rms_epsilon", hp.rms_eps), ("rope.freq_base", hp.rope_freq_base),
+                            ("rope.scaling.factor", 1.0 / hp.rope_freq_scale if hp.rope_freq_scale else 0.0)):
+        if not (math.isfinite(value) and 0.0 < value < 3.0e38):
+            raise GGUFFormatError(f"{path}: {arch}.{key_name}={value} must be positive and finite")
     if hp.n_layers <= 0 or hp.n_rot <= 0 or hp.n_rot > hp.head_dim or hp.n_rot % 2:
         raise GGUFFormatError(f"{path}: block_count={hp.n_layers}, rope.dimension_count={hp.n_rot} "
                               f"(head_dim {hp.head_dim}) are not valid")
