@@ -9,10 +9,19 @@ __version__ = "0.1.0"
 from ._native import ffi, lib
 from .adapter import Adapter
 from .arch import ARCHITECTURES
-from .config import LoRAConfig
-from .errors import (BackendError, ContextLengthError, GGMLLoRAError, GGUFFormatError, InvalidArgumentError,
-                     OutOfMemoryError, UnsupportedArchitectureError, UnsupportedError)
+from .config import LoRAConfig, TrainingConfig
+from .errors import (
+    BackendError,
+    ContextLengthError,
+    GGMLLoRAError,
+    GGUFFormatError,
+    InvalidArgumentError,
+    OutOfMemoryError,
+    UnsupportedArchitectureError,
+    UnsupportedError,
+)
 from .model import BaseModel
+from .trainer import LoRATrainer, TrainingHistory
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,23 @@ def devices() -> list[Device]:
     return out
 
 
-__all__ = ["Adapter", "ARCHITECTURES", "BackendError", "BaseModel", "ContextLengthError", "Device", "GGMLLoRAError",
-           "GGUFFormatError", "InvalidArgumentError", "LoRAConfig", "OutOfMemoryError", "UnsupportedArchitectureError",
-           "UnsupportedError", "devices", "__version__"]
+__all__ = [
+    "ARCHITECTURES",
+    "Adapter",
+    "BackendError",
+    "BaseModel",
+    "ContextLengthError",
+    "Device",
+    "GGMLLoRAError",
+    "GGUFFormatError",
+    "InvalidArgumentError",
+    "LoRAConfig",
+    "LoRATrainer",
+    "OutOfMemoryError",
+    "TrainingConfig",
+    "TrainingHistory",
+    "UnsupportedArchitectureError",
+    "UnsupportedError",
+    "__version__",
+    "devices",
+]

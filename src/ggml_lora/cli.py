@@ -1,9 +1,15 @@
-"""The ggml-lora command line. Verbs so far: info, export-peft, import-peft (training arrives with the pipeline)."""
+"""The ggml-lora command line: train, eval, generate, info, export-peft, import-peft.
+
+The flags of ``train`` are derived from the fields of LoRAConfig and TrainingConfig (their help text
+included); ``-c config.yaml`` / ``.toml`` takes the same keys. Precedence: command line > config file >
+defaults. LoRAConfig.seed is ``--init-seed`` / ``init_seed`` (``--seed`` is the training seed).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -75,8 +81,11 @@ def _import_peft(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import cli_train
+
     ap = argparse.ArgumentParser(prog="ggml-lora", description="Train and inspect LoRA adapters for GGUF models.")
     sub = ap.add_subparsers(dest="verb", required=True)
+    cli_train.add_verbs(sub)
     p = sub.add_parser("info", help="describe a GGUF LoRA adapter: metadata, tensors, rank, alpha, size")
     p.add_argument("adapter", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -92,11 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="output .gguf")
     p.set_defaults(func=_import_peft)
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("ggml_lora.ggml").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except (GGMLLoRAError, OSError) as e:
-        print(f"ggml-lora: {e}", file=sys.stderr)
+        print(f"ggml-lora: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ggml-lora: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

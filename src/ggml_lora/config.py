@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .arch import LM_HEAD, TARGET_MODULES
 from .errors import InvalidArgumentError
 
 INIT_STRATEGIES = ("kaiming", "gaussian", "pissa")
+
+
+def _opt(default: Any, help: str) -> Any:
+    """A dataclass field with its command-line help; the CLI derives its flags from these."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable default")
+    return field(default=default, metadata={"help": help})
 
 
 def _fail(cls: str, name: str, value: Any, why: str) -> InvalidArgumentError:
@@ -36,14 +43,16 @@ class LoRAConfig:
     applies the same scale).
     """
 
-    rank: int = 8                                   # r
-    alpha: float | None = None                      # lora_alpha; None means 2·rank
-    dropout: float = 0.0                            # lora_dropout, on the input of A, training only
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")   # PEFT names or GGUF names (attn_q, ...)
-    layers: tuple[int, ...] | None = None           # block indices to adapt; None means all
-    use_rslora: bool = False                        # scale alpha/sqrt(r) instead of alpha/r
-    init: str = "kaiming"                           # "kaiming" (PEFT default), "gaussian" or "pissa"
-    seed: int = 0                                   # seeds the initialisation of A
+    rank: int = _opt(8, "LoRA rank r")
+    alpha: float | None = _opt(None, "lora_alpha; the update is scaled by alpha/rank (default: 2*rank)")
+    dropout: float = _opt(0.0, "lora_dropout on the input of A, training only, in [0, 1)")
+    target_modules: tuple[str, ...] = _opt(("q_proj", "v_proj"),
+                                           "modules to adapt, PEFT names (q_proj,k_proj,v_proj,o_proj,gate_proj,"
+                                           "up_proj,down_proj,lm_head) or GGUF names (attn_q,...)")
+    layers: tuple[int, ...] | None = _opt(None, "block indices to adapt (default: all)")
+    use_rslora: bool = _opt(False, "scale by alpha/sqrt(rank) instead of alpha/rank (rsLoRA)")
+    init: str = _opt("kaiming", "initialisation of A: kaiming (PEFT default), gaussian or pissa")
+    seed: int = _opt(0, "seed of the initialisation of A")
 
     def __post_init__(self) -> None:
         c = type(self).__name__
@@ -97,7 +106,7 @@ class LoRAConfig:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LoRAConfig":
+    def from_dict(cls, data: dict[str, Any]) -> LoRAConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -105,4 +114,175 @@ class LoRAConfig:
         return cls(**data)
 
 
-__all__ = ["LoRAConfig", "INIT_STRATEGIES", "normalize_target"]
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "sgd")
+NAN_POLICIES = ("stop", "skip")
+TRUNCATION = ("truncate", "drop")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How to train: the loop, the schedule, the data and the outputs. Names follow Hugging Face's
+    TrainingArguments where one exists.
+
+    One optimizer step sees ``batch_size × gradient_accumulation_steps`` rows (a row is one sequence of
+    up to ``max_seq_length`` tokens: one sample, or several packed ones); the loss is the mean over all
+    supervised tokens of the step, so accumulation gives the same update as one larger batch.
+    """
+
+    epochs: int = _opt(1, "passes over the training data (ignored when max_steps is set)")
+    max_steps: int | None = _opt(None, "optimizer steps to run; overrides epochs")
+    batch_size: int = _opt(4, "rows (sequences) per micro-batch")
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
+    learning_rate: float = _opt(2e-4, "peak learning rate")
+    lr_scheduler: str = _opt("linear", "learning-rate schedule after warmup: constant, linear or cosine")
+    warmup_steps: int = _opt(0, "steps of linear warmup from 0 to learning_rate")
+    warmup_ratio: float = _opt(0.0, "warmup as a fraction of the total steps (instead of warmup_steps)")
+    optimizer: str = _opt("adamw", "adamw or sgd")
+    adam_beta1: float = _opt(0.9, "AdamW beta1")
+    adam_beta2: float = _opt(0.999, "AdamW beta2")
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
+    weight_decay: float = _opt(0.0, "decoupled weight decay (AdamW)")
+    max_grad_norm: float | None = _opt(1.0, "clip the global gradient norm to this (0 or None: no clipping)")
+    max_seq_length: int = _opt(512, "longest row in tokens; longer samples are truncated or dropped")
+    truncation: str = _opt("truncate", "what to do with samples longer than max_seq_length: truncate or drop")
+    packing: bool | None = _opt(None, "pack short samples into rows, attention kept inside each sample "
+                                      "(default: on for text data, off otherwise)")
+    train_on_prompt: bool = _opt(False, "prompt/completion and chat data: also put loss on the prompt")
+    chat_template: str | None = _opt(None, "Jinja chat template (a file path or the template text); "
+                                           "default: the GGUF's tokenizer.chat_template")
+    valid_fraction: float = _opt(0.0, "hold out this fraction of the training samples for validation "
+                                      "when no validation data is given")
+    seed: int = _opt(0, "seeds data order, splits and dropout")
+    eval_every: int = _opt(50, "evaluate every N steps (and before the first and after the last); 0: off")
+    save_every: int = _opt(100, "write a checkpoint every N steps (and at the end); 0: only at the end")
+    save_total_limit: int | None = _opt(3, "keep at most this many checkpoints (None: all)")
+    output_dir: str = _opt("ggml-lora-out", "where adapter.gguf, checkpoints/, metrics.jsonl, loss.png go")
+    nan_policy: str = _opt("stop", "on a NaN/Inf loss or gradient: stop (error, last checkpoint kept) "
+                                   "or skip (drop the step, restore the last good parameters)")
+    max_skipped_steps: int = _opt(10, "with nan_policy=skip: stop after this many consecutive skipped steps")
+    device: str = _opt("auto", "ggml device name (CPU, CUDA0, ...) or auto")
+    n_threads: int | None = _opt(None, "CPU threads (default: ggml's choice)")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass to save memory")
+    progress: bool = _opt(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        c = type(self).__name__
+
+        def positive_int(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if not _is_int(v) or v < (0 if allow_zero else 1):
+                raise _fail(c, name, v, f"must be {'a non-negative' if allow_zero else 'a positive'} integer"
+                            + (" or None" if allow_none else ""))
+
+        def choice(name: str, options: tuple[str, ...]) -> None:
+            if getattr(self, name) not in options:
+                raise _fail(c, name, getattr(self, name), f"must be one of {', '.join(options)}")
+
+        positive_int("epochs")
+        positive_int("max_steps", allow_none=True)
+        positive_int("batch_size")
+        positive_int("gradient_accumulation_steps")
+        positive_int("warmup_steps", allow_zero=True)
+        positive_int("max_seq_length")
+        positive_int("eval_every", allow_zero=True)
+        positive_int("save_every", allow_zero=True)
+        positive_int("save_total_limit", allow_none=True)
+        positive_int("max_skipped_steps")
+        positive_int("n_threads", allow_none=True)
+        if not _is_num(self.learning_rate) or self.learning_rate <= 0:
+            raise _fail(c, "learning_rate", self.learning_rate, "must be a positive finite number")
+        if not _is_num(self.warmup_ratio) or not 0.0 <= self.warmup_ratio < 1.0:
+            raise _fail(c, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        if self.warmup_ratio > 0 and self.warmup_steps > 0:
+            raise _fail(c, "warmup_ratio", self.warmup_ratio, "give warmup_steps or warmup_ratio, not both")
+        for name in ("adam_beta1", "adam_beta2"):
+            v = getattr(self, name)
+            if not _is_num(v) or not 0.0 <= v < 1.0:
+                raise _fail(c, name, v, "must be in [0, 1)")
+        if not _is_num(self.adam_epsilon) or self.adam_epsilon <= 0:
+            raise _fail(c, "adam_epsilon", self.adam_epsilon, "must be positive")
+        if not _is_num(self.weight_decay) or self.weight_decay < 0:
+            raise _fail(c, "weight_decay", self.weight_decay, "must be >= 0")
+        if self.max_grad_norm is not None and (not _is_num(self.max_grad_norm) or self.max_grad_norm < 0):
+            raise _fail(c, "max_grad_norm", self.max_grad_norm, "must be >= 0 or None")
+        if not _is_num(self.valid_fraction) or not 0.0 <= self.valid_fraction < 1.0:
+            raise _fail(c, "valid_fraction", self.valid_fraction, "must be in [0, 1)")
+        if not _is_int(self.seed):
+            raise _fail(c, "seed", self.seed, "must be an integer")
+        choice("lr_scheduler", LR_SCHEDULERS)
+        choice("optimizer", OPTIMIZERS)
+        choice("nan_policy", NAN_POLICIES)
+        choice("truncation", TRUNCATION)
+        for name in ("train_on_prompt", "gradient_checkpointing", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise _fail(c, name, getattr(self, name), "must be true or false")
+        if self.packing is not None and not isinstance(self.packing, bool):
+            raise _fail(c, "packing", self.packing, "must be true, false or None")
+        for name in ("output_dir", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise _fail(c, name, getattr(self, name), "must be a non-empty string")
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise _fail(c, "chat_template", self.chat_template, "must be a string (file path or template)")
+
+    @property
+    def rows_per_step(self) -> int:
+        """Rows one optimizer step sees: batch_size × gradient_accumulation_steps."""
+        return self.batch_size * self.gradient_accumulation_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidArgumentError(f"{cls.__name__}: unknown keys {unknown}; valid: {sorted(known)}")
+        return cls(**data)
+
+
+def learning_rate_at(config: TrainingConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (1-based) of ``total_steps``.
+
+    Warmup W steps: lr·k/W for k ≤ W. After it, with p = (k − W − 1) / (N − W) in [0, 1):
+    constant lr; linear lr·(1 − p); cosine lr·(1 + cos πp)/2. The first step after warmup runs at
+    the peak and the last one above zero (no step is wasted at lr = 0).
+    """
+    lr = config.learning_rate
+    warmup = warmup_steps(config, total_steps)
+    if step <= warmup:
+        return lr * step / warmup
+    p = (step - warmup - 1) / max(1, total_steps - warmup)
+    if config.lr_scheduler == "linear":
+        return lr * (1.0 - p)
+    if config.lr_scheduler == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * p))
+    return lr
+
+
+def warmup_steps(config: TrainingConfig, total_steps: int) -> int:
+    if config.warmup_ratio > 0:
+        return math.ceil(config.warmup_ratio * total_steps)
+    return min(config.warmup_steps, total_steps)
+
+
+__all__ = [
+    "INIT_STRATEGIES",
+    "LR_SCHEDULERS",
+    "LoRAConfig",
+    "TrainingConfig",
+    "learning_rate_at",
+    "normalize_target",
+    "warmup_steps",
+]

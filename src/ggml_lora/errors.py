@@ -69,3 +69,19 @@ BY_CODE: dict[int, type[GGMLLoRAError]] = {
     for cls in (InvalidArgumentError, NativeIOError, GGUFFormatError, UnsupportedError, OutOfMemoryError,
                 BackendError, InternalError)
 }
+
+
+class TrainingDivergedError(GGMLLoRAError, FloatingPointError):
+    """The loss or the gradient norm became NaN or Inf; ``step`` is the optimizer step where it happened."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class CheckpointError(GGMLLoRAError, OSError):
+    """A checkpoint or output file could not be written or read; the in-memory adapter is intact."""
+
+
+class DatasetError(GGMLLoRAError, ValueError):
+    """A training data file or record is malformed; the message names the file and line (or list index)."""

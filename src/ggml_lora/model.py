@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +27,7 @@ class BaseModel(NativeHandle):
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str = "auto", n_threads: int | None = None,
-             n_ctx: int | None = None) -> "BaseModel":
+             n_ctx: int | None = None) -> BaseModel:
         """Load ``path`` onto ``device`` (a name from :func:`ggml_lora.devices` or ``"auto"``).
 
         ``n_ctx`` is the longest sequence this model will be asked to process (default: the
@@ -69,6 +70,9 @@ class BaseModel(NativeHandle):
         self._vocab = None
         self._name = name if isinstance(name, str) else None
         self._sha256 = None
+        # one native call at a time: graphs and the scheduler are per model, so trainers (or threads)
+        # sharing this model take turns; the weights themselves are never written
+        self._lock = threading.RLock()
         return self
 
     # ---- properties -------------------------------------------------------------------------------
@@ -170,7 +174,7 @@ class BaseModel(NativeHandle):
                                      "(pass n_ctx= to BaseModel.load for longer sequences)")
         return np.ascontiguousarray(arr, dtype=np.int32), single
 
-    def _adapter_list(self, adapter, scale: float) -> list[tuple["Adapter", float]]:
+    def _adapter_list(self, adapter, scale: float) -> list[tuple[Adapter, float]]:
         if adapter is None:
             return []
         pairs = [(adapter, scale)] if not isinstance(adapter, (list, tuple)) else list(adapter)
@@ -179,7 +183,7 @@ class BaseModel(NativeHandle):
                 raise InvalidArgumentError("the adapter was made for another BaseModel")
         return pairs
 
-    def logits(self, tokens, adapter: "Adapter | Sequence[tuple[Adapter, float]] | None" = None,
+    def logits(self, tokens, adapter: Adapter | Sequence[tuple[Adapter, float]] | None = None,
                scale: float = 1.0) -> np.ndarray:
         """Float32 logits: [T, n_vocab] for one sequence, [B, T, n_vocab] for a list of equal-length ones.
 
@@ -193,8 +197,16 @@ class BaseModel(NativeHandle):
         handles = ffi.new("glora_adapter *[]", [a._handle() for a, _ in pairs] or [ffi.NULL])
         scales = ffi.new("float[]", [float(s) for _, s in pairs] or [0.0])
         out = np.empty((arr.shape[0], arr.shape[1], self.n_vocab), dtype=np.float32)
-        check(lib.glora_logits(self._handle(), handles, scales, n, batch.c, ffi.cast("float *", ffi.from_buffer(out))))
+        with self._lock:
+            check(lib.glora_logits(self._handle(), handles, scales, n, batch.c, ffi.cast("float *", ffi.from_buffer(out))))
         return out[0] if single else out
+
+    def evaluate(self, tokens, adapter: Adapter | None = None, loss_mask=None, scale: float = 1.0) -> tuple[float, int]:
+        """(mean next-token cross-entropy, supervised token count) of ``tokens``, with ``adapter`` if given."""
+        from .training import evaluate
+
+        with self._lock:
+            return evaluate(self, adapter, tokens, loss_mask, scale)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else self.device

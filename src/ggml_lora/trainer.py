@@ -1,0 +1,400 @@
+"""LoRATrainer: the training loop a user runs: data, schedule, evaluation, checkpoints, resume.
+
+Everything that decides the trajectory is a function of (configs, data, seed, step): the rows of step
+k come from epoch (k-1) // steps_per_epoch shuffled with (seed, epoch), and dropout from (seed, k). A
+checkpoint therefore needs only the step, the adapter and the optimizer moments to continue exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from ._native import check, ffi, lib
+from .adapter import Adapter
+from .config import LoRAConfig, TrainingConfig, learning_rate_at, warmup_steps
+from .errors import (
+    CheckpointError,
+    InvalidArgumentError,
+    TrainingDivergedError,
+    UnsupportedError,
+)
+from .model import BaseModel
+from .reporting import MetricsLog, Progress, call_hooks, peak_rss_bytes, plot_losses
+from .training import TrainingContext
+
+# Config keys that change the trajectory: a resume with other values would not continue the same run.
+_TRAJECTORY_KEYS = ("batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "warmup_steps",
+                    "warmup_ratio", "optimizer", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay",
+                    "max_grad_norm", "max_seq_length", "truncation", "packing", "train_on_prompt", "seed")
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainingHistory:
+    """What ``train`` did. ``steps``/``evals`` are the records also written to metrics.jsonl."""
+
+    steps: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    global_step: int = 0
+    total_steps: int = 0
+    interrupted: str | None = None          # "SIGINT" / "SIGTERM" when stopped by a signal
+    skipped_steps: int = 0
+    adapter_path: Path | None = None        # the final adapter (None when interrupted)
+    checkpoint_path: Path | None = None     # the newest checkpoint written
+    data: dict = field(default_factory=dict)
+
+    @property
+    def losses(self) -> list[float]:
+        return [r["loss"] for r in self.steps]
+
+
+def _fingerprint(rows) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(np.asarray(r.tokens, dtype=np.int32).tobytes())
+        h.update(np.packbits(np.asarray(r.mask, dtype=bool)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def resolve_chat_template(value: str | None) -> str | None:
+    """A chat template given as Jinja text, or as the path of a file holding it."""
+    if value is None or "{" in value:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise InvalidArgumentError(f"chat_template={value!r} is neither a Jinja template nor a file")
+    return path.read_text()
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before training if ``directory`` cannot be created or written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"output_dir {directory} is not writable ({e.strerror or e}); "
+                              "choose another with output_dir= / --output-dir") from e
+
+
+class LoRATrainer:
+    """Trains one LoRA adapter on one :class:`BaseModel`.
+
+    >>> trainer = LoRATrainer(model, LoRAConfig(rank=8), TrainingConfig(epochs=3, output_dir="out"))
+    >>> history = trainer.train("data.jsonl")
+    >>> trainer.save_adapter("adapter.gguf")
+    """
+
+    def __init__(self, model: BaseModel, lora_config: LoRAConfig | None = None,
+                 training_config: TrainingConfig | None = None, adapter: Adapter | None = None):
+        self.model = model
+        self.lora_config = lora_config or (adapter.config if adapter is not None and adapter.config else LoRAConfig())
+        self.config = training_config or TrainingConfig()
+        if not isinstance(self.lora_config, LoRAConfig) or not isinstance(self.config, TrainingConfig):
+            raise InvalidArgumentError("LoRATrainer(model, LoRAConfig(...), TrainingConfig(...))")
+        if self.config.gradient_checkpointing and not _has_checkpointing():
+            raise UnsupportedError("TrainingConfig.gradient_checkpointing=True is not available in this build yet; "
+                                   "lower batch_size or max_seq_length to save memory")
+        if adapter is not None and adapter.model is not model:
+            raise InvalidArgumentError("the adapter was made for another BaseModel")
+        self.adapter = adapter if adapter is not None else Adapter.init(model, self.lora_config)
+        self.output_dir = Path(self.config.output_dir)
+        self.global_step = 0
+        self._ctx: TrainingContext | None = None
+        self._signal: str | None = None
+
+    # ---- public -----------------------------------------------------------------------------------
+
+    def save_adapter(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write the adapter as a llama.cpp GGUF LoRA (default: output_dir/adapter.gguf), atomically."""
+        path = Path(path) if path is not None else self.output_dir / "adapter.gguf"
+        try:
+            return self.adapter.save(path, metadata=self._adapter_metadata())
+        except OSError as e:
+            raise CheckpointError(f"cannot write {path}: {e}; the adapter in memory is intact, "
+                                  "save it elsewhere with trainer.save_adapter(path)") from e
+
+    def evaluate(self, data, *, batch_size: int | None = None, adapter: bool = True) -> dict:
+        """Validation loss and perplexity of ``data`` (a dataset source or a list of Samples)."""
+        from .data import Sample, make_rows
+
+        samples = data if data and isinstance(data, list) and isinstance(data[0], Sample) else self._load(data)[0]
+        rows = make_rows(samples, max_seq_length=self.config.max_seq_length, packing=False, seed=self.config.seed)
+        return self._evaluate_rows(rows, batch_size or self.config.batch_size, adapter)
+
+    def train(self, dataset, valid=None, callbacks: Sequence[Any] = (), resume_from=None) -> TrainingHistory:
+        """Train on ``dataset`` (a path, a list of strings or a list of dicts); see TrainingConfig."""
+        cfg = self.config
+        check_writable(self.output_dir)
+        history = TrainingHistory()
+        train_samples, valid_samples, reports = self._load(dataset, valid)
+        history.data = {k: r.to_dict() for k, r in reports.items()}
+        packing = cfg.packing if cfg.packing is not None else reports["train"].format == "text"
+        from .data import make_rows
+
+        rows = make_rows(train_samples, max_seq_length=cfg.max_seq_length, packing=packing, seed=cfg.seed)
+        valid_rows = make_rows(valid_samples, max_seq_length=cfg.max_seq_length, packing=packing,
+                               seed=cfg.seed) if valid_samples else []
+        if not rows:
+            raise InvalidArgumentError("the training data holds no usable samples")
+        steps_per_epoch = math.ceil(len(rows) / cfg.rows_per_step)
+        total = cfg.max_steps or cfg.epochs * steps_per_epoch
+        history.total_steps = total
+        fingerprint = _fingerprint(rows)
+
+        self._ctx = TrainingContext(self.adapter, optimizer=cfg.optimizer, dropout=self.lora_config.dropout)
+        start = 0
+        if resume_from is not None:
+            start = self._resume(resume_from, fingerprint, total)
+        self.global_step = start
+        self._write_config(reports, packing, total, steps_per_epoch)
+
+        metrics = MetricsLog(self.output_dir / "metrics.jsonl", resume_step=start)
+        progress = Progress(total, start, cfg.progress)
+        progress.message(f"training {self.adapter.n_parameters:,} LoRA parameters on {len(rows)} rows "
+                         f"({reports['train'].n_supervised:,} supervised tokens): {total} steps of "
+                         f"{cfg.rows_per_step} rows, {steps_per_epoch} steps per epoch")
+        ckpt_root = self.output_dir / "checkpoints"
+        restore = self._install_signal_handlers()
+        t0, tokens_seen, consecutive_skips = time.perf_counter(), 0, 0
+        try:
+            if valid_rows and cfg.eval_every and start == 0:
+                self._eval_and_report(valid_rows, 0, metrics, history, callbacks, progress)
+            for step in range(start + 1, total + 1):
+                lr = learning_rate_at(cfg, step, total)
+                batches = self._step_batches(rows, step, steps_per_epoch)
+                loss, n_tok, norm, applied = self._train_step(batches, lr, step)
+                self.global_step = step
+                tokens_seen += int(sum(int(b.tokens.size) for b in batches))
+                elapsed = time.perf_counter() - t0
+                rec = {"type": "train", "step": step, "epoch": (step - 1) / steps_per_epoch, "loss": loss,
+                       "learning_rate": lr, "grad_norm": norm, "supervised_tokens": n_tok,
+                       "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else 0.0,
+                       "elapsed_s": elapsed, "peak_rss_bytes": peak_rss_bytes()}
+                if not applied:
+                    history.skipped_steps += 1
+                    consecutive_skips += 1
+                    rec["skipped"] = True
+                    why = f"step {step}: loss {loss} / gradient norm {norm} is not finite"
+                    if cfg.nan_policy == "stop":
+                        metrics.write(rec)
+                        last = ckpt.list_checkpoints(ckpt_root)
+                        raise TrainingDivergedError(
+                            f"{why}; training stopped (nan_policy='stop'). "
+                            + (f"The last good checkpoint is {last[-1][1]}." if last else "No checkpoint was written yet.")
+                            + " Lower the learning rate, check the data, or use nan_policy='skip'.", step)
+                    progress.message(f"{why}: skipped ({history.skipped_steps} so far)")
+                    if consecutive_skips >= cfg.max_skipped_steps:
+                        metrics.write(rec)
+                        raise TrainingDivergedError(f"{why}; {consecutive_skips} consecutive steps skipped, giving up "
+                                                    "(max_skipped_steps)", step)
+                else:
+                    consecutive_skips = 0
+                metrics.write(rec)
+                history.steps.append(rec)
+                progress.step(rec)
+                call_hooks(callbacks, "on_step", self, rec)
+
+                if valid_rows and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+                    self._eval_and_report(valid_rows, step, metrics, history, callbacks, progress)
+                if self._signal is None and cfg.save_every and step % cfg.save_every == 0 and step != total:
+                    history.checkpoint_path = self._save_checkpoint(step, fingerprint, total, callbacks)
+                if self._signal is not None:
+                    history.interrupted = self._signal
+                    history.checkpoint_path = self._save_checkpoint(step, fingerprint, total, callbacks)
+                    progress.message(f"{self._signal}: stopped after step {step}; checkpoint "
+                                     f"{history.checkpoint_path} (resume with resume_from= / --resume)")
+                    break
+            else:
+                if cfg.save_every:
+                    history.checkpoint_path = self._save_checkpoint(total, fingerprint, total, callbacks)
+                history.adapter_path = self.save_adapter()
+                progress.message(f"adapter written: {history.adapter_path}")
+        finally:
+            restore()
+            progress.close()
+            metrics.close()
+            if metrics.records:
+                plot_losses(metrics.records, self.output_dir / "loss.png")
+        history.global_step = self.global_step
+        return history
+
+    # ---- data -------------------------------------------------------------------------------------
+
+    def _load(self, dataset, valid=None):
+        from .data import load_splits
+
+        cfg = self.config
+        return load_splits(dataset, self.model, valid=valid, valid_fraction=cfg.valid_fraction, seed=cfg.seed,
+                           max_seq_length=cfg.max_seq_length, truncation=cfg.truncation,
+                           train_on_prompt=cfg.train_on_prompt, chat_template=resolve_chat_template(cfg.chat_template))
+
+    def _step_batches(self, rows, step: int, steps_per_epoch: int):
+        from .data import collate
+
+        cfg = self.config
+        epoch, j = divmod(step - 1, steps_per_epoch)
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(rows))
+        chosen = [rows[i] for i in order[j * cfg.rows_per_step:(j + 1) * cfg.rows_per_step]]
+        return [collate(chosen[i:i + cfg.batch_size], self.model) for i in range(0, len(chosen), cfg.batch_size)]
+
+    # ---- step and evaluation ----------------------------------------------------------------------
+
+    def _train_step(self, batches, lr: float, step: int) -> tuple[float, int, float, bool]:
+        """Forward + backward over the micro-batches, then clip and update unless anything is not finite."""
+        cfg, ctx = self.config, self._ctx
+        n_tok = sum(b.n_loss for b in batches)
+        loss_sum = 0.0
+        with self.model._lock:
+            for i, b in enumerate(batches):
+                loss_sum += ctx.accumulate(b, n_tok, dropout_seed=(cfg.seed * 1_000_003 + step) * 1_000_003 + i)
+            ctx._drop_frozen_grads()
+            norm = ctx.grad_norm()
+            loss = loss_sum / n_tok
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                ctx.zero_grad()
+                return loss, n_tok, norm, False
+            clip = 1.0
+            if cfg.max_grad_norm and norm > cfg.max_grad_norm:
+                clip = cfg.max_grad_norm / (norm + 1e-6)
+            ctx.apply(lr, step, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                      weight_decay=cfg.weight_decay, grad_scale=clip)
+        return loss, n_tok, norm, True
+
+    def _evaluate_rows(self, rows, batch_size: int, use_adapter: bool = True) -> dict:
+        from .data import collate
+
+        total, count = 0.0, 0
+        out = ffi.new("double *")
+        handle = self.adapter._handle() if use_adapter else ffi.NULL
+        for i in range(0, len(rows), batch_size):
+            batch = collate(rows[i:i + batch_size], self.model)
+            with self.model._lock:
+                check(lib.glora_loss(self.model._handle(), handle, 1.0, batch.c, out))
+            total += out[0]
+            count += batch.n_loss
+            if self._signal is not None:
+                break
+        loss = total / count if count else math.nan
+        return {"val_loss": loss, "val_ppl": math.exp(loss) if loss < 700 else math.inf, "val_tokens": count}
+
+    def _eval_and_report(self, rows, step, metrics, history, callbacks, progress) -> None:
+        t = time.perf_counter()
+        rec = {"type": "eval", "step": step, **self._evaluate_rows(rows, self.config.batch_size),
+               "eval_s": time.perf_counter() - t}
+        metrics.write(rec)
+        history.evals.append(rec)
+        progress.message(f"step {step}: validation loss {rec['val_loss']:.4f}, perplexity {rec['val_ppl']:.2f}")
+        plot_losses(metrics.records, self.output_dir / "loss.png")
+        call_hooks(callbacks, "on_eval", self, rec)
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+
+    def _adapter_metadata(self) -> dict:
+        return {"step": self.global_step, "training_config": json.dumps(self._trajectory(), sort_keys=True)}
+
+    def _trajectory(self) -> dict:
+        d = self.config.to_dict()
+        return {k: d[k] for k in _TRAJECTORY_KEYS}
+
+    def _save_checkpoint(self, step: int, fingerprint: str, total: int, callbacks) -> Path:
+        state = {"version": STATE_VERSION, "step": step, "total_steps": total, "data_fingerprint": fingerprint,
+                 "training_config": self.config.to_dict(), "lora_config": self.lora_config.to_dict(),
+                 "targets": list(self.adapter.targets), "optimizer": self._ctx.optimizer,
+                 "base_model_sha256": self.model.sha256}
+        root = self.output_dir / "checkpoints"
+        path = ckpt.write_checkpoint(root, step, self.adapter, self._ctx, state, self._adapter_metadata())
+        ckpt.prune_checkpoints(root, self.config.save_total_limit)
+        call_hooks(callbacks, "on_save", self, path)
+        return path
+
+    def _resume(self, resume_from, fingerprint: str, total: int) -> int:
+        path = ckpt.resolve_checkpoint(self.output_dir if resume_from is True else resume_from)
+        state, moments = ckpt.read_checkpoint(path)
+        where = f"checkpoint {path}"
+        if state.get("base_model_sha256") != self.model.sha256:
+            raise CheckpointError(f"{where} was trained on another base model (sha256 differs)")
+        if sorted(state.get("targets", [])) != sorted(self.adapter.targets):
+            raise CheckpointError(f"{where} adapts other modules than this LoRAConfig")
+        saved = state.get("training_config", {})
+        changed = [k for k in _TRAJECTORY_KEYS if saved.get(k) != getattr(self.config, k)]
+        if changed:
+            raise CheckpointError(f"{where}: resuming with other values of {', '.join(changed)} would not continue "
+                                  f"the same run (saved: {', '.join(f'{k}={saved.get(k)!r}' for k in changed)})")
+        if state.get("data_fingerprint") != fingerprint:
+            raise CheckpointError(f"{where} was trained on other data (the tokenized rows differ)")
+        step = int(state["step"])
+        if step > total:
+            raise CheckpointError(f"{where} is at step {step}, past the {total} steps of this configuration")
+        loaded = Adapter.load(self.model, path / ckpt.ADAPTER_FILE)
+        try:
+            for t in self.adapter.targets:
+                a, b = loaded.get(t)
+                self.adapter.set(t, lora_a=a, lora_b=b)
+        finally:
+            loaded.close()
+        if self._ctx.optimizer == "adamw":
+            self._ctx.set_moments(moments)
+        return step
+
+    def _write_config(self, reports, packing: bool, total: int, steps_per_epoch: int) -> None:
+        from . import __version__
+        from .adapter_file import atomic_path
+
+        doc = {"ggml_lora_version": __version__, "base_model": str(self.model.path),
+               "base_model_sha256": self.model.sha256, "lora": self.lora_config.to_dict(),
+               "training": self.config.to_dict(), "resolved": {"packing": packing, "total_steps": total,
+                                                               "steps_per_epoch": steps_per_epoch,
+                                                               "warmup_steps": warmup_steps(self.config, total),
+                                                               "file_alpha": self.adapter.alpha},
+               "data": {k: r.to_dict() for k, r in reports.items()}}
+        with atomic_path(self.output_dir / "adapter_config.json") as tmp:
+            tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+
+    # ---- signals ----------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self):
+        """SIGINT/SIGTERM finish the current step, write a checkpoint and return; a second SIGINT aborts."""
+        self._signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self._signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._signal = name
+
+        for s in previous:
+            signal.signal(s, handler)
+
+        def restore():
+            for s, h in previous.items():
+                signal.signal(s, h)
+        return restore
+
+
+def _has_checkpointing() -> bool:
+    import inspect
+
+    return "gradient_checkpointing" in inspect.signature(TrainingContext.__init__).parameters
+
+
+__all__ = ["LoRATrainer", "TrainingHistory", "check_writable", "resolve_chat_template"]
