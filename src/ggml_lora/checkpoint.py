@@ -93,7 +93,7 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         m = _NAME.match(p.name)
-        if m and (p / STATE_FILE).is_file():
+        if m and all((p / f).is_file() for f in (STATE_FILE, ADAPTER_FILE, OPTIMIZER_FILE)):
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -106,7 +106,10 @@ def prune_checkpoints(root: Path, keep: int | None) -> None:
         return
     found = list_checkpoints(root)
     for _, p in found[:-keep] if keep > 0 else found:
-        shutil.rmtree(p, ignore_errors=True)
+        # renamed first, so that a kill during the deletion leaves no half checkpoint under a valid name
+        doomed = root / f".{p.name}.deleting"
+        os.rename(p, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:

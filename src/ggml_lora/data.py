@@ -1,0 +1,408 @@
+"""Training data: files or lists of records -> tokenized samples with loss masks -> rows -> batches.
+
+Formats, detected from each record's keys (one format per source; anything else is an error that
+names the file and line, or the list index):
+
+  text        a .txt file, {"text": ...} records, or a list of strings
+  completion  {"prompt": ..., "completion": ...}
+  chat        {"messages": [{"role": ..., "content": ...}, ...]}, rendered with the GGUF's own
+              tokenizer.chat_template or a template passed in (see chat.py)
+
+Tokens: the GGUF's own tokenizer, with special-token strings parsed as llama.cpp parses prompts. BOS
+is added where the model's tokenizer adds one (tokenizer.ggml.add_bos_token), except when the text
+already begins with the BOS string, as chat templates often write it. An EOS is appended, and
+supervised, after every {"text"} record and every completion; a chat turn ends with whatever the
+template writes (ChatML's <|im_end|>, Llama-3's <|eot_id|>, ...).
+
+Loss: text, every token; completion, the completion and its EOS (train_on_prompt: the prompt too);
+chat, every assistant turn with its end-of-turn marker (train_on_prompt: everything). The text is
+tokenized whole, once, and the spans are mapped onto its tokens by byte offsets, so a span boundary
+never changes the tokenization; a token that straddles a boundary is supervised.
+
+A .txt file is one stream, cut into windows of max_seq_length tokens: with a BOS, [BOS] + the next
+max_seq_length-1 tokens; without one, consecutive windows share one token so that every token but
+the file's first is a target exactly once. It is tokenized in blocks of about 1 MiB that end at a
+line end, and no EOS is appended. Records longer than max_seq_length are truncated, or dropped with
+truncation="drop".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._handles import Batch
+from .chat import ChatTemplate, Tokenizer, _kind, check_messages, render_with_spans
+from .errors import ContextLengthError, DatasetError, InvalidArgumentError
+
+MAX_LINE_BYTES = 64 << 20      # a longer line is an error rather than an out-of-memory
+TXT_BLOCK_BYTES = 1 << 20      # .txt files are tokenized in blocks of about this size
+TRUNCATION = ("truncate", "drop")
+SPLITS = ("train", "valid", "test")
+_KEYS = {"text": ("text",), "completion": ("prompt", "completion"), "chat": ("messages",)}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training example after tokenization."""
+
+    tokens: np.ndarray     # (T,) int32
+    mask: np.ndarray       # (T,) bool: tokens[t] is a target, predicted from position t-1; mask[0] is False
+
+
+@dataclass
+class DataReport:
+    """What loading did. For a split made with valid_fraction, n_records, n_truncated, n_dropped and
+    skipped describe the whole source, the other counts the split."""
+
+    source: str
+    format: str                  # "text" | "completion" | "chat"
+    n_records: int = 0           # records read (lines of a .txt file)
+    n_samples: int = 0
+    n_truncated: int = 0         # samples cut to max_seq_length
+    n_dropped: int = 0           # samples removed for length (drop, or truncation left no target)
+    n_tokens: int = 0
+    n_supervised: int = 0        # tokens that carry loss
+    skipped: dict[str, int] = field(default_factory=dict)   # reason -> records skipped
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        skipped = "".join(f", {n} skipped ({why})" for why, n in sorted(self.skipped.items()))
+        return (f"{self.source}: {self.format}, {self.n_records} records -> {self.n_samples} samples "
+                f"({self.n_truncated} truncated, {self.n_dropped} dropped{skipped}), {self.n_tokens} tokens, "
+                f"{self.n_supervised} supervised")
+
+    def _skip(self, why: str) -> None:
+        self.skipped[why] = self.skipped.get(why, 0) + 1
+
+
+@dataclass(frozen=True)
+class Row:
+    """One sequence of a micro-batch: one sample, or several packed ones."""
+
+    tokens: np.ndarray                # (T,) int32
+    mask: np.ndarray                  # (T,) bool
+    segments: np.ndarray | None       # (T,) int32 sample ids 0,0,0,1,1,2,...; None for a single sample
+
+
+# ---- reading sources --------------------------------------------------------------------------------
+
+def _lines(path: Path) -> Iterator[tuple[str, str]]:
+    """(where, line) for each line of a UTF-8 file, checked for size and encoding."""
+    with open(path, "rb") as f:
+        lineno = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
+            where = f"{path}:{lineno}"
+            if len(raw) > MAX_LINE_BYTES:
+                raise DatasetError(f"{where}: the line is longer than {MAX_LINE_BYTES} bytes")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasetError(f"{where}: not valid UTF-8 (byte {e.start} of the line: {e.reason})") from None
+            yield where, line[1:] if lineno == 1 and line.startswith("\ufeff") else line
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, parsed object) per line; None for a blank line."""
+    for where, line in _lines(path):
+        if not line.strip():
+            yield where, None
+            continue
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
+        except RecursionError:
+            raise DatasetError(f"{where}: the JSON is nested too deeply to read") from None
+
+
+def _open(source, split: str) -> tuple[str, str, Iterator[tuple[str, Any]]]:
+    """(label, "txt" | "records", items): items are (where, line) for txt, (where, record) otherwise."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            path = path / f"{split}.jsonl"
+            if not path.is_file():
+                raise DatasetError(f"{source}: the folder has no {split}.jsonl")
+        elif not path.exists():
+            raise FileNotFoundError(2, "no such dataset file", str(path))
+        if path.suffix == ".txt":
+            return str(path), "txt", _lines(path)
+        if path.suffix == ".jsonl":
+            return str(path), "records", _jsonl(path)
+        raise DatasetError(f"{path}: unknown dataset file type '{path.suffix}' (expected .txt, .jsonl or a folder)")
+    if isinstance(source, (list, tuple)):
+        items = [(f"records[{i}]", {"text": r} if isinstance(r, str) else r) for i, r in enumerate(source)]
+        return f"<list of {len(source)} records>", "records", iter(items)
+    raise InvalidArgumentError(f"source: expected a path, a folder, or a list of strings or dicts, got {_kind(source)}")
+
+
+def _format_of(record: Any, where: str) -> str:
+    if not isinstance(record, dict):
+        raise DatasetError(f"{where}: expected an object (a dict), got {_kind(record)}")
+    found = [fmt for fmt, keys in _KEYS.items() if any(k in record for k in keys)]
+    if not found:
+        raise DatasetError(f"{where}: unknown record format, keys {sorted(map(str, record))}; expected 'text', "
+                           "'prompt' and 'completion', or 'messages'")
+    if len(found) > 1:
+        raise DatasetError(f"{where}: the record mixes the {found[0]} and {found[1]} formats "
+                           f"(keys {sorted(map(str, record))})")
+    for key in _KEYS[found[0]]:
+        if key not in record:
+            raise DatasetError(f"{where}: a {found[0]} record needs {' and '.join(map(repr, _KEYS[found[0]]))}; "
+                               f"{key!r} is missing")
+        if found[0] != "chat" and not isinstance(record[key], str):
+            raise DatasetError(f"{where}: '{key}' must be a string, got {_kind(record[key])}")
+    return found[0]
+
+
+# ---- records -> samples -----------------------------------------------------------------------------
+
+class _Loader:
+    def __init__(self, model, report: DataReport, max_seq_length: int, truncation: str, train_on_prompt: bool,
+                 chat_template: str | None):
+        self.model, self.report, self.tok = model, report, Tokenizer(model)
+        self.max_seq_length, self.truncation, self.train_on_prompt = max_seq_length, truncation, train_on_prompt
+        self.chat_template, self._template = chat_template, None
+        self.samples: list[Sample] = []
+
+    def template(self, where: str) -> ChatTemplate:
+        if self._template is None:
+            source, origin = self.chat_template, "the given chat template"
+            if source is None:
+                from .gguf_header import read_header
+
+                source = read_header(self.model.path).get("tokenizer.chat_template")
+                origin = f"the chat template of {Path(self.model.path).name}"
+                if not isinstance(source, str) or not source:
+                    raise DatasetError(f"{where}: chat data needs a chat template, and {self.model.path} has no "
+                                       "tokenizer.chat_template; pass one (chat_template=)")
+            self._template = ChatTemplate(source, self.tok.bos_text, self.tok.eos_text, origin)
+        return self._template
+
+    def record(self, fmt: str, record: dict, where: str) -> None:
+        tok = self.tok
+        if fmt == "text":
+            if not record["text"]:
+                self.report._skip("empty text")
+                return
+            tokens, mask = tok.encode(record["text"], None, where)
+            tokens, mask = tokens + tok.eos, np.concatenate([mask, np.ones(len(tok.eos), bool)])
+        elif fmt == "completion":
+            text = record["prompt"] + record["completion"]
+            span = (0 if self.train_on_prompt else len(record["prompt"]), len(text))
+            tokens, mask = tok.encode(text, [span], where)
+            tokens, mask = tokens + tok.eos, np.concatenate([mask, np.ones(len(tok.eos), bool)])
+        else:
+            messages = check_messages(record["messages"], where)
+            text, spans = render_with_spans(self.template(where), messages, where)
+            tokens, mask = tok.encode(text, [(0, len(text))] if self.train_on_prompt else spans, where)
+        self.add(tokens, mask)
+
+    def add(self, tokens: Sequence[int], mask: np.ndarray) -> None:
+        mask = mask.copy()
+        mask[:1] = False
+        if not mask.any():
+            self.report._skip("no supervised token")
+            return
+        if len(tokens) > self.max_seq_length:
+            tokens, mask = tokens[:self.max_seq_length], mask[:self.max_seq_length]
+            if self.truncation == "drop" or not mask.any():
+                self.report.n_dropped += 1
+                return
+            self.report.n_truncated += 1
+        self.samples.append(Sample(np.asarray(tokens, dtype=np.int32), mask))
+
+    def text_stream(self, lines: Iterator[tuple[str, str]]) -> None:
+        """Tokenize a .txt file block by block and cut the stream into windows."""
+        ids: list[int] = []
+        block: list[str] = []
+        size = 0
+        where = ""
+        for where, line in lines:
+            self.report.n_records += 1
+            block.append(line)
+            size += len(line)
+            if size >= TXT_BLOCK_BYTES:
+                ids += self.tok.encode("".join(block), None, where, add_bos=False)[0]
+                block, size = [], 0
+        if block:
+            ids += self.tok.encode("".join(block), None, where, add_bos=False)[0]
+        bos = self.tok.bos_prefix
+        if ids[:len(bos)] == bos:
+            ids = ids[len(bos):]      # the text began with the BOS string; each window gets its own
+        n = self.max_seq_length - 1   # targets per window
+        for i in range(0, max(len(ids) - (0 if bos else 1), 0), n):
+            window = bos + ids[i:i + n] if bos else ids[i:i + n + 1]
+            self.add(window, np.ones(len(window), dtype=bool))
+
+
+def _check_args(max_seq_length: int, truncation: str, model) -> None:
+    if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 2:
+        raise InvalidArgumentError(f"max_seq_length={max_seq_length!r}: must be an integer >= 2")
+    n_ctx = getattr(model, "n_ctx", None)
+    if n_ctx is not None and max_seq_length > n_ctx:
+        raise ContextLengthError(f"max_seq_length={max_seq_length} is longer than the model's n_ctx={n_ctx} "
+                                 "(pass n_ctx= to BaseModel.load)")
+    if truncation not in TRUNCATION:
+        raise InvalidArgumentError(f"truncation={truncation!r}: must be one of {', '.join(TRUNCATION)}")
+
+
+def load_dataset(source, model, *, max_seq_length: int, truncation: str = "truncate", train_on_prompt: bool = False,
+                 chat_template: str | None = None, split: str = "train") -> tuple[list[Sample], DataReport]:
+    """Read and tokenize ``source``: a .txt or .jsonl file, a folder (its ``{split}.jsonl``), a list
+    of strings (text documents) or a list of dicts (records). Errors are DatasetError naming the file
+    and line, or the list index."""
+    _check_args(max_seq_length, truncation, model)
+    if split not in SPLITS:
+        raise InvalidArgumentError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise InvalidArgumentError(f"chat_template: expected a Jinja template string, got {_kind(chat_template)}")
+    label, kind, items = _open(source, split)
+    report = DataReport(label, "text")
+    loader = _Loader(model, report, max_seq_length, truncation, bool(train_on_prompt), chat_template)
+    if kind == "txt":
+        loader.text_stream(items)
+    else:
+        first = None                  # (format, where) of the first record
+        for where, record in items:
+            if record is None:
+                report._skip("blank line")
+                continue
+            fmt = _format_of(record, where)
+            if first is None:
+                first = (fmt, where)
+                report.format = fmt
+            elif fmt != first[0]:
+                raise DatasetError(f"{where}: a {fmt} record, but {first[1]} is a {first[0]} record; "
+                                   "a dataset holds one format")
+            report.n_records += 1
+            loader.record(fmt, record, where)
+    samples = loader.samples
+    if not samples:
+        why = "no records" if report.n_records == 0 else f"none of its {report.n_records} records gave a sample"
+        raise DatasetError(f"{label}: empty dataset ({why}; dropped {report.n_dropped}, skipped {report.skipped})")
+    _count(report, samples)
+    return samples, report
+
+
+def _count(report: DataReport, samples: list[Sample]) -> DataReport:
+    report.n_samples = len(samples)
+    report.n_tokens = sum(len(s.tokens) for s in samples)
+    report.n_supervised = int(sum(int(s.mask.sum()) for s in samples))
+    return report
+
+
+def load_splits(source, model, *, valid=None, valid_fraction: float = 0.0, seed: int = 0,
+                **kw) -> tuple[list[Sample], list[Sample], dict[str, DataReport]]:
+    """(train samples, validation samples, {"train": report, "valid": report}).
+
+    The validation set is the folder's valid.jsonl, or ``valid`` (any source load_dataset takes), or a
+    seeded ``valid_fraction`` of the samples (each split keeps the source's order); at most one of
+    them. Without any, it is empty and the reports have no "valid". A folder's test.jsonl is not read
+    here: load_dataset(folder, split="test").
+    """
+    if isinstance(valid_fraction, bool) or not isinstance(valid_fraction, (int, float)) or not 0 <= valid_fraction < 1:
+        raise InvalidArgumentError(f"valid_fraction={valid_fraction!r}: must be in [0, 1)")
+    folder_valid = isinstance(source, (str, os.PathLike)) and (Path(source) / "valid.jsonl").is_file()
+    given = [name for name, on in (("the folder's valid.jsonl", folder_valid), ("valid=", valid is not None),
+                                   ("valid_fraction=", valid_fraction > 0)) if on]
+    if len(given) > 1:
+        raise InvalidArgumentError(f"validation data is given twice: {' and '.join(given)}; keep one")
+    train, report = load_dataset(source, model, **kw)
+    reports = {"train": report}
+    if folder_valid:
+        valid_samples, reports["valid"] = load_dataset(source, model, split="valid", **kw)
+    elif valid is not None:
+        valid_samples, reports["valid"] = load_dataset(valid, model, **kw)
+    elif valid_fraction > 0:
+        n_valid = max(1, round(len(train) * valid_fraction))
+        if n_valid >= len(train):
+            raise DatasetError(f"{report.source}: {len(train)} samples are too few to hold out "
+                               f"valid_fraction={valid_fraction}")
+        order = np.random.default_rng(seed).permutation(len(train))
+        held = set(order[:n_valid].tolist())
+        valid_samples = [s for i, s in enumerate(train) if i in held]
+        train = [s for i, s in enumerate(train) if i not in held]
+        note = f" (held out {valid_fraction:g}, seed {seed})"
+        reports = {"train": _count(replace(report, source=report.source + note, skipped=dict(report.skipped)), train),
+                   "valid": _count(replace(report, source=report.source + note, skipped=dict(report.skipped)),
+                                   valid_samples)}
+    else:
+        valid_samples = []
+    return train, valid_samples, reports
+
+
+# ---- samples -> rows -> batches ---------------------------------------------------------------------
+
+def make_rows(samples: Sequence[Sample], *, max_seq_length: int, packing: bool, seed: int = 0) -> list[Row]:
+    """One row per sample (in order), or with ``packing`` samples packed greedily, in a seeded shuffled
+    order, into rows of at most max_seq_length tokens; attention stays inside each sample."""
+    for i, s in enumerate(samples):
+        if len(s.tokens) > max_seq_length:
+            raise InvalidArgumentError(f"samples[{i}] has {len(s.tokens)} tokens, more than "
+                                       f"max_seq_length={max_seq_length}")
+    if not packing:
+        return [Row(s.tokens, s.mask, None) for s in samples]
+    rows: list[Row] = []
+    group: list[Sample] = []
+    length = 0
+    for i in np.random.default_rng(seed).permutation(len(samples)):
+        s = samples[i]
+        if group and length + len(s.tokens) > max_seq_length:
+            rows.append(_pack(group))
+            group, length = [], 0
+        group.append(s)
+        length += len(s.tokens)
+    if group:
+        rows.append(_pack(group))
+    return rows
+
+
+def _pack(group: list[Sample]) -> Row:
+    if len(group) == 1:
+        return Row(group[0].tokens, group[0].mask, None)
+    segments = np.repeat(np.arange(len(group), dtype=np.int32), [len(s.tokens) for s in group])
+    return Row(np.concatenate([s.tokens for s in group]), np.concatenate([s.mask for s in group]), segments)
+
+
+def collate(rows: Sequence[Row], model=None) -> Batch:
+    """A Batch of ``rows`` padded to the longest, with the model's EOS (token 0 without a model).
+
+    Padding is a segment of its own and never a target, nor is the first token of any segment.
+    loss_rows are the flattened positions (row * T + t - 1) that predict the targets t, ascending.
+    """
+    if not rows:
+        raise InvalidArgumentError("collate: no rows")
+    n, T = len(rows), max(len(r.tokens) for r in rows)
+    pad = 0
+    if model is not None:
+        eos = model._llama_vocab().token_eos()
+        pad = eos if eos >= 0 else 0
+    tokens = np.full((n, T), pad, dtype=np.int32)        # (n_seq, n_tokens)
+    mask = np.zeros((n, T), dtype=bool)
+    need_segments = any(r.segments is not None or len(r.tokens) < T for r in rows)
+    segments = np.zeros((n, T), dtype=np.int32) if need_segments else None
+    for i, r in enumerate(rows):
+        L = len(r.tokens)
+        tokens[i, :L], mask[i, :L] = r.tokens, r.mask
+        if segments is not None:
+            seg = np.zeros(L, np.int32) if r.segments is None else r.segments
+            segments[i, :L] = seg
+            segments[i, L:] = int(seg.max()) + 1 if L else 0
+    mask[:, 0] = False
+    if segments is not None:
+        mask[:, 1:] &= segments[:, 1:] == segments[:, :-1]
+    seq, pos = np.nonzero(mask)
+    if len(seq) == 0:
+        raise InvalidArgumentError("collate: the rows have no supervised token")
+    return Batch(tokens, segments, loss_rows=seq * T + pos - 1, labels=tokens[seq, pos])
