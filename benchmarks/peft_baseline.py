@@ -1,0 +1,204 @@
+"""The PyTorch + PEFT side of the comparison: bench_train.py's configurations, tokens and optimizer, on torch.
+
+    python benchmarks/peft_baseline.py [--model PATH] [--threads N] [--steps 4] [--warmup 1] [--config NAME ...]
+    python benchmarks/peft_baseline.py --quality [--quality-steps 30] [--threads N]
+
+The base model is the same GGUF file, loaded by transformers' GGUF support, which dequantizes every weight
+to float32 (ggml-lora keeps the file's quantized blocks). LoRA is PEFT's (r, lora_alpha = 2r, the same
+target modules, lora_dropout 0); the optimizer is torch.optim.AdamW with ggml-lora's betas, eps and weight
+decay, after clipping the gradient norm to 1.0 as bench_train.py does. The loss is the mean next-token
+cross-entropy over every position but the first of each sequence, as ggml-lora's loss_batch.
+
+Each configuration runs in a fresh process, so peak RSS is that configuration's. It is the process's
+high-water mark (ru_maxrss), model loading included, as bench_train.py reports it; `load_peak_rss_mib`
+is the same mark taken after loading and wrapping the model, before the first step, and
+`run_peak_rss_mib` the peak of the training and evaluation alone (Linux; null elsewhere).
+
+--quality trains the quality setting of quality_ours.py from ggml-lora's own initial adapter (exported to
+a PEFT folder, so both sides start from identical A and B) and prints the validation loss before/after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench_train import CONFIGS, Config, default_model, peak_rss_mib
+from ggml_lora.training import TrainingContext
+
+os.environ.setdefault("TQDM_DISABLE", "1")     # transformers' GGUF dequantization bar; read when tqdm is imported
+
+# bench_train.run's learning rate and clipping; betas, eps and weight decay are TrainingContext.step's defaults
+LEARNING_RATE = 1e-4
+MAX_GRAD_NORM = 1.0
+_STEP_DEFAULTS = inspect.signature(TrainingContext.step).parameters
+BETAS, EPS, WEIGHT_DECAY = (_STEP_DEFAULTS[k].default for k in ("betas", "eps", "weight_decay"))
+
+
+def bench_tokens(n_vocab: int, cfg: Config, n_steps: int) -> np.ndarray:
+    """bench_train.run's draw (seed 0, same shape), so both sides train on identical ids: (n_steps, B, T)."""
+    return np.random.default_rng(0).integers(0, n_vocab, (n_steps, cfg.batch, cfg.length))
+
+
+def load_hf(path: Path):
+    """The GGUF as a float32 transformers model (q/k rows un-permuted back to Hugging Face's order)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+
+
+def train_step(model, optimizer, params, ids, max_grad_norm: float) -> float:
+    """Forward + backward + clip + AdamW; returns the mean next-token cross-entropy before the update."""
+    import torch
+
+    loss = model(input_ids=ids, labels=ids).loss        # HF shifts the labels: mean over B·(T-1) tokens
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def eval_loss(model, ids) -> float:
+    import torch
+
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+def adamw(model, learning_rate: float):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return params, torch.optim.AdamW(params, lr=learning_rate, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so run_peak_rss_mib covers what follows; Linux only."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def vm_hwm_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def run(path: Path, cfg: Config, steps: int, warmup: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=list(cfg.targets), lora_dropout=0.0,
+                      bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(load_hf(path), lora)
+    model.train()
+    load_peak = peak_rss_mib()
+    hwm = reset_peak_rss()
+    tokens = torch.from_numpy(bench_tokens(model.config.vocab_size, cfg, steps + warmup))   # (steps, B, T) int64
+    params, optimizer = adamw(model, LEARNING_RATE)
+    times = []
+    for i in range(steps + warmup):
+        t0 = time.perf_counter()
+        loss = train_step(model, optimizer, params, tokens[i], MAX_GRAD_NORM)
+        times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    eval_loss(model, tokens[0])
+    eval_s = time.perf_counter() - t0
+    step_s = float(np.mean(times[warmup:]))
+    n = cfg.batch * cfg.length
+    return {"config": cfg.name, "rank": cfg.rank, "targets": list(cfg.targets), "batch": cfg.batch,
+            "length": cfg.length, "steps": steps, "step_s": round(step_s, 3),
+            "train_tokens_per_s": round(n / step_s, 1), "eval_tokens_per_s": round(n / eval_s, 1),
+            # clear_refs lowers ru_maxrss too: the process peak is the larger of the two marks
+            "last_loss": round(loss, 4), "peak_rss_mib": round(max(load_peak, peak_rss_mib()), 1),
+            "load_peak_rss_mib": round(load_peak, 1), "run_peak_rss_mib": round(vm_hwm_mib(), 1) if hwm else None}
+
+
+def quality(path: Path, steps: int, threads: int | None) -> dict:
+    """quality_ours.py's run, on PEFT, from ggml-lora's initial adapter and tokens."""
+    import torch
+    from peft import PeftModel
+
+    from ggml_lora import BaseModel
+    from ggml_lora.peft import export_peft
+    from quality_ours import LEARNING_RATE as Q_LR, MAX_GRAD_NORM as Q_CLIP, QUALITY, initial_adapter, quality_tokens
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with BaseModel.load(path, n_threads=threads, n_ctx=QUALITY.length) as gm:
+            train, valid = quality_tokens(gm, steps)
+            with initial_adapter(gm) as adapter:
+                export_peft(adapter, tmp)
+        model = PeftModel.from_pretrained(load_hf(path), tmp, is_trainable=True)
+    train, valid = torch.from_numpy(train).long(), torch.from_numpy(valid).long()
+    params, optimizer = adamw(model, Q_LR)
+    model.train()
+    before = eval_loss(model, valid)
+    losses = [train_step(model, optimizer, params, train[i], Q_CLIP) for i in range(steps)]
+    after = eval_loss(model, valid)
+    return {"impl": "peft", "quality": QUALITY.name, "steps": steps, "learning_rate": Q_LR,
+            "valid_loss_before": round(before, 5), "valid_loss_after": round(after, 5),
+            "train_loss_first": round(losses[0], 5), "train_loss_last": round(losses[-1], 5)}
+
+
+def header(path: Path, threads: int | None) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    return {"model": path.name, "device": "cpu", "threads": threads, "machine": platform.machine(),
+            "python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "impl": "peft"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--config", "--configs", dest="config", action="extend", nargs="+", choices=sorted(CONFIGS))
+    ap.add_argument("--quality", action="store_true", help="the validation-loss check instead of throughput")
+    ap.add_argument("--quality-steps", type=int, default=30)
+    ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)   # one configuration, here
+    args = ap.parse_args()
+    path = args.model or default_model()
+    if args.quality or args.in_process:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.quality:
+            print(json.dumps(quality(path, args.quality_steps, args.threads)), flush=True)
+        else:
+            for name in args.config:
+                print(json.dumps(header(path, args.threads) | run(path, CONFIGS[name], args.steps, args.warmup)),
+                      flush=True)
+        return
+    for name in args.config or sorted(CONFIGS):
+        cmd = [sys.executable, __file__, "--in-process", "--config", name, "--model", str(path),
+               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        subprocess.run(cmd, check=True)
+
+
+if __name__ == "__main__":
+    main()
