@@ -109,13 +109,15 @@ float read_scalar(const ggml_tensor * t) {
 
 // Runs a graph; with `measure` set only plans its allocation and keeps the largest compute buffer.
 struct executor {
-    glora_model * m;
-    size_t      * measure;
+    glora_model        * m;
+    size_t             * measure;
+    ggml_backend_sched_t plan;      // a scheduler of its own for measuring: a no-alloc plan left in the
+                                    // model's scheduler makes its next allocation reuse a buffer it never made
 
     template <class F> int32_t operator()(ggml_cgraph * gf, F && set_inputs) {
         if (measure) {
             std::vector<size_t> sizes(m->be.backends.size(), 0);
-            ggml_backend_sched_reserve_size(m->sched, gf, sizes.data());
+            ggml_backend_sched_reserve_size(plan, gf, sizes.data());
             size_t total = 0;
             for (size_t s : sizes) total += s;
             *measure = std::max(*measure, total);
@@ -137,7 +139,7 @@ glora_graph_options training_options(const glora_trainer * t) {
 }
 
 int32_t backward_one_graph(glora_trainer * t, const glora_batch * batch, float loss_weight, uint64_t dropout_seed,
-                           double * out_loss_sum, size_t * measure) {
+                           double * out_loss_sum, size_t * measure, ggml_backend_sched_t plan) {
     glora_model * m = t->adapter->model;
     graph_ctx g(m->graph_size);
     glora_graph_inputs in;
@@ -147,7 +149,7 @@ int32_t backward_one_graph(glora_trainer * t, const glora_batch * batch, float l
     ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, m->graph_size, true);
     ggml_build_forward_expand(gf, loss);
     ggml_tensor * seed = build_backward(m, g.ctx, gf, loss, accumulators(t));
-    int32_t rc = executor{m, measure}(gf, [&] {
+    int32_t rc = executor{m, measure, plan}(gf, [&] {
         glora_graph_set_inputs(m, batch, in, dropout_seed);
         set_one(seed);
     });
@@ -203,14 +205,14 @@ int64_t head_chunk_rows(const glora_model * m) {
 }
 
 int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, float loss_weight, uint64_t dropout_seed,
-                              double * out_loss_sum, size_t * measure) {
+                              double * out_loss_sum, size_t * measure, ggml_backend_sched_t plan) {
     glora_model * m = t->adapter->model;
     const int n_layer = m->hp.n_layer;
     int32_t rc = ensure_checkpoints(t, (int64_t) batch->n_seq * batch->n_tokens);
     if (rc) return rc;
     glora_host_inputs host;
     if (!measure) glora_host_inputs_build(batch, batch->n_tokens, &host);
-    executor exec{m, measure};
+    executor exec{m, measure, plan};
     const glora_graph_options base = training_options(t);
 
     // forward: x_0 = the token embeddings, x_{i+1} = block_i(x_i); nothing else is kept
@@ -304,8 +306,16 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
 
 int32_t glora_trainer_backward(glora_trainer * trainer, const glora_batch * batch, float loss_weight,
                                uint64_t dropout_seed, double * out_loss_sum, size_t * measure) {
-    if (trainer->params.gradient_checkpointing) {
-        return backward_checkpointed(trainer, batch, loss_weight, dropout_seed, out_loss_sum, measure);
+    glora_model * m = trainer->adapter->model;
+    ggml_backend_sched_t plan = nullptr;
+    if (measure) {
+        plan = ggml_backend_sched_new(m->be.backends.data(), m->be.bufts.data(), (int) m->be.backends.size(),
+                                      m->graph_size, false, true);
+        if (!plan) return glora_fail(GLORA_ERR_BACKEND, "could not create a scheduler to measure with");
     }
-    return backward_one_graph(trainer, batch, loss_weight, dropout_seed, out_loss_sum, measure);
+    const int32_t rc = trainer->params.gradient_checkpointing
+        ? backward_checkpointed(trainer, batch, loss_weight, dropout_seed, out_loss_sum, measure, plan)
+        : backward_one_graph(trainer, batch, loss_weight, dropout_seed, out_loss_sum, measure, plan);
+    if (plan) ggml_backend_sched_free(plan);
+    return rc;
 }
