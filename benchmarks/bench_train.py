@@ -35,6 +35,7 @@ class Config:
     targets: tuple[str, ...]
     batch: int
     length: int
+    checkpointing: bool = False     # gradient checkpointing: recompute blocks in the backward
 
 
 CONFIGS = {c.name: c for c in (
@@ -42,6 +43,8 @@ CONFIGS = {c.name: c for c in (
     Config("r8-qv-1x512", 8, ("q_proj", "v_proj"), 1, 512),
     Config("r16-all-4x256", 16, ALL, 4, 256),
     Config("r16-all-1x512", 16, ALL, 1, 512),
+    Config("r8-qv-4x512", 8, ("q_proj", "v_proj"), 4, 512),
+    Config("r8-qv-1x2048-gc", 8, ("q_proj", "v_proj"), 1, 2048, checkpointing=True),
 )}
 
 
@@ -60,7 +63,7 @@ def run(model: BaseModel, cfg: Config, steps: int, warmup: int) -> dict:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model.n_vocab, (steps + warmup, cfg.batch, cfg.length))
     with Adapter.init(model, LoRAConfig(rank=cfg.rank, alpha=2 * cfg.rank, target_modules=cfg.targets)) as ad:
-        with TrainingContext(ad) as ctx:
+        with TrainingContext(ad, gradient_checkpointing=cfg.checkpointing) as ctx:
             times = []
             for i in range(steps + warmup):
                 t0 = time.perf_counter()
@@ -72,7 +75,7 @@ def run(model: BaseModel, cfg: Config, steps: int, warmup: int) -> dict:
     step_s = float(np.mean(times[warmup:]))
     n = cfg.batch * cfg.length
     return {"config": cfg.name, "rank": cfg.rank, "targets": list(cfg.targets), "batch": cfg.batch,
-            "length": cfg.length, "steps": steps, "step_s": round(step_s, 3),
+            "length": cfg.length, "gradient_checkpointing": cfg.checkpointing, "steps": steps, "step_s": round(step_s, 3),
             "train_tokens_per_s": round(n / step_s, 1), "eval_tokens_per_s": round(n / eval_s, 1),
             "last_loss": round(res.loss, 4), "peak_rss_mib": round(peak_rss_mib(), 1)}
 

@@ -29,7 +29,7 @@
 #  define GLORA_API
 #endif
 
-#define GLORA_ABI_VERSION 1
+#define GLORA_ABI_VERSION 2
 
 #ifdef __cplusplus
 extern "C" {
@@ -181,6 +181,10 @@ enum glora_optimizer {
 typedef struct glora_trainer_params {
     int32_t optimizer;           /* enum glora_optimizer                                          */
     float   dropout;             /* LoRA dropout on the input of A, in [0, 1)                     */
+    int32_t gradient_checkpointing; /* != 0: keep only block inputs and recompute each block in the
+                                       backward (memory of one block instead of all; about one more
+                                       forward pass of compute); the LM head and loss then run over
+                                       chunks of loss rows                                          */
 } glora_trainer_params;
 
 /* Per optimizer step, from Python's schedule. */
@@ -202,6 +206,18 @@ GLORA_API void    glora_trainer_free(glora_trainer * trainer);
  * optimizer step). dropout_seed picks the dropout masks. out_loss_sum gets the unweighted sum. */
 GLORA_API int32_t glora_trainer_accumulate(glora_trainer * trainer, const glora_batch * batch, float loss_weight,
                                            uint64_t dropout_seed, double * out_loss_sum);
+/* Memory of one accumulate call for a batch of n_seq x n_tokens with n_loss supervised rows, from the
+ * sizes of the tensors and ggml's allocation plan of the very graphs the call builds (nothing runs). */
+typedef struct glora_memory {
+    uint64_t weights;            /* the base model's weights as stored                            */
+    uint64_t transposed;         /* working copies of the weights for the backward product        */
+    uint64_t adapter;            /* LoRA A and B                                                   */
+    uint64_t optimizer;          /* gradient accumulators and AdamW moments                        */
+    uint64_t checkpoints;        /* block inputs and gradient buffers (gradient checkpointing)     */
+    uint64_t compute;            /* the largest compute buffer of the call's graphs                */
+} glora_memory;
+GLORA_API int32_t glora_trainer_measure(glora_trainer * trainer, int32_t n_seq, int32_t n_tokens, int32_t n_loss,
+                                        glora_memory * out);
 /* L2 norm over all accumulated gradients */
 GLORA_API int32_t glora_trainer_grad_norm(glora_trainer * trainer, double * out_norm);
 /* one optimizer update from the accumulated gradients, which are then zeroed */

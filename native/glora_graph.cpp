@@ -13,6 +13,7 @@ struct builder {
     const glora_batch         * batch;
     const glora_graph_options & opt;
     glora_graph_inputs        * in;
+    int64_t                     mask_row0 = 0;   // first row of x in the batch, for dropout masks
 
     // y = W·x + Σ_adapters s·(alpha/rank)·B·(A·dropout(x)), in build_lora_mm's op order.
     // w: ne = [n_in, n_out]; x: ne = [n_in, N]; y: ne = [n_out, N]
@@ -31,6 +32,7 @@ struct builder {
                 ggml_set_input(mask);
                 in->dropout.push_back(mask);
                 in->dropout_salt.push_back((uint64_t) (p - aa.adapter->pairs.data()) + 1);
+                in->dropout_offset.push_back((uint64_t) (mask_row0 * x->ne[0]));
                 xin = ggml_mul(ctx, x, mask);
             }
             ggml_tensor * ax = ggml_mul_mat(ctx, p->a, xin);   // [rank, N]
@@ -117,21 +119,28 @@ struct builder {
 
     ggml_tensor * build(bool rows_only) {
         const int64_t T = batch->n_tokens, S = batch->n_seq, N = T * S;
-        in->tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, N);
-        ggml_set_name(in->tokens, "tokens");
-        ggml_set_input(in->tokens);
-        in->positions = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, N);
-        ggml_set_name(in->positions, "positions");
-        ggml_set_input(in->positions);
-        const int64_t n_kv = opt.pad_kv ? (T + GLORA_KV_PAD - 1) / GLORA_KV_PAD * GLORA_KV_PAD : T;
-        in->mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, T, 1, S);
-        ggml_set_name(in->mask, "kq_mask");
-        ggml_set_input(in->mask);
+        const int32_t l0 = opt.layer_begin;
+        const int32_t l1 = opt.layer_end < 0 ? m->hp.n_layer : opt.layer_end;
+        if (l0 < l1) {
+            in->positions = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, N);
+            ggml_set_name(in->positions, "positions");
+            ggml_set_input(in->positions);
+            const int64_t n_kv = opt.pad_kv ? (T + GLORA_KV_PAD - 1) / GLORA_KV_PAD * GLORA_KV_PAD : T;
+            in->mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, T, 1, S);
+            ggml_set_name(in->mask, "kq_mask");
+            ggml_set_input(in->mask);
+        }
         in->dropout_p = opt.dropout;
 
-        ggml_tensor * x = ggml_get_rows(ctx, m->tok_embd, in->tokens);    // [n_embd, N]
-        ggml_set_name(x, "embd");
-        for (int il = 0; il < m->hp.n_layer; ++il) {
+        ggml_tensor * x = opt.x_in;
+        if (!x) {
+            in->tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, N);
+            ggml_set_name(in->tokens, "tokens");
+            ggml_set_input(in->tokens);
+            x = ggml_get_rows(ctx, m->tok_embd, in->tokens);    // [n_embd, N]
+            ggml_set_name(x, "embd");
+        }
+        for (int il = l0; il < l1; ++il) {
             const glora_layer & L = m->layers[(size_t) il];
             ggml_tensor * h = attention(L, rms_norm(x, L.attn_norm), il);
             x = ggml_add(ctx, x, h);
@@ -139,6 +148,7 @@ struct builder {
             x = ggml_add(ctx, x, h);
             ggml_format_name(x, "block_out.%d", il);
         }
+        if (!opt.head) return x;
         if (rows_only) {
             // only the supervised rows reach the LM head: [n_embd, n_loss]
             in->loss_rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, batch->n_loss);
@@ -147,6 +157,7 @@ struct builder {
             x = ggml_get_rows(ctx, x, in->loss_rows);
         }
         x = rms_norm(x, m->output_norm);
+        mask_row0 = opt.loss_row0;
         ggml_tensor * logits = lora_mm(m->output, x);                     // [n_vocab, N or n_loss]
         ggml_set_name(logits, "logits");
         return logits;
@@ -204,38 +215,52 @@ int32_t glora_validate_batch(const glora_model * model, const glora_batch * batc
     return GLORA_OK;
 }
 
-void glora_graph_set_inputs(const glora_model * model, const glora_batch * batch, const glora_graph_inputs & in,
-                            uint64_t dropout_seed) {
-    const int64_t T = batch->n_tokens, S = batch->n_seq, N = T * S;
-    ggml_backend_tensor_set(in.tokens, batch->tokens, 0, (size_t) N * sizeof(int32_t));
-
+void glora_host_inputs_build(const glora_batch * batch, int64_t n_kv, glora_host_inputs * out) {
     // positions restart at every new segment; attention is causal and stays inside a segment
-    std::vector<int32_t> pos((size_t) N);
-    const int64_t n_kv = in.mask->ne[0];
-    std::vector<float>   mask((size_t) (n_kv * T * S), -INFINITY);
+    const int64_t T = batch->n_tokens, S = batch->n_seq, N = T * S;
+    out->n_kv = n_kv;
+    out->pos.assign((size_t) N, 0);
+    out->mask.assign((size_t) (n_kv * T * S), -INFINITY);
     for (int64_t s = 0; s < S; ++s) {
         const int32_t * seg = batch->segments ? batch->segments + s * T : nullptr;
         int32_t p = 0;
         for (int64_t t = 0; t < T; ++t) {
             if (seg && t > 0 && seg[t] != seg[t - 1]) p = 0;
-            pos[(size_t) (s * T + t)] = p++;
-            float * row = mask.data() + (s * T + t) * n_kv;   // query t, keys 0..n_kv-1
+            out->pos[(size_t) (s * T + t)] = p++;
+            float * row = out->mask.data() + (s * T + t) * n_kv;   // query t, keys 0..n_kv-1
             for (int64_t j = 0; j <= t; ++j) {
                 if (!seg || seg[j] == seg[t]) row[j] = 0.0f;
             }
         }
     }
-    ggml_backend_tensor_set(in.positions, pos.data(), 0, pos.size() * sizeof(int32_t));
-    ggml_backend_tensor_set(in.mask, mask.data(), 0, mask.size() * sizeof(float));
+}
+
+void glora_graph_set_inputs(const glora_model * model, const glora_batch * batch, const glora_graph_inputs & in,
+                            uint64_t dropout_seed, const glora_host_inputs * host) {
+    const int64_t N = (int64_t) batch->n_tokens * batch->n_seq;
+    if (in.tokens) ggml_backend_tensor_set(in.tokens, batch->tokens, 0, (size_t) N * sizeof(int32_t));
+    if (in.mask) {
+        glora_host_inputs own;
+        if (!host || host->n_kv != in.mask->ne[0]) {
+            glora_host_inputs_build(batch, in.mask->ne[0], &own);
+            host = &own;
+        }
+        ggml_backend_tensor_set(in.positions, host->pos.data(), 0, host->pos.size() * sizeof(int32_t));
+        ggml_backend_tensor_set(in.mask, host->mask.data(), 0, host->mask.size() * sizeof(float));
+    }
 
     if (in.loss_rows) {
         ggml_backend_tensor_set(in.loss_rows, batch->loss_rows, 0, (size_t) batch->n_loss * sizeof(int32_t));
     }
     if (in.labels) {
+        // one-hot [n_vocab, n_loss] written in place: a host copy would be n_vocab·n_loss floats (200 MB
+        // for 1024 rows of a 49k vocabulary) on top of the graph's own
         const int64_t V = model->n_vocab;
-        std::vector<float> onehot((size_t) (V * batch->n_loss), 0.0f);
-        for (int32_t i = 0; i < batch->n_loss; ++i) onehot[(size_t) (i * V + batch->labels[i])] = 1.0f;
-        ggml_backend_tensor_set(in.labels, onehot.data(), 0, onehot.size() * sizeof(float));
+        const float one = 1.0f;
+        ggml_backend_tensor_memset(in.labels, 0, 0, ggml_nbytes(in.labels));
+        for (int32_t i = 0; i < batch->n_loss; ++i) {
+            ggml_backend_tensor_set(in.labels, &one, (size_t) (i * V + batch->labels[i]) * sizeof(float), sizeof(float));
+        }
     }
     if (!in.dropout.empty()) {
         const float p = in.dropout_p, keep = 1.0f / (1.0f - p);
@@ -246,7 +271,7 @@ void glora_graph_set_inputs(const glora_model * model, const glora_batch * batch
             buf.resize((size_t) ggml_nelements(t));
             const uint64_t base = mix64(dropout_seed ^ mix64(in.dropout_salt[i]));
             for (size_t e = 0; e < buf.size(); ++e) {
-                buf[e] = mix64(base + e) >= threshold ? keep : 0.0f;
+                buf[e] = mix64(base + in.dropout_offset[i] + e) >= threshold ? keep : 0.0f;
             }
             ggml_backend_tensor_set(t, buf.data(), 0, buf.size() * sizeof(float));
         }

@@ -131,6 +131,7 @@ struct glora_graph_inputs {
     ggml_tensor * labels    = nullptr;      // F32 [n_vocab, n_loss] one-hot
     std::vector<ggml_tensor *> dropout;     // F32 masks, one per LoRA pair input when dropout > 0
     std::vector<uint64_t>      dropout_salt;
+    std::vector<uint64_t>      dropout_offset;  // of element 0 in the mask of the whole batch
     float                      dropout_p = 0.0f;
 };
 
@@ -143,7 +144,26 @@ struct glora_graph_options {
     // Give every query head its own copy of K and V instead of broadcasting the shared KV heads: the
     // backward of a broadcast mul_mat only supports one sequence (ggml.c, GGML_OP_MUL_MAT backward).
     bool  expand_gqa = false;
+    // A slice of the model, for gradient checkpointing: blocks [layer_begin, layer_end) (layer_end < 0:
+    // all), starting from x_in ne = [n_embd, n_seq*n_tokens] instead of the token embeddings when set,
+    // and ending at the last block's output instead of the logits when head is false.
+    int32_t       layer_begin = 0;
+    int32_t       layer_end   = -1;
+    ggml_tensor * x_in        = nullptr;
+    bool          head        = true;
+    // The loss rows are batch rows [loss_row0, loss_row0 + n_loss) of a larger batch (the head in
+    // chunks): the head's dropout mask is then that slice of the whole batch's mask.
+    int64_t       loss_row0   = 0;
 };
+
+// Positions and attention mask of one batch on the host, built once and uploaded into every graph of a
+// step (gradient checkpointing runs two graphs per block).
+struct glora_host_inputs {
+    std::vector<int32_t> pos;               // [n_seq*n_tokens]
+    std::vector<float>   mask;              // [n_kv, n_tokens, 1, n_seq]
+    int64_t              n_kv = 0;
+};
+void glora_host_inputs_build(const glora_batch * batch, int64_t n_kv, glora_host_inputs * out);
 
 constexpr int64_t GLORA_KV_PAD = 256;       // llama_kv_cache::get_n_kv pads to max(n_pad, 256)
 
@@ -153,9 +173,9 @@ ggml_tensor * glora_build_forward(ggml_context * ctx, const glora_model * model,
                                   const glora_graph_options & opt, bool rows_only, glora_graph_inputs * in);
 // Cross-entropy summed over the loss rows, times `weight`: a scalar.
 ggml_tensor * glora_build_loss(ggml_context * ctx, ggml_tensor * row_logits, float weight, glora_graph_inputs * in);
-// Uploads tokens, positions, mask, rows, labels and dropout masks.
+// Uploads tokens, positions, mask, rows, labels and dropout masks (those the graph has); host may be NULL.
 void glora_graph_set_inputs(const glora_model * model, const glora_batch * batch, const glora_graph_inputs & in,
-                            uint64_t dropout_seed);
+                            uint64_t dropout_seed, const glora_host_inputs * host = nullptr);
 
 int32_t glora_validate_batch(const glora_model * model, const glora_batch * batch, bool need_loss);
 
@@ -164,3 +184,36 @@ int32_t glora_model_prepare_backward(glora_model * model);
 
 // A context for graph metadata sized from ggml's own overheads.
 ggml_context * glora_graph_ctx(size_t n_nodes);
+
+// Allocates the graph's tensors with the model's scheduler, and runs it.
+int32_t glora_graph_alloc(glora_model * model, ggml_cgraph * gf);
+int32_t glora_graph_compute(glora_model * model, ggml_cgraph * gf);
+
+// ---- trainer --------------------------------------------------------------------------------------
+
+// Gradient accumulators and optimizer moments mirror the adapter's pairs one to one:
+// params_t = [A0, B0, A1, B1, ...] and grad/m/v in the same order and shapes.
+struct glora_trainer {
+    glora_adapter        * adapter = nullptr;
+    glora_trainer_params   params{};
+    ggml_context         * ctx_grad = nullptr;
+    ggml_context         * ctx_opt  = nullptr;
+    ggml_backend_buffer_t  buf_grad = nullptr;
+    ggml_backend_buffer_t  buf_opt  = nullptr;
+    std::vector<ggml_tensor *> params_t, grad, m, v;
+
+    // gradient checkpointing: the input of every block and of the head, x_0 .. x_{n_layer}, and two
+    // gradient buffers used in turn (d x_{i+1} in, d x_i out); each ne = [n_embd, n_rows], kept
+    // between steps while the batch size stays the same
+    ggml_context         * ctx_ckpt = nullptr;
+    ggml_backend_buffer_t  buf_ckpt = nullptr;
+    std::vector<ggml_tensor *> ckpt;
+    ggml_tensor          * dx[2] = {nullptr, nullptr};
+    int64_t                ckpt_rows = 0;
+};
+
+// glora_backward.cpp: forward + backward of one micro-batch into the accumulators. With measure set,
+// nothing runs: *measure gets the largest compute buffer the step's graphs need (bytes).
+int32_t glora_trainer_backward(glora_trainer * trainer, const glora_batch * batch, float loss_weight,
+                               uint64_t dropout_seed, double * out_loss_sum, size_t * measure = nullptr);
+void    glora_trainer_release_checkpoints(glora_trainer * trainer);

@@ -118,22 +118,8 @@ struct graph_run {
     ~graph_run() { if (ctx) ggml_free(ctx); }
 };
 
-int32_t alloc_graph(glora_model * m, ggml_cgraph * gf) {
-    ggml_backend_sched_reset(m->sched);
-    if (!ggml_backend_sched_alloc_graph(m->sched, gf)) {
-        return glora_fail(GLORA_ERR_OUT_OF_MEMORY, "could not allocate the compute graph (%d nodes) on %s",
-                          ggml_graph_n_nodes(gf), m->be.device_name.c_str());
-    }
-    return GLORA_OK;
-}
-
-int32_t run(glora_model * m, ggml_cgraph * gf) {
-    const ggml_status st = ggml_backend_sched_graph_compute(m->sched, gf);
-    if (st != GGML_STATUS_SUCCESS) {
-        return glora_fail(GLORA_ERR_BACKEND, "graph compute failed on %s (ggml status %d)", m->be.device_name.c_str(), (int) st);
-    }
-    return GLORA_OK;
-}
+int32_t alloc_graph(glora_model * m, ggml_cgraph * gf) { return glora_graph_alloc(m, gf); }
+int32_t run(glora_model * m, ggml_cgraph * gf) { return glora_graph_compute(m, gf); }
 
 int32_t check_adapter_model(const glora_model * m, const glora_adapter * a) {
     GLORA_CHECK_ARG(a->model == m, "the adapter was made for another model (%s)", a->model->path.c_str());
@@ -200,20 +186,9 @@ extern "C" GLORA_API int32_t glora_loss(glora_model * model, const glora_adapter
 
 // ---- trainer --------------------------------------------------------------------------------------
 
-// Gradient accumulators and optimizer moments mirror the adapter's pairs one to one:
-// params_t = [A0, B0, A1, B1, ...] and grad/m/v in the same order and shapes.
-struct glora_trainer {
-    glora_adapter        * adapter = nullptr;
-    glora_trainer_params   params{};
-    ggml_context         * ctx_grad = nullptr;
-    ggml_context         * ctx_opt  = nullptr;
-    ggml_backend_buffer_t  buf_grad = nullptr;
-    ggml_backend_buffer_t  buf_opt  = nullptr;
-    std::vector<ggml_tensor *> params_t, grad, m, v;
-};
-
 static void trainer_free(glora_trainer * t) {
     if (!t) return;
+    glora_trainer_release_checkpoints(t);
     if (t->buf_grad) ggml_backend_buffer_free(t->buf_grad);
     if (t->buf_opt) ggml_backend_buffer_free(t->buf_opt);
     if (t->ctx_grad) ggml_free(t->ctx_grad);
@@ -233,6 +208,8 @@ extern "C" GLORA_API int32_t glora_trainer_new(glora_adapter * adapter, const gl
                     "unknown optimizer %d", params->optimizer);
     GLORA_CHECK_ARG(params->dropout >= 0.0f && params->dropout < 0.999f, "dropout %g must be in [0, 1)",
                     (double) params->dropout);
+    GLORA_CHECK_ARG(params->gradient_checkpointing == 0 || params->gradient_checkpointing == 1,
+                    "gradient_checkpointing=%d must be 0 or 1", params->gradient_checkpointing);
     *out = nullptr;
     auto * t = new glora_trainer();
     t->adapter = adapter;
@@ -273,70 +250,51 @@ extern "C" GLORA_API int32_t glora_trainer_new(glora_adapter * adapter, const gl
 
 extern "C" GLORA_API void glora_trainer_free(glora_trainer * trainer) { trainer_free(trainer); }
 
-// ggml's backward of y = mul_mat(W, x) gives dx = out_prod(W, transpose(dy)) = Wᵀ·dy. Through a frozen
-// weight we compute the same product as mul_mat(Wᵀ, dy) with the model's transposed working copy.
-static void use_transposed_weights(const glora_model * model, ggml_cgraph * gf) {
-    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
-        ggml_tensor * node = ggml_graph_node(gf, i);
-        if (node->op != GGML_OP_OUT_PROD || node->src[1]->op != GGML_OP_TRANSPOSE) continue;
-        auto it = model->wt.find(node->src[0]);
-        if (it == model->wt.end()) continue;
-        ggml_tensor * wt = it->second;                  // [n_out, n_in]
-        ggml_tensor * dy = node->src[1]->src[0];        // [n_out, T]
-        if (wt->ne[0] != dy->ne[0] || node->ne[0] != wt->ne[1] || node->ne[1] != dy->ne[1]) continue;
-        node->op = GGML_OP_MUL_MAT;                     // -> [n_in, T], the shape out_prod had
-        memset(node->op_params, 0, sizeof(node->op_params));
-        node->src[0] = wt;
-        node->src[1] = dy;
-    }
-}
-
 extern "C" GLORA_API int32_t glora_trainer_accumulate(glora_trainer * trainer, const glora_batch * batch, float loss_weight,
                                                       uint64_t dropout_seed, double * out_loss_sum) {
     glora_clear_error();
     GLORA_CHECK_ARG(trainer && out_loss_sum, "glora_trainer_accumulate: NULL argument");
     GLORA_CHECK_ARG(std::isfinite(loss_weight) && loss_weight > 0.0f, "loss_weight %g must be positive and finite",
                     (double) loss_weight);
-    glora_model * model = trainer->adapter->model;
-    int32_t rc = glora_validate_batch(model, batch, true);
+    const int32_t rc = glora_validate_batch(trainer->adapter->model, batch, true);
     if (rc) return rc;
+    return glora_trainer_backward(trainer, batch, loss_weight, dropout_seed, out_loss_sum);
+}
 
-    glora_graph_options opt;
-    opt.adapters.push_back({trainer->adapter, 1.0f});
-    opt.dropout = trainer->params.dropout;
-    opt.expand_gqa = true;
+static uint64_t ctx_nbytes(ggml_context * ctx) {
+    uint64_t n = 0;
+    for (ggml_tensor * t = ggml_get_first_tensor(ctx); t; t = ggml_get_next_tensor(ctx, t)) n += ggml_nbytes(t);
+    return n;
+}
 
-    graph_run g;
-    g.ctx = glora_graph_ctx(model->graph_size);
-    glora_graph_inputs in;
-    ggml_tensor * logits = glora_build_forward(g.ctx, model, batch, opt, true, &in);
-    ggml_tensor * loss = glora_build_loss(g.ctx, logits, loss_weight, &in);
-    ggml_set_loss(loss);
-    ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, model->graph_size, true);
-    ggml_build_forward_expand(gf, loss);
-
-    // A and B accumulate their gradient in place into the trainer's buffers
-    std::unordered_map<const ggml_tensor *, ggml_tensor *> acc_of;
-    for (size_t i = 0; i < trainer->params_t.size(); ++i) acc_of[trainer->params_t[i]] = trainer->grad[i];
-    std::vector<ggml_tensor *> grad_accs((size_t) ggml_graph_n_nodes(gf), nullptr);
-    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
-        auto it = acc_of.find(ggml_graph_node(gf, i));
-        if (it != acc_of.end()) grad_accs[(size_t) i] = it->second;
-    }
-    ggml_build_backward_expand(g.ctx, gf, grad_accs.data());
-    use_transposed_weights(model, gf);
-    // d(loss)/d(loss) = 1, fed as an input so the accumulators are not reset by ggml_graph_reset
-    ggml_tensor * seed = ggml_graph_get_grad(gf, loss);
-    ggml_set_input(seed);
-
-    if ((rc = alloc_graph(model, gf))) return rc;
-    glora_graph_set_inputs(model, batch, in, dropout_seed);
-    const float one = 1.0f;
-    ggml_backend_tensor_set(seed, &one, 0, sizeof(one));
-    if ((rc = run(model, gf))) return rc;
-    float v = 0.0f;
-    ggml_backend_tensor_get(loss, &v, 0, sizeof(v));
-    *out_loss_sum = (double) v / (double) loss_weight;
+extern "C" GLORA_API int32_t glora_trainer_measure(glora_trainer * trainer, int32_t n_seq, int32_t n_tokens, int32_t n_loss,
+                                                   glora_memory * out) {
+    glora_clear_error();
+    GLORA_CHECK_ARG(trainer && out, "glora_trainer_measure: NULL argument");
+    GLORA_CHECK_ARG(n_seq > 0 && n_tokens > 0, "n_seq=%d and n_tokens=%d must be positive", n_seq, n_tokens);
+    GLORA_CHECK_ARG(n_loss > 0 && (int64_t) n_loss <= (int64_t) n_seq * n_tokens,
+                    "n_loss=%d must be in [1, n_seq*n_tokens=%lld]", n_loss, (long long) n_seq * n_tokens);
+    glora_model * model = trainer->adapter->model;
+    // only the shapes matter for the graphs; the data are never read
+    std::vector<int32_t> zeros((size_t) n_seq * (size_t) n_tokens, 0);
+    glora_batch batch = {};
+    batch.tokens = zeros.data();
+    batch.n_seq = n_seq;
+    batch.n_tokens = n_tokens;
+    batch.loss_rows = zeros.data();
+    batch.labels = zeros.data();
+    batch.n_loss = n_loss;
+    size_t compute = 0;
+    double unused = 0.0;
+    const int32_t rc = glora_trainer_backward(trainer, &batch, 1.0f, 0, &unused, &compute);
+    if (rc) return rc;
+    *out = {};
+    out->weights     = (uint64_t) ggml_backend_buffer_get_size(model->buf_w);
+    out->transposed  = model->buf_wt ? (uint64_t) ggml_backend_buffer_get_size(model->buf_wt) : 0;
+    out->adapter     = ctx_nbytes(trainer->adapter->ctx);
+    out->optimizer   = ctx_nbytes(trainer->ctx_grad) + ctx_nbytes(trainer->ctx_opt);
+    out->checkpoints = trainer->ctx_ckpt ? ctx_nbytes(trainer->ctx_ckpt) : 0;
+    out->compute     = compute;
     return GLORA_OK;
 }
 

@@ -17,10 +17,12 @@ import numpy as np
 from ._handles import Batch, NativeHandle, float_buffer
 from ._native import check, ffi, lib
 from .adapter import Adapter
+from .config import LoRAConfig
 from .errors import InvalidArgumentError
 from .model import BaseModel
 
 OPTIMIZERS = {"adamw": 0, "sgd": 1}
+MEMORY_FIELDS = ("weights", "transposed", "adapter", "optimizer", "checkpoints", "compute")
 
 
 def loss_batch(model: BaseModel, tokens, loss_mask=None) -> Batch:
@@ -71,7 +73,11 @@ class StepResult:
 class TrainingContext(NativeHandle):
     """Gradient accumulators and optimizer moments for one adapter, on the model's device."""
 
-    def __init__(self, adapter: Adapter, optimizer: str = "adamw", dropout: float | None = None):
+    def __init__(self, adapter: Adapter, optimizer: str = "adamw", dropout: float | None = None,
+                 gradient_checkpointing: bool = False):
+        """``gradient_checkpointing`` keeps only each block's input and recomputes the block in the
+        backward: activation memory of one block instead of all, for about one more forward pass of
+        compute. The gradients are the same either way (same dropout masks for the same seed)."""
         if optimizer not in OPTIMIZERS:
             raise InvalidArgumentError(f"optimizer={optimizer!r}: must be one of {', '.join(OPTIMIZERS)}")
         if dropout is None:
@@ -81,12 +87,29 @@ class TrainingContext(NativeHandle):
         params = ffi.new("glora_trainer_params *")
         params.optimizer = OPTIMIZERS[optimizer]
         params.dropout = float(dropout)
+        if not isinstance(gradient_checkpointing, bool):
+            raise InvalidArgumentError(f"gradient_checkpointing={gradient_checkpointing!r}: must be True or False")
+        params.gradient_checkpointing = int(gradient_checkpointing)
         out = ffi.new("glora_trainer **")
         check(lib.glora_trainer_new(adapter._handle(), params, out))
         self._set_handle(out[0], lib.glora_trainer_free)
         self.adapter = adapter
         self.optimizer = optimizer
         self.dropout = dropout
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def measure(self, batch_size: int, seq_len: int, n_loss: int | None = None) -> dict[str, int]:
+        """Bytes one micro-batch of ``batch_size`` x ``seq_len`` needs (see :func:`estimate_memory`)."""
+        for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise InvalidArgumentError(f"{name}={v!r}: must be a positive integer")
+        if seq_len > self.adapter.model.n_ctx:
+            raise InvalidArgumentError(f"seq_len={seq_len} is longer than the model's n_ctx={self.adapter.model.n_ctx}")
+        if n_loss is None:
+            n_loss = batch_size * (seq_len - 1) or 1
+        out = ffi.new("glora_memory *")
+        check(lib.glora_trainer_measure(self._handle(), batch_size, seq_len, n_loss, out))
+        return {f: int(getattr(out, f)) for f in MEMORY_FIELDS}
 
     def accumulate(self, batch: Batch, n_step_tokens: int, dropout_seed: int = 0) -> float:
         """Add the gradient of (sum of CE over ``batch``) / n_step_tokens; returns the CE sum."""
@@ -184,3 +207,29 @@ class TrainingContext(NativeHandle):
             self._state(2, t, 0, va)
             self._state(1, t, 1, mb)
             self._state(2, t, 1, vb)
+
+
+def estimate_memory(model: BaseModel, lora: LoRAConfig | Adapter, batch_size: int, seq_len: int,
+                    gradient_checkpointing: bool = False, optimizer: str = "adamw") -> dict[str, int]:
+    """Bytes a training step of ``batch_size`` x ``seq_len`` tokens needs, before any step runs.
+
+    Every number comes from the real tensors and from ggml's allocation plan of the very graphs a step
+    builds (nothing is computed): ``weights`` (the base model as stored), ``transposed`` (working copies
+    for the backward), ``adapter`` (A and B), ``optimizer`` (gradients and AdamW moments),
+    ``checkpoints`` (block inputs with gradient checkpointing), ``compute`` (the largest compute buffer,
+    holding activations, logits and loss) and ``total``. Host-side overhead of the Python process and
+    of the batch itself are not included.
+    """
+    if isinstance(lora, Adapter):
+        if lora.model is not model:
+            raise InvalidArgumentError("the adapter was made for another BaseModel")
+        with TrainingContext(lora, optimizer, gradient_checkpointing=gradient_checkpointing) as ctx:
+            out = ctx.measure(batch_size, seq_len)
+    elif isinstance(lora, LoRAConfig):
+        with Adapter.init(model, lora) as adapter, \
+                TrainingContext(adapter, optimizer, gradient_checkpointing=gradient_checkpointing) as ctx:
+            out = ctx.measure(batch_size, seq_len)
+    else:
+        raise InvalidArgumentError(f"lora: expected a LoRAConfig or an Adapter, got {type(lora).__name__}")
+    out["total"] = sum(out[f] for f in MEMORY_FIELDS)
+    return out
