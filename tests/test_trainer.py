@@ -233,3 +233,27 @@ def test_two_trainers_share_one_model(tiny, tmp_path):
     for t in threads:
         t.join()
     assert results["a"] == alone_a and results["b"] == alone_b
+
+
+def test_gradient_checkpointing_trains_the_same(tiny, tmp_path):
+    """Checkpointing recomputes each block in the backward pass: same losses and weights, float32 noise
+    only (sums regrouped per block: relative 1e-5 on the loss, 1e-4 of the largest entry of B)."""
+    data = texts(8)
+    runs = [LoRATrainer(tiny, LORA, config(tmp_path, f"gc{gc}", max_steps=3, eval_every=0, save_every=0,
+                                           gradient_checkpointing=gc)) for gc in (False, True)]
+    losses = [t.train(data).losses for t in runs]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    for name in runs[0].adapter.targets:
+        b0, b1 = runs[0].adapter.get(name)[1], runs[1].adapter.get(name)[1]
+        np.testing.assert_allclose(b1, b0, atol=1e-4 * np.abs(b0).max())
+
+
+def test_memory_estimate_refuses_what_cannot_fit(tiny, tmp_path):
+    from ggml_lora.errors import OutOfMemoryError
+
+    cfg = config(tmp_path, memory_limit_gib=1e-4)
+    with pytest.raises(OutOfMemoryError, match=r"2 x \d+ tokens needs about .*gradient_checkpointing=True.*batch_size"):
+        LoRATrainer(tiny, LORA, cfg).train(texts(4))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()     # refused before anything was written
+    hist = LoRATrainer(tiny, LORA, config(tmp_path, "fits", max_steps=1, eval_every=0)).train(texts(4))
+    assert hist.memory["total"] > hist.memory["weights"] > 0

@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("ggml_lora.ggml").setLevel(logging.WARNING)
+    logging.getLogger("gguf").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except (GGMLLoRAError, OSError) as e:

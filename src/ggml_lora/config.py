@@ -171,7 +171,10 @@ class TrainingConfig:
     max_skipped_steps: int = _opt(10, "with nan_policy=skip: stop after this many consecutive skipped steps")
     device: str = _opt("auto", "ggml device name (CPU, CUDA0, ...) or auto")
     n_threads: int | None = _opt(None, "CPU threads (default: ggml's choice)")
-    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass to save memory")
+    gradient_checkpointing: bool = _opt(False, "keep only each block's input and recompute the block in the "
+                                                "backward pass: far less memory, about a third more compute")
+    memory_limit_gib: float | None = _opt(None, "refuse to start when the estimated peak exceeds this "
+                                                "(default: the memory the device has available)")
     progress: bool = _opt(True, "show a progress bar")
 
     def __post_init__(self) -> None:
@@ -216,6 +219,8 @@ class TrainingConfig:
             raise _fail(c, "weight_decay", self.weight_decay, "must be >= 0")
         if self.max_grad_norm is not None and (not _is_num(self.max_grad_norm) or self.max_grad_norm < 0):
             raise _fail(c, "max_grad_norm", self.max_grad_norm, "must be >= 0 or None")
+        if self.memory_limit_gib is not None and (not _is_num(self.memory_limit_gib) or self.memory_limit_gib <= 0):
+            raise _fail(c, "memory_limit_gib", self.memory_limit_gib, "must be a positive number or None")
         if not _is_num(self.valid_fraction) or not 0.0 <= self.valid_fraction < 1.0:
             raise _fail(c, "valid_fraction", self.valid_fraction, "must be in [0, 1)")
         if not _is_int(self.seed):

@@ -8,6 +8,7 @@ checkpoint therefore needs only the step, the adapter and the optimizer moments 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -27,8 +28,8 @@ from .config import LoRAConfig, TrainingConfig, learning_rate_at, warmup_steps
 from .errors import (
     CheckpointError,
     InvalidArgumentError,
+    OutOfMemoryError,
     TrainingDivergedError,
-    UnsupportedError,
 )
 from .model import BaseModel
 from .reporting import MetricsLog, Progress, call_hooks, peak_rss_bytes, plot_losses
@@ -39,6 +40,7 @@ _TRAJECTORY_KEYS = ("batch_size", "gradient_accumulation_steps", "learning_rate"
                     "warmup_ratio", "optimizer", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay",
                     "max_grad_norm", "max_seq_length", "truncation", "packing", "train_on_prompt", "seed")
 STATE_VERSION = 1
+log = logging.getLogger("ggml_lora.train")
 
 
 @dataclass
@@ -54,6 +56,7 @@ class TrainingHistory:
     adapter_path: Path | None = None        # the final adapter (None when interrupted)
     checkpoint_path: Path | None = None     # the newest checkpoint written
     data: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)   # the estimate checked before the first step (bytes)
 
     @property
     def losses(self) -> list[float]:
@@ -108,9 +111,6 @@ class LoRATrainer:
         self.config = training_config or TrainingConfig()
         if not isinstance(self.lora_config, LoRAConfig) or not isinstance(self.config, TrainingConfig):
             raise InvalidArgumentError("LoRATrainer(model, LoRAConfig(...), TrainingConfig(...))")
-        if self.config.gradient_checkpointing and not _has_checkpointing():
-            raise UnsupportedError("TrainingConfig.gradient_checkpointing=True is not available in this build yet; "
-                                   "lower batch_size or max_seq_length to save memory")
         if adapter is not None and adapter.model is not model:
             raise InvalidArgumentError("the adapter was made for another BaseModel")
         self.adapter = adapter if adapter is not None else Adapter.init(model, self.lora_config)
@@ -158,7 +158,9 @@ class LoRATrainer:
         history.total_steps = total
         fingerprint = _fingerprint(rows)
 
-        self._ctx = TrainingContext(self.adapter, optimizer=cfg.optimizer, dropout=self.lora_config.dropout)
+        self._ctx = TrainingContext(self.adapter, optimizer=cfg.optimizer, dropout=self.lora_config.dropout,
+                                    gradient_checkpointing=cfg.gradient_checkpointing)
+        history.memory = self._check_memory(max(len(r.tokens) for r in rows))
         start = 0
         if resume_from is not None:
             start = self._resume(resume_from, fingerprint, total)
@@ -304,6 +306,30 @@ class LoRATrainer:
         plot_losses(metrics.records, self.output_dir / "loss.png")
         call_hooks(callbacks, "on_eval", self, rec)
 
+    def _check_memory(self, seq_len: int) -> dict:
+        """Estimate the peak of a step before running one; refuse when it cannot fit."""
+        cfg = self.config
+        est = self._ctx.measure(cfg.batch_size, seq_len)
+        est["total"] = sum(est.values())
+        # the weights, the adapter and the transposed copies exist by now; the rest is still to come
+        to_come = est["total"] - est["weights"] - est["adapter"] - est["transposed"]
+        if cfg.memory_limit_gib is not None:
+            budget, what = int(cfg.memory_limit_gib * 2**30) - (est["total"] - to_come), "memory_limit_gib"
+        else:
+            budget, what = available_memory(self.model.device), f"available on {self.model.device}"
+        gib = {k: round(v / 2**30, 3) for k, v in est.items()}
+        log.info("estimated peak memory of a step: %.2f GiB (%s)", gib["total"],
+                 ", ".join(f"{k} {v}" for k, v in gib.items() if k != "total"))
+        if budget is not None and to_come > budget:
+            hints = ["lower batch_size (use gradient_accumulation_steps to keep the step size)", "lower max_seq_length"]
+            if not cfg.gradient_checkpointing:
+                hints.insert(0, "set gradient_checkpointing=True")
+            raise OutOfMemoryError(
+                f"a training step of {cfg.batch_size} x {seq_len} tokens needs about {to_come / 2**30:.2f} GiB more "
+                f"(estimated peak {gib['total']} GiB: {', '.join(f'{k} {v}' for k, v in gib.items() if k != 'total')})"
+                f", but only {max(budget, 0) / 2**30:.2f} GiB is {what}. To fit: {'; '.join(hints)}.")
+        return est
+
     # ---- checkpoints ------------------------------------------------------------------------------
 
     def _adapter_metadata(self) -> dict:
@@ -391,10 +417,23 @@ class LoRATrainer:
         return restore
 
 
-def _has_checkpointing() -> bool:
-    import inspect
+def available_memory(device: str) -> int | None:
+    """Bytes free on ``device``: MemAvailable for the CPU, the backend's free memory for a GPU."""
+    if device.upper().startswith("CPU"):
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+    from . import devices
 
-    return "gradient_checkpointing" in inspect.signature(TrainingContext.__init__).parameters
+    for d in devices():
+        if d.name == device:
+            return d.memory_free or None
+    return None
 
 
 __all__ = ["LoRATrainer", "TrainingHistory", "check_writable", "resolve_chat_template"]
