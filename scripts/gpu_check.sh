@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
-python3 -m pip install -q --no-index --find-links .whl cffi gguf pycparser $(ls .whl/llama_cpp_python-*.whl 2>/dev/null) || true
+python3 -m pip install -q --no-index --find-links .whl cffi gguf pycparser jinja2 pyyaml tqdm $(ls .whl/llama_cpp_python-*.whl 2>/dev/null) || true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 t0=$(date +%s)
@@ -17,7 +17,7 @@ export GGML_LORA_LIBRARY="$PWD/build/cuda/libggml_lora.so" PYTHONPATH="$PWD/src"
 python3 -c "import ggml_lora, json; print(json.dumps([d.__dict__ for d in ggml_lora.devices()]))"
 
 # tests run on device="auto", which is the GPU when the build has one
-python3 -m pytest -q -p no:cacheprovider -s tests/test_training.py tests/test_parity.py tests/test_adapter_files.py \
+python3 -m pytest -q -p no:cacheprovider -s tests/test_training.py tests/test_checkpointing.py tests/test_trainer.py tests/test_parity.py tests/test_adapter_files.py \
     -k "not smollm2 and not round_trip" 2>&1 | grep -E "worst|parity|max relative|passed|failed" || true
 
 # a 1B-class llama with random F16 weights (TinyLlama's shape), then throughput and GPU memory

@@ -11,7 +11,8 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/excl
 python3 vendor/fetch_llama_cpp.py
 mkdir -p .whl
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl cffi==2.0.0 pycparser gguf==0.19.0
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl cffi==2.0.0 pycparser gguf==0.19.0 \
+    jinja2 markupsafe pyyaml tqdm
 wheel=$(find ~/.cache/pip/wheels -name 'llama_cpp_python-0.3.36-*.whl' | head -n 1)
 if [ -n "$wheel" ]; then cp "$wheel" .whl/; else echo "no cached llama-cpp-python wheel: parity checks will skip" >&2; fi
 du -sh .whl vendor/llama.cpp/ggml

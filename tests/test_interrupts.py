@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import N_THREADS
+from test_trainer import texts
+
 from ggml_lora import Adapter, BaseModel
 from ggml_lora.checkpoint import list_checkpoints, read_checkpoint
-from test_trainer import texts
 
 KILLS = int(os.environ.get("GGML_LORA_KILLS", "20"))
 

@@ -42,10 +42,10 @@ def _find(env: str, candidates: list[Path], what: str) -> Path:
 def read_cdef(header: Path) -> str:
     """The cffi-clean declarations of ``header``: the text between the markers, without preprocessor lines."""
     text = header.read_text()
-    match = re.search(r"/\* cffi-begin \*/(.*)/\* cffi-end \*/", text, re.S)
+    match = re.search(r"/\* cffi-begin \*/(.*)/\* cffi-end \*/", text, re.DOTALL)
     if not match:
         raise ImportError(f"{header} has no cffi markers")
-    body = re.sub(r"/\*.*?\*/", "", match.group(1), flags=re.S)
+    body = re.sub(r"/\*.*?\*/", "", match.group(1), flags=re.DOTALL)
     lines = [line for line in body.splitlines() if not line.lstrip().startswith("#")]
     return "\n".join(lines).replace("GLORA_API ", "")
 
@@ -98,4 +98,4 @@ def _on_log(level: int, text, _user) -> None:
 
 lib.glora_set_log_callback(_on_log, ffi.NULL)
 
-__all__ = ["ffi", "lib", "check", "last_error", "GGMLLoRAError", "HEADER", "LIBRARY", "read_cdef"]
+__all__ = ["HEADER", "LIBRARY", "GGMLLoRAError", "check", "ffi", "last_error", "lib", "read_cdef"]

@@ -64,7 +64,7 @@ class Adapter(NativeHandle):
 
     @classmethod
     def _create(cls, model: BaseModel, targets: list[str], ranks: list[int], alpha: float,
-                config: LoRAConfig | None) -> "Adapter":
+                config: LoRAConfig | None) -> Adapter:
         for name, r in zip(targets, ranks):
             n_in, n_out = model.weight_shape(name)
             if not 0 < r <= min(n_in, n_out):
@@ -87,7 +87,7 @@ class Adapter(NativeHandle):
         return self
 
     @classmethod
-    def init(cls, model: BaseModel, config: LoRAConfig) -> "Adapter":
+    def init(cls, model: BaseModel, config: LoRAConfig) -> Adapter:
         """A fresh adapter: A by ``config.init`` (seeded), B = 0, so it starts as exactly the base model.
 
         - ``"kaiming"``: PEFT's default, A ~ U(-1/sqrt(n_in), 1/sqrt(n_in)) (Kaiming-uniform with a=sqrt(5)).
@@ -119,7 +119,7 @@ class Adapter(NativeHandle):
         return self
 
     @classmethod
-    def _init_pissa(cls, model: BaseModel, config: LoRAConfig, targets: list[str]) -> "Adapter":
+    def _init_pissa(cls, model: BaseModel, config: LoRAConfig, targets: list[str]) -> Adapter:
         r, scale = config.rank, config.scale
         weights = {}
         for name in targets:
@@ -141,7 +141,7 @@ class Adapter(NativeHandle):
 
     @classmethod
     def from_tensors(cls, model: BaseModel, tensors: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                     alpha: float) -> "Adapter":
+                     alpha: float) -> Adapter:
         """An adapter with given pairs: ``{weight name: (lora_a (r, n_in), lora_b (n_out, r))}``.
 
         ``alpha`` is llama.cpp's: each pair is scaled by alpha / its rank.
@@ -205,7 +205,7 @@ class Adapter(NativeHandle):
         return total
 
     @classmethod
-    def load(cls, model: BaseModel, path) -> "Adapter":
+    def load(cls, model: BaseModel, path) -> Adapter:
         """Read a GGUF LoRA adapter (ours, or llama.cpp's convert_lora_to_gguf.py output) for ``model``.
 
         The file is checked against the model first: architecture, every tensor's name and shape,

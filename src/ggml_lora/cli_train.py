@@ -263,7 +263,12 @@ def _generate(args: argparse.Namespace) -> int:
             else:
                 llm.reset()
                 text = llm.create_completion(prompt, **kw)["choices"][0]["text"]
-            print(json.dumps({"prompt": prompt, "completion": text}) if args.json else text, flush=True)
+            if args.json:
+                print(json.dumps({"prompt": prompt, "completion": text}), flush=True)
+            elif len(args.prompt) > 1:
+                print(f"{prompt}\n  -> {text.strip()}", flush=True)
+            else:
+                print(text, flush=True)
     finally:
         llm.close()
     return 0

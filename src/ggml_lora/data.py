@@ -387,7 +387,7 @@ def collate(rows: Sequence[Row], model=None) -> Batch:
     pad = 0
     if model is not None:
         eos = model._llama_vocab().token_eos()
-        pad = eos if eos >= 0 else 0
+        pad = max(eos, 0)
     tokens = np.full((n, T), pad, dtype=np.int32)        # (n_seq, n_tokens)
     mask = np.zeros((n, T), dtype=bool)
     need_segments = any(r.segments is not None or len(r.tokens) < T for r in rows)

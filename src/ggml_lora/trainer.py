@@ -169,6 +169,8 @@ class LoRATrainer:
 
         metrics = MetricsLog(self.output_dir / "metrics.jsonl", resume_step=start)
         progress = Progress(total, start, cfg.progress)
+        for split, report in reports.items():
+            progress.message(f"{split}: {report}")
         progress.message(f"training {self.adapter.n_parameters:,} LoRA parameters on {len(rows)} rows "
                          f"({reports['train'].n_supervised:,} supervised tokens): {total} steps of "
                          f"{cfg.rows_per_step} rows, {steps_per_epoch} steps per epoch")

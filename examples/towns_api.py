@@ -4,7 +4,7 @@ The data is plain English text about made-up towns (examples/textgen.py). The ad
 llama.cpp GGUF LoRA file; llama-cpp-python then loads it with `lora_path=` and we compare held-out loss
 and a greedy completion with and without it.
 
-    python examples/quickstart.py [--steps 30] [--out quickstart-out]
+    python examples/towns_api.py [--steps 30] [--out towns-out]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=Path("quickstart-out"))
+    ap.add_argument("--out", type=Path, default=Path("towns-out"))
     args = ap.parse_args()
     path = args.model or default_model()
 
