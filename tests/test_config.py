@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +143,18 @@ def test_adapter_argument_parsing(tmp_path):
     odd = tmp_path / "x:y.gguf"
     odd.write_bytes(b"")
     assert parse_adapter_arg(str(odd)) == (str(odd), 1.0)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "examples" / "configs").iterdir()))
+def test_example_configs_resolve(name):
+    """Every shipped config file is valid: known keys, values the dataclasses accept, data that exists."""
+    import argparse
+
+    from ggml_lora.cli_train import add_verbs
+
+    root = Path(__file__).resolve().parents[1]
+    ap = argparse.ArgumentParser()
+    add_verbs(ap.add_subparsers())
+    lora, training, run = resolve_configs(ap.parse_args(["train", "-c", str(root / "examples" / "configs" / name)]))
+    assert (root / run["data"]).exists()
+    assert lora.rank > 0 and training.output_dir
