@@ -182,10 +182,10 @@ class LoRATrainer:
                 self._eval_and_report(valid_rows, 0, metrics, history, callbacks, progress)
             for step in range(start + 1, total + 1):
                 lr = learning_rate_at(cfg, step, total)
-                batches = self._step_batches(rows, step, steps_per_epoch)
+                batches, n_tokens = self._step_batches(rows, step, steps_per_epoch)
                 loss, n_tok, norm, applied = self._train_step(batches, lr, step)
                 self.global_step = step
-                tokens_seen += int(sum(int(b.tokens.size) for b in batches))
+                tokens_seen += n_tokens              # tokens of the samples, padding not counted
                 elapsed = time.perf_counter() - t0
                 rec = {"type": "train", "step": step, "epoch": (step - 1) / steps_per_epoch, "loss": loss,
                        "learning_rate": lr, "grad_norm": norm, "supervised_tokens": n_tok,
@@ -256,7 +256,8 @@ class LoRATrainer:
         epoch, j = divmod(step - 1, steps_per_epoch)
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(rows))
         chosen = [rows[i] for i in order[j * cfg.rows_per_step:(j + 1) * cfg.rows_per_step]]
-        return [collate(chosen[i:i + cfg.batch_size], self.model) for i in range(0, len(chosen), cfg.batch_size)]
+        batches = [collate(chosen[i:i + cfg.batch_size], self.model) for i in range(0, len(chosen), cfg.batch_size)]
+        return batches, sum(len(r.tokens) for r in chosen)
 
     # ---- step and evaluation ----------------------------------------------------------------------
 
