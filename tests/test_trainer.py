@@ -257,3 +257,45 @@ def test_memory_estimate_refuses_what_cannot_fit(tiny, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()     # refused before anything was written
     hist = LoRATrainer(tiny, LORA, config(tmp_path, "fits", max_steps=1, eval_every=0)).train(texts(4))
     assert hist.memory["total"] > hist.memory["weights"] > 0
+
+
+FULL_DISK = r"""
+import resource, signal, sys
+import numpy as np
+from ggml_lora import Adapter, BaseModel, LoRAConfig, LoRATrainer, TrainingConfig
+from ggml_lora.errors import CheckpointError
+model_path, out, data = sys.argv[1], sys.argv[2], sys.argv[3].split("|")
+with BaseModel.load(model_path, n_threads=2) as model:
+    trainer = LoRATrainer(model, LoRAConfig(rank=4, target_modules=("q_proj", "v_proj", "down_proj")),
+                          TrainingConfig(max_steps=3, batch_size=2, max_seq_length=32, save_every=1, eval_every=0,
+                                         progress=False, output_dir=out))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (6000, resource.RLIM_INFINITY))
+    try:
+        trainer.train(data)
+        sys.exit("no error")
+    except CheckpointError as e:
+        print("ERROR", e)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    saved = trainer.save_adapter(out + "/../rescued.gguf")
+    with Adapter.load(model, saved) as back:
+        b = back.get(back.targets[0])[1]
+        assert np.array_equal(b, trainer.adapter.get(back.targets[0])[1]) and np.abs(b).max() > 0
+    print("RESCUED", saved)
+"""
+
+
+def test_full_disk_at_the_first_save_keeps_the_adapter(tiny_model_file, tmp_path):
+    """A real write failure from the OS (file-size limit: EFBIG, as a full disk gives ENOSPC) when the first
+    checkpoint is written: a clear error, no half checkpoint, and the trained adapter saved elsewhere."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(tiny_model_file("llama", "f32")), str(out),
+                           "|".join(texts(6))], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ERROR cannot write checkpoint" in proc.stdout and "adapter in memory is intact" in proc.stdout
+    assert "RESCUED" in proc.stdout
+    assert not list((out / "checkpoints").glob("*"))          # the partial checkpoint was removed
+    assert (tmp_path / "rescued.gguf").stat().st_size > 6000

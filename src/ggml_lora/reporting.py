@@ -61,21 +61,43 @@ class MetricsLog:
                 f.write(json.dumps(rec) + "\n")
         os.replace(tmp, path)
         self._f = open(path, "a")
+        self._failed = False
 
     def write(self, record: dict) -> None:
+        """Append a record; a failed write (disk full) is reported once and does not stop training:
+        the next checkpoint save reports the disk as an error."""
         self.records.append(record)
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+        except OSError as e:
+            if not self._failed:
+                log.warning("cannot write %s (%s); training goes on, later records are kept in memory", self.path, e)
+            self._failed = True
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:
+            pass
 
 
 _warned_plot = False
 
 
 def plot_losses(records: list[dict], path: Path) -> Path | None:
-    """loss.png: train and validation loss against step. Needs matplotlib (the ``plot`` extra)."""
+    """loss.png: train and validation loss against step. Needs matplotlib (the ``plot`` extra).
+
+    Never raises for a file problem: a plot is not worth interrupting (or masking an error of) a run.
+    """
+    try:
+        return _plot(records, path)
+    except OSError as e:
+        log.warning("cannot write %s: %s", path, e)
+        return None
+
+
+def _plot(records: list[dict], path: Path) -> Path | None:
     global _warned_plot
     try:
         import matplotlib
@@ -100,9 +122,13 @@ def plot_losses(records: list[dict], path: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     tmp = path.with_name(".loss.png.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
     return path
 
 
