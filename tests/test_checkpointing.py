@@ -4,15 +4,12 @@ estimate_memory predicts what a step really takes."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import N_THREADS
 
 from ggml_lora import Adapter, BaseModel, InvalidArgumentError, LoRAConfig
@@ -119,8 +116,8 @@ def test_estimate_matches_measured_peak_rss(smollm2_file, gc):
     """The estimate of what a step adds (everything but the base weights, which are loaded already)
     is within 25% of the peak RSS growth of a real step, in a fresh process so no earlier test's
     high-water mark hides it."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(smollm2_file), "1" if gc else "0"], env=env,
+    # the child imports ggml_lora as this process does (installed package, or PYTHONPATH + GGML_LORA_LIBRARY)
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(smollm2_file), "1" if gc else "0"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
