@@ -104,3 +104,16 @@ def test_fuzz_adapter(seeds, tmp_path_factory):
         run()
     print(f"fuzzed adapter: {outcomes}")
     assert sum(outcomes.values()) >= CASES
+
+
+def test_huge_block_count_is_refused_before_anything_is_sized_by_it(seeds, tmp_path):
+    """Found by the 50,000-case run: a flipped bit made block_count 8,388,609 and the Python-side table
+    of expected tensor names grew to 24 GB before the kernel killed the process."""
+    base, _, _ = seeds
+    key = b"llama.block_count"
+    at = base.index(key) + len(key) + 4               # after the key: uint32 value type, then the value
+    assert int.from_bytes(base[at:at + 4], "little") == 1
+    path = tmp_path / "huge.gguf"
+    path.write_bytes(base[:at] + (8_388_609).to_bytes(4, "little") + base[at + 4:])
+    with pytest.raises(GGMLLoRAError, match="block_count=8388609 but the file holds only"):
+        BaseModel.load(path, n_threads=1)

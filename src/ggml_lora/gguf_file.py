@@ -115,6 +115,11 @@ def read_hparams(reader, path: str) -> tuple[HParams, dict[str, TensorMeta]]:
     if hp.n_layers <= 0 or hp.n_rot <= 0 or hp.n_rot > hp.head_dim or hp.n_rot % 2:
         raise GGUFFormatError(f"{path}: block_count={hp.n_layers}, rope.dimension_count={hp.n_rot} "
                               f"(head_dim {hp.head_dim}) are not valid")
+    # every block has 9+ tensors: a block_count beyond the tensor count is corrupt, and must be refused
+    # before anything is sized by it (a fuzzed block_count of 8M made the name table below take 24 GB)
+    if hp.n_layers > len(tensors):
+        raise GGUFFormatError(f"{path}: {arch}.block_count={hp.n_layers} but the file holds only "
+                              f"{len(tensors)} tensors")
     check_tensors(hp, tensors, path, qk_norm=spec.qk_norm)
     return hp, tensors
 
