@@ -159,9 +159,11 @@ def _parse(buf, path: Path, size: int, gguf) -> Header:
     fields: dict[str, Field] = {}
     for _ in range(n_kv):
         key = cur.string("metadata key")
+        # a corrupt length can make a "key" megabytes long: messages show its start only
+        shown = key if len(key) <= 96 else f"{key[:96]}... ({len(key)} characters)"
         if key in fields:
-            raise cur.fail(f"duplicate metadata key '{key}'")
-        fields[key] = _value(cur, cur.scalar("<I"), key)
+            raise cur.fail(f"duplicate metadata key '{shown}'")
+        fields[key] = _value(cur, cur.scalar("<I"), shown)
 
     alignment = DEFAULT_ALIGNMENT
     if "general.alignment" in fields:
