@@ -19,6 +19,15 @@ def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """``cls(**data)``, with unknown keys an error that lists the valid ones."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidArgumentError(f"{cls.__name__}: unknown keys {unknown}; valid: {sorted(known)}")
+    return cls(**data)
+
+
 def _fail(cls: str, name: str, value: Any, why: str) -> InvalidArgumentError:
     return InvalidArgumentError(f"{cls}.{name}={value!r}: {why}")
 
@@ -107,11 +116,7 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoRAConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InvalidArgumentError(f"{cls.__name__}: unknown keys {unknown}; valid: {sorted(known)}")
-        return cls(**data)
+        return _from_dict(cls, data)
 
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
@@ -250,11 +255,7 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InvalidArgumentError(f"{cls.__name__}: unknown keys {unknown}; valid: {sorted(known)}")
-        return cls(**data)
+        return _from_dict(cls, data)
 
 
 def learning_rate_at(config: TrainingConfig, step: int, total_steps: int) -> float:

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint as ckpt
-from ._native import check, ffi, lib
 from .adapter import Adapter
 from .config import LoRAConfig, TrainingConfig, learning_rate_at, warmup_steps
 from .errors import (
@@ -33,7 +32,7 @@ from .errors import (
 )
 from .model import BaseModel
 from .reporting import MetricsLog, Progress, call_hooks, peak_rss_bytes, plot_losses
-from .training import TrainingContext
+from .training import TrainingContext, loss_sum
 
 # Config keys that change the trajectory: a resume with other values would not continue the same run.
 _TRAJECTORY_KEYS = ("batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "warmup_steps",
@@ -286,13 +285,11 @@ class LoRATrainer:
         from .data import collate
 
         total, count = 0.0, 0
-        out = ffi.new("double *")
-        handle = self.adapter._handle() if use_adapter else ffi.NULL
+        adapter = self.adapter if use_adapter else None
         for i in range(0, len(rows), batch_size):
             batch = collate(rows[i:i + batch_size], self.model)
             with self.model._lock:
-                check(lib.glora_loss(self.model._handle(), handle, 1.0, batch.c, out))
-            total += out[0]
+                total += loss_sum(self.model, adapter, batch)
             count += batch.n_loss
             if self._signal is not None:
                 break

@@ -54,12 +54,17 @@ def loss_batch(model: BaseModel, tokens, loss_mask=None) -> Batch:
 def evaluate(model: BaseModel, adapter: Adapter | None, tokens, loss_mask=None, scale: float = 1.0) -> tuple[float, int]:
     """(mean next-token cross-entropy, supervised token count) of ``tokens``; no dropout."""
     batch = loss_batch(model, tokens, loss_mask)
-    out = ffi.new("double *")
-    handle = adapter._handle() if adapter is not None else ffi.NULL
+    return loss_sum(model, adapter, batch, scale) / batch.n_loss, batch.n_loss
+
+
+def loss_sum(model: BaseModel, adapter: Adapter | None, batch: Batch, scale: float = 1.0) -> float:
+    """Sum of next-token cross-entropy over ``batch``'s loss rows; no dropout."""
     if adapter is not None and adapter.model is not model:
         raise InvalidArgumentError("the adapter was made for another BaseModel")
+    out = ffi.new("double *")
+    handle = adapter._handle() if adapter is not None else ffi.NULL
     check(lib.glora_loss(model._handle(), handle, float(scale), batch.c, out))
-    return out[0] / batch.n_loss, batch.n_loss
+    return out[0]
 
 
 @dataclass(frozen=True)
