@@ -1,10 +1,12 @@
 """Training and evaluation throughput of ggml-lora, one JSON object per configuration.
 
     python benchmarks/bench_train.py [--model PATH] [--device auto] [--threads N] [--steps 4] [--warmup 1]
-                                     [--config r8-qv-4x256 ...]
+                                     [--f16-weights] [--config r8-qv-4x256 ...]
 
 Steady-state training tokens/s counts the steps after warm-up (forward + backward + optimizer);
-evaluation is the forward and loss only. Peak RSS is the process's high-water mark so far (Linux).
+evaluation is the forward and loss only (always through the stored weights). --f16-weights trains
+through F16 copies of the quantized weights (TrainingConfig.f16_weights). Peak RSS is the process's
+high-water mark so far (Linux). GGML_LORA_PROFILE=1 adds a table of time per ggml op at exit (stderr).
 """
 
 from __future__ import annotations
@@ -59,11 +61,11 @@ def default_model() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def run(model: BaseModel, cfg: Config, steps: int, warmup: int) -> dict:
+def run(model: BaseModel, cfg: Config, steps: int, warmup: int, f16: bool = False) -> dict:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model.n_vocab, (steps + warmup, cfg.batch, cfg.length))
     with Adapter.init(model, LoRAConfig(rank=cfg.rank, alpha=2 * cfg.rank, target_modules=cfg.targets)) as ad:
-        with TrainingContext(ad, gradient_checkpointing=cfg.checkpointing) as ctx:
+        with TrainingContext(ad, gradient_checkpointing=cfg.checkpointing, f16_weights=f16) as ctx:
             times = []
             for i in range(steps + warmup):
                 t0 = time.perf_counter()
@@ -74,8 +76,8 @@ def run(model: BaseModel, cfg: Config, steps: int, warmup: int) -> dict:
         eval_s = time.perf_counter() - t0
     step_s = float(np.mean(times[warmup:]))
     n = cfg.batch * cfg.length
-    return {"config": cfg.name, "rank": cfg.rank, "targets": list(cfg.targets), "batch": cfg.batch,
-            "length": cfg.length, "gradient_checkpointing": cfg.checkpointing, "steps": steps, "step_s": round(step_s, 3),
+    return {"config": cfg.name, "f16_weights": f16, "rank": cfg.rank, "targets": list(cfg.targets),
+            "batch": cfg.batch, "length": cfg.length, "gradient_checkpointing": cfg.checkpointing, "steps": steps, "step_s": round(step_s, 3),
             "train_tokens_per_s": round(n / step_s, 1), "eval_tokens_per_s": round(n / eval_s, 1),
             "last_loss": round(res.loss, 4), "peak_rss_mib": round(peak_rss_mib(), 1)}
 
@@ -87,6 +89,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--f16-weights", action="store_true", help="train through F16 copies of the quantized weights")
     ap.add_argument("--config", action="append", choices=sorted(CONFIGS))
     args = ap.parse_args()
     path = args.model or default_model()
@@ -94,7 +97,7 @@ def main() -> None:
     header = {"model": path.name, "device": model.device, "threads": args.threads, "machine": platform.machine(),
               "python": sys.version.split()[0], "ggml_lora": ggml_lora.__version__}
     for name in args.config or sorted(CONFIGS):
-        print(json.dumps(header | run(model, CONFIGS[name], args.steps, args.warmup)), flush=True)
+        print(json.dumps(header | run(model, CONFIGS[name], args.steps, args.warmup, args.f16_weights)), flush=True)
 
 
 if __name__ == "__main__":

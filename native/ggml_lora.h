@@ -29,7 +29,7 @@
 #  define GLORA_API
 #endif
 
-#define GLORA_ABI_VERSION 2
+#define GLORA_ABI_VERSION 3
 
 #ifdef __cplusplus
 extern "C" {
@@ -185,6 +185,10 @@ typedef struct glora_trainer_params {
                                        backward (memory of one block instead of all; about one more
                                        forward pass of compute); the LM head and loss then run over
                                        chunks of loss rows                                          */
+    int32_t f16_weights;         /* != 0: the training forward multiplies by F16 copies of the quantized
+                                    weights (made once per model, 2 bytes per weight) instead of their
+                                    stored blocks: faster on CPU, but no longer llama.cpp's arithmetic.
+                                    Evaluation (glora_loss, glora_logits) always uses the stored blocks */
 } glora_trainer_params;
 
 /* Per optimizer step, from Python's schedule. */
@@ -211,6 +215,7 @@ GLORA_API int32_t glora_trainer_accumulate(glora_trainer * trainer, const glora_
 typedef struct glora_memory {
     uint64_t weights;            /* the base model's weights as stored                            */
     uint64_t transposed;         /* working copies of the weights for the backward product        */
+    uint64_t f16_weights;        /* F16 copies for the forward (glora_trainer_params.f16_weights)  */
     uint64_t adapter;            /* LoRA A and B                                                   */
     uint64_t optimizer;          /* gradient accumulators and AdamW moments                        */
     uint64_t checkpoints;        /* block inputs and gradient buffers (gradient checkpointing)     */

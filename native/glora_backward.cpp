@@ -10,6 +10,8 @@
 //    that yields d x_i and the gradients of the block's A and B. Peak memory is one block's graph.
 #include "glora_internal.h"
 
+#include "ggml-cpu.h"
+
 #include <algorithm>
 #include <cstring>
 #include <unordered_map>
@@ -59,9 +61,8 @@ void use_transposed_weights(const glora_model * model, ggml_cgraph * gf) {
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         ggml_tensor * node = ggml_graph_node(gf, i);
         if (node->op != GGML_OP_OUT_PROD || node->src[1]->op != GGML_OP_TRANSPOSE) continue;
-        auto it = model->wt.find(node->src[0]);
-        if (it == model->wt.end()) continue;
-        ggml_tensor * wt = it->second;                  // [n_out, n_in]
+        ggml_tensor * wt = model->transposed(node->src[0]);   // [n_out, n_in]
+        if (!wt) continue;
         ggml_tensor * dy = node->src[1]->src[0];        // [n_out, T]
         if (wt->ne[0] != dy->ne[0] || node->ne[0] != wt->ne[1] || node->ne[1] != dy->ne[1]) continue;
         node->op = GGML_OP_MUL_MAT;                     // -> [n_in, T], the shape out_prod had
@@ -80,19 +81,81 @@ acc_map accumulators(const glora_trainer * t) {
     return acc;
 }
 
-// Adds the backward of `loss` to gf (params accumulate into acc) and returns the loss seed, an input
-// set to 1 so that the accumulators are not reset by ggml_graph_reset.
-ggml_tensor * build_backward(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * loss,
-                             const acc_map & acc) {
-    std::vector<ggml_tensor *> grad_accs((size_t) ggml_graph_n_nodes(gf), nullptr);
+// dst = src with dims 0 and 1 swapped, F32, dst contiguous; src may have any strides. In square tiles,
+// so that reads and writes both stay within a few cache lines (ggml's cont of a transposed view reads
+// element by element across rows: ~1 GB/s, 17% of a 2048-token step).
+void transpose_f32(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * src = dst->src[0];
+    constexpr int64_t tile = 32;
+    const int64_t n0 = src->ne[0], n1 = src->ne[1], n2 = src->ne[2], n3 = src->ne[3];
+    const int64_t t0 = (n0 + tile - 1) / tile, t1 = (n1 + tile - 1) / tile;
+    const int64_t n_tiles = t0 * t1 * n2 * n3;
+    for (int64_t t = ith; t < n_tiles; t += nth) {
+        const int64_t i3 = t / (t0 * t1 * n2), i2 = t / (t0 * t1) % n2;
+        const int64_t b1 = t / t0 % t1 * tile, b0 = t % t0 * tile;
+        const char * s = (const char *) src->data + i2 * src->nb[2] + i3 * src->nb[3];
+        float * d = (float *) ((char *) dst->data + i2 * dst->nb[2] + i3 * dst->nb[3]);
+        const int64_t e0 = std::min(b0 + tile, n0), e1 = std::min(b1 + tile, n1);
+        for (int64_t i0 = b0; i0 < e0; ++i0) {
+            for (int64_t i1 = b1; i1 < e1; ++i1) {
+                d[i0 * n1 + i1] = *(const float *) (s + i0 * src->nb[0] + i1 * src->nb[1]);
+            }
+        }
+    }
+}
+
+// The operand of mul_mat that stands for t in out_prod: tᵀ, contiguous (a transposed view is undone).
+ggml_tensor * transposed_operand(const glora_model * m, ggml_context * ctx, ggml_tensor * t) {
+    if (t->op == GGML_OP_TRANSPOSE && ggml_is_contiguous(t->src[0])) return t->src[0];
+    if (!ggml_backend_is_cpu(m->be.main) || t->type != GGML_TYPE_F32) return ggml_cont(ctx, ggml_transpose(ctx, t));
+    ggml_tensor * args[] = {t};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, t->ne[1], t->ne[0], t->ne[2], t->ne[3], args, 1, transpose_f32,
+                          GGML_N_TASKS_MAX, nullptr);
+}
+
+// ggml's CPU out_prod in F32 is a loop of axpy's over rows, several times slower than its mul_mat
+// kernels (the attention backward spent ~14% of a step there). out_prod(a, b) sums over dim 1 of both,
+// mul_mat over dim 0, so out_prod(a, b) = mul_mat(aᵀ, bᵀ), with the same broadcast of a over b's dims 2
+// and 3. Small products (LoRA's rank dimension) stay as they are: transposing would cost more than it saves.
+// Returns gf, or a new graph with the transposes in order when any node changed.
+ggml_cgraph * out_prods_as_mul_mat(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf, size_t graph_size) {
+    constexpr int64_t min_dim = 32;
+    bool changed = false;
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
-        auto it = acc.find(ggml_graph_node(gf, i));
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        if (node->op != GGML_OP_OUT_PROD) continue;
+        ggml_tensor * a = node->src[0];
+        ggml_tensor * b = node->src[1];
+        if (a->type != GGML_TYPE_F32 || b->type != GGML_TYPE_F32) continue;
+        if (node->ne[0] < min_dim || node->ne[1] < min_dim || a->ne[1] < min_dim) continue;
+        node->src[0] = transposed_operand(m, ctx, a);   // [K, a.ne0, a.ne2, a.ne3]
+        node->src[1] = transposed_operand(m, ctx, b);   // [K, b.ne0, b.ne2, b.ne3]
+        node->op = GGML_OP_MUL_MAT;                     // -> [a.ne0, b.ne0, b.ne2, b.ne3], out_prod's shape
+        memset(node->op_params, 0, sizeof(node->op_params));
+        changed = true;
+    }
+    if (!changed) return gf;
+    // the same nodes in the same order; expanding each pulls in its new transposes just before it
+    ggml_cgraph * out = ggml_new_graph_custom(ctx, graph_size, false);
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) ggml_build_forward_expand(out, ggml_graph_node(gf, i));
+    return out;
+}
+
+// Adds the backward of `loss` to *gf (params accumulate into acc) and returns the loss seed, an input
+// set to 1 so that the accumulators are not reset by ggml_graph_reset. *gf may be replaced by a graph
+// of the same computation with faster ops.
+ggml_tensor * build_backward(const glora_model * m, ggml_context * ctx, ggml_cgraph ** gf, size_t graph_size,
+                             ggml_tensor * loss, const acc_map & acc) {
+    std::vector<ggml_tensor *> grad_accs((size_t) ggml_graph_n_nodes(*gf), nullptr);
+    for (int i = 0; i < ggml_graph_n_nodes(*gf); ++i) {
+        auto it = acc.find(ggml_graph_node(*gf, i));
         if (it != acc.end()) grad_accs[(size_t) i] = it->second;
     }
-    ggml_build_backward_expand(ctx, gf, grad_accs.data());
-    use_transposed_weights(m, gf);
-    ggml_tensor * seed = ggml_graph_get_grad(gf, loss);
+    ggml_build_backward_expand(ctx, *gf, grad_accs.data());
+    use_transposed_weights(m, *gf);
+    ggml_tensor * seed = ggml_graph_get_grad(*gf, loss);
     ggml_set_input(seed);
+    *gf = out_prods_as_mul_mat(m, ctx, *gf, graph_size);
     return seed;
 }
 
@@ -135,6 +198,7 @@ glora_graph_options training_options(const glora_trainer * t) {
     opt.adapters.push_back({t->adapter, 1.0f});
     opt.dropout = t->params.dropout;
     opt.expand_gqa = true;
+    opt.f16_weights = t->params.f16_weights != 0;
     return opt;
 }
 
@@ -148,7 +212,7 @@ int32_t backward_one_graph(glora_trainer * t, const glora_batch * batch, float l
     ggml_set_loss(loss);
     ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, m->graph_size, true);
     ggml_build_forward_expand(gf, loss);
-    ggml_tensor * seed = build_backward(m, g.ctx, gf, loss, accumulators(t));
+    ggml_tensor * seed = build_backward(m, g.ctx, &gf, m->graph_size, loss, accumulators(t));
     int32_t rc = executor{m, measure, plan}(gf, [&] {
         glora_graph_set_inputs(m, batch, in, dropout_seed);
         set_one(seed);
@@ -257,7 +321,7 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
         ggml_build_forward_expand(gf, loss);
         acc_map acc = accumulators(t);
         acc[opt.x_in] = d_top;
-        ggml_tensor * seed = build_backward(m, g.ctx, gf, loss, acc);
+        ggml_tensor * seed = build_backward(m, g.ctx, &gf, GRAPH_SIZE_BLOCK, loss, acc);
         if ((rc = exec(gf, [&] {
                  glora_graph_set_inputs(m, &sub, in, dropout_seed, &host);
                  set_one(seed);
@@ -289,7 +353,7 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
         acc_map acc = accumulators(t);
         ggml_tensor * dx = t->dx[(size_t) (il & 1)];
         if (need_dx) acc[opt.x_in] = dx;
-        ggml_tensor * seed = build_backward(m, g.ctx, gf, loss, acc);
+        ggml_tensor * seed = build_backward(m, g.ctx, &gf, GRAPH_SIZE_BLOCK, loss, acc);
         if ((rc = exec(gf, [&] {
                  if (need_dx) ggml_backend_tensor_memset(dx, 0, 0, ggml_nbytes(dx));
                  glora_graph_set_inputs(m, batch, in, dropout_seed, &host);

@@ -18,7 +18,12 @@ struct builder {
     // y = W·x + Σ_adapters s·(alpha/rank)·B·(A·dropout(x)), in build_lora_mm's op order.
     // w: ne = [n_in, n_out]; x: ne = [n_in, N]; y: ne = [n_out, N]
     ggml_tensor * lora_mm(ggml_tensor * w, ggml_tensor * x) {
-        ggml_tensor * res = ggml_mul_mat(ctx, w, x);
+        ggml_tensor * wm = w;
+        if (opt.f16_weights) {
+            auto it = m->wf.of.find(w);
+            if (it != m->wf.of.end()) wm = it->second;
+        }
+        ggml_tensor * res = ggml_mul_mat(ctx, wm, x);
         for (const glora_active_adapter & aa : opt.adapters) {
             const glora_pair * p = aa.adapter->find(w);
             if (!p) continue;
@@ -84,6 +89,10 @@ struct builder {
 
         // heads become a batch dimension: [hd, T, heads, S]
         q = ggml_permute(ctx, ggml_reshape_4d(ctx, q, hp.head_dim, hp.n_head, T, S), 0, 2, 1, 3);
+        // the CPU's kq product takes a slow path (4x slower over long sequences) for a permuted q. The
+        // llama.cpp-exact forward keeps it: the fast kernel sums in another order, and through 30
+        // quantized layers that moves SmolLM2's logits by up to 1.2
+        if (opt.expand_gqa) q = ggml_cont(ctx, q);
         k = ggml_permute(ctx, ggml_reshape_4d(ctx, k, hp.head_dim, hp.n_head_kv, T, S), 0, 2, 1, 3);
         // v transposed for the second product: [T, hd, n_head_kv, S]
         ggml_tensor * vt = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_4d(ctx, v, hp.head_dim, hp.n_head_kv, T, S),

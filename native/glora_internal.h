@@ -65,6 +65,17 @@ struct glora_layer {
     ggml_tensor * ffn_down = nullptr;       // ne = [n_ff, n_embd]
 };
 
+// Working copies of some weights, keyed by the weight they copy, in one buffer.
+struct glora_weight_copies {
+    ggml_context          * ctx = nullptr;
+    ggml_backend_buffer_t   buf = nullptr;
+    std::unordered_map<const ggml_tensor *, ggml_tensor *> of;
+    std::unordered_map<const ggml_tensor *, const ggml_tensor *> source;   // copy -> weight
+
+    void     release();
+    uint64_t nbytes() const;
+};
+
 struct glora_model {
     glora_model_params       hp;             // copied; hp.device points into device_name
     std::string              path;
@@ -89,10 +100,13 @@ struct glora_model {
     // Transposed working copies for the backward pass: weight ne = [n_in, n_out] -> ne = [n_out, n_in]
     // (F16, or F32 for F32 weights). dx = Wᵀ·dy then runs as mul_mat, which every backend has and
     // runs fast, instead of out_prod through a quantized W (CPU only, and slow there).
-    ggml_context           * ctx_wt = nullptr;
-    ggml_backend_buffer_t    buf_wt = nullptr;
-    std::unordered_map<const ggml_tensor *, ggml_tensor *> wt;
+    glora_weight_copies      wt;
+    // Optional F16 copies of the quantized weights, same shape, for a training forward that trades
+    // memory and llama.cpp's exact arithmetic for speed (glora_trainer_params.f16_weights).
+    glora_weight_copies      wf;
 
+    // The transposed copy of w, which is a weight or its F16 forward copy; NULL if none.
+    ggml_tensor * transposed(const ggml_tensor * w) const;
     ggml_tensor * find(const char * name) const;
 };
 
@@ -143,7 +157,10 @@ struct glora_graph_options {
     bool  pad_kv  = false;
     // Give every query head its own copy of K and V instead of broadcasting the shared KV heads: the
     // backward of a broadcast mul_mat only supports one sequence (ggml.c, GGML_OP_MUL_MAT backward).
+    // Training graphs (and the loss graph, which must match them) set it; they also make q contiguous.
     bool  expand_gqa = false;
+    // Matmuls through the model's F16 copies of its quantized weights (glora_model::wf) where it has them.
+    bool  f16_weights = false;
     // A slice of the model, for gradient checkpointing: blocks [layer_begin, layer_end) (layer_end < 0:
     // all), starting from x_in ne = [n_embd, n_seq*n_tokens] instead of the token embeddings when set,
     // and ending at the last block's output instead of the logits when head is false.
@@ -179,15 +196,18 @@ void glora_graph_set_inputs(const glora_model * model, const glora_batch * batch
 
 int32_t glora_validate_batch(const glora_model * model, const glora_batch * batch, bool need_loss);
 
-// Builds the transposed working copies once per model (no-op when they exist).
+// Build the working copies once per model (no-op when they exist).
 int32_t glora_model_prepare_backward(glora_model * model);
+int32_t glora_model_prepare_f16_forward(glora_model * model);
 
-// A context for graph metadata sized from ggml's own overheads.
+// A context for the metadata of a graph of n_nodes (and of one rewrite of it), sized from ggml's own overheads.
 ggml_context * glora_graph_ctx(size_t n_nodes);
 
 // Allocates the graph's tensors with the model's scheduler, and runs it.
 int32_t glora_graph_alloc(glora_model * model, ggml_cgraph * gf);
 int32_t glora_graph_compute(glora_model * model, ggml_cgraph * gf);
+// With GGML_LORA_PROFILE=1: times every node the scheduler runs, by op, and prints a table at exit.
+void glora_profile_attach(ggml_backend_sched_t sched);
 
 // ---- trainer --------------------------------------------------------------------------------------
 

@@ -12,11 +12,18 @@ ggml_tensor * glora_model::find(const char * name) const {
     return ggml_get_tensor(ctx_w, name);
 }
 
+ggml_tensor * glora_model::transposed(const ggml_tensor * w) const {
+    auto src = wf.source.find(w);
+    if (src != wf.source.end()) w = src->second;
+    auto it = wt.of.find(w);
+    return it == wt.of.end() ? nullptr : it->second;
+}
+
 static void model_free(glora_model * m) {
     if (!m) return;
     if (m->sched) ggml_backend_sched_free(m->sched);
-    if (m->buf_wt) ggml_backend_buffer_free(m->buf_wt);
-    if (m->ctx_wt) ggml_free(m->ctx_wt);
+    m->wt.release();
+    m->wf.release();
     if (m->buf_w) ggml_backend_buffer_free(m->buf_w);
     if (m->ctx_w) ggml_free(m->ctx_w);
     glora_backends_free(&m->be);
@@ -183,6 +190,7 @@ extern "C" GLORA_API int32_t glora_model_load(const char * path, const glora_mod
         m->sched = ggml_backend_sched_new(m->be.backends.data(), m->be.bufts.data(), (int) m->be.backends.size(),
                                           m->graph_size, false, true);
         if (!m->sched) rc = glora_fail(GLORA_ERR_BACKEND, "could not create the backend scheduler");
+        else glora_profile_attach(m->sched);
     }
     if (rc != GLORA_OK) {
         model_free(m);
@@ -225,54 +233,90 @@ extern "C" GLORA_API int32_t glora_model_read_tensor(const glora_model * model, 
     return GLORA_OK;
 }
 
-int32_t glora_model_prepare_backward(glora_model * m) {
-    if (m->ctx_wt) return GLORA_OK;
+namespace {
+
+// The weights that take working copies: every projection of the blocks, and the LM head.
+std::vector<ggml_tensor *> copied_weights(const glora_model * m) {
     std::vector<ggml_tensor *> weights;
     for (const glora_layer & L : m->layers) {
         for (ggml_tensor * w : {L.wq, L.wk, L.wv, L.wo, L.ffn_gate, L.ffn_up, L.ffn_down}) weights.push_back(w);
     }
     weights.push_back(m->output);
+    return weights;
+}
 
+// Copies of `weights`, transposed or not, in one new buffer: F32 for F32 weights, else F16. One small
+// graph per weight: dequantize every row (get_rows), then copy (transposed) into the copy.
+int32_t make_copies(glora_model * m, const std::vector<ggml_tensor *> & weights, bool transposed, const char * suffix,
+                    glora_weight_copies * out) {
     ggml_init_params ip = { ggml_tensor_overhead() * (weights.size() + 1), nullptr, true };
-    m->ctx_wt = ggml_init(ip);
+    out->ctx = ggml_init(ip);
     for (ggml_tensor * w : weights) {
         const ggml_type type = w->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
-        ggml_tensor * t = ggml_new_tensor_2d(m->ctx_wt, type, w->ne[1], w->ne[0]);   // [n_out, n_in]
-        ggml_format_name(t, "%s.T", w->name);
-        m->wt[w] = t;
+        ggml_tensor * t = transposed ? ggml_new_tensor_2d(out->ctx, type, w->ne[1], w->ne[0])    // [n_out, n_in]
+                                     : ggml_new_tensor_2d(out->ctx, type, w->ne[0], w->ne[1]);
+        ggml_format_name(t, "%s%s", w->name, suffix);
+        out->of[w] = t;
+        out->source[t] = w;
     }
-    m->buf_wt = ggml_backend_alloc_ctx_tensors_from_buft(m->ctx_wt, m->be.bufts[0]);
-    if (!m->buf_wt) {
-        ggml_free(m->ctx_wt);
-        m->ctx_wt = nullptr;
-        m->wt.clear();
-        return glora_fail(GLORA_ERR_OUT_OF_MEMORY, "could not allocate the transposed weight copies on %s",
+    out->buf = ggml_backend_alloc_ctx_tensors_from_buft(out->ctx, m->be.bufts[0]);
+    if (!out->buf) {
+        out->release();
+        return glora_fail(GLORA_ERR_OUT_OF_MEMORY, "could not allocate working copies of the weights on %s",
                           m->be.device_name.c_str());
     }
-    // one small graph per weight: dequantize every row (get_rows), then copy transposed
+    int32_t rc = GLORA_OK;
     for (ggml_tensor * w : weights) {
         ggml_context * ctx = glora_graph_ctx(8);
         ggml_tensor * ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, w->ne[1]);
         ggml_set_input(ids);
         ggml_tensor * rows = ggml_get_rows(ctx, w, ids);                          // F32 [n_in, n_out]
-        ggml_tensor * out  = ggml_cpy(ctx, ggml_transpose(ctx, rows), m->wt[w]);
+        ggml_tensor * out_t = ggml_cpy(ctx, transposed ? ggml_transpose(ctx, rows) : rows, out->of[w]);
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, 8, false);
-        ggml_build_forward_expand(gf, out);
+        ggml_build_forward_expand(gf, out_t);
         ggml_backend_sched_reset(m->sched);
-        int32_t rc = GLORA_OK;
         if (!ggml_backend_sched_alloc_graph(m->sched, gf)) {
-            rc = glora_fail(GLORA_ERR_OUT_OF_MEMORY, "could not allocate the transpose of '%s'", w->name);
+            rc = glora_fail(GLORA_ERR_OUT_OF_MEMORY, "could not allocate the copy of '%s'", w->name);
         } else {
             std::vector<int32_t> idx((size_t) w->ne[1]);
             for (size_t i = 0; i < idx.size(); ++i) idx[i] = (int32_t) i;
             ggml_backend_tensor_set(ids, idx.data(), 0, idx.size() * sizeof(int32_t));
             if (ggml_backend_sched_graph_compute(m->sched, gf) != GGML_STATUS_SUCCESS) {
-                rc = glora_fail(GLORA_ERR_BACKEND, "transposing '%s' failed", w->name);
+                rc = glora_fail(GLORA_ERR_BACKEND, "copying '%s' failed", w->name);
             }
         }
         ggml_free(ctx);
-        if (rc) return rc;
+        if (rc) break;
     }
     ggml_backend_sched_reset(m->sched);
-    return GLORA_OK;
+    if (rc) out->release();
+    return rc;
+}
+
+}  // namespace
+
+void glora_weight_copies::release() {
+    if (buf) ggml_backend_buffer_free(buf);
+    if (ctx) ggml_free(ctx);
+    buf = nullptr;
+    ctx = nullptr;
+    of.clear();
+    source.clear();
+}
+
+uint64_t glora_weight_copies::nbytes() const { return buf ? (uint64_t) ggml_backend_buffer_get_size(buf) : 0; }
+
+int32_t glora_model_prepare_backward(glora_model * m) {
+    if (m->wt.ctx) return GLORA_OK;
+    return make_copies(m, copied_weights(m), true, ".T", &m->wt);
+}
+
+int32_t glora_model_prepare_f16_forward(glora_model * m) {
+    if (m->wf.ctx) return GLORA_OK;
+    std::vector<ggml_tensor *> weights;
+    for (ggml_tensor * w : copied_weights(m)) {
+        if (ggml_is_quantized(w->type)) weights.push_back(w);     // F16 and F32 weights are used as they are
+    }
+    if (weights.empty()) return GLORA_OK;
+    return make_copies(m, weights, false, ".f16", &m->wf);
 }

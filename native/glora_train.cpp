@@ -210,6 +210,8 @@ extern "C" GLORA_API int32_t glora_trainer_new(glora_adapter * adapter, const gl
                     (double) params->dropout);
     GLORA_CHECK_ARG(params->gradient_checkpointing == 0 || params->gradient_checkpointing == 1,
                     "gradient_checkpointing=%d must be 0 or 1", params->gradient_checkpointing);
+    GLORA_CHECK_ARG(params->f16_weights == 0 || params->f16_weights == 1, "f16_weights=%d must be 0 or 1",
+                    params->f16_weights);
     *out = nullptr;
     auto * t = new glora_trainer();
     t->adapter = adapter;
@@ -239,7 +241,8 @@ extern "C" GLORA_API int32_t glora_trainer_new(glora_adapter * adapter, const gl
     }
     ggml_backend_buffer_clear(t->buf_grad, 0);
     ggml_backend_buffer_clear(t->buf_opt, 0);
-    const int32_t rc = glora_model_prepare_backward(adapter->model);
+    int32_t rc = glora_model_prepare_backward(adapter->model);
+    if (rc == GLORA_OK && params->f16_weights) rc = glora_model_prepare_f16_forward(adapter->model);
     if (rc) {
         trainer_free(t);
         return rc;
@@ -290,7 +293,8 @@ extern "C" GLORA_API int32_t glora_trainer_measure(glora_trainer * trainer, int3
     if (rc) return rc;
     *out = {};
     out->weights     = (uint64_t) ggml_backend_buffer_get_size(model->buf_w);
-    out->transposed  = model->buf_wt ? (uint64_t) ggml_backend_buffer_get_size(model->buf_wt) : 0;
+    out->transposed  = model->wt.nbytes();
+    out->f16_weights = trainer->params.f16_weights ? model->wf.nbytes() : 0;
     out->adapter     = ctx_nbytes(trainer->adapter->ctx);
     out->optimizer   = ctx_nbytes(trainer->ctx_grad) + ctx_nbytes(trainer->ctx_opt);
     out->checkpoints = trainer->ctx_ckpt ? ctx_nbytes(trainer->ctx_ckpt) : 0;

@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 from conftest import N_THREADS
+from gguf import GGUFReader
 
 from ggml_lora import Adapter, BaseModel, InvalidArgumentError, LoRAConfig
 from ggml_lora.training import TrainingContext, estimate_memory, loss_batch
@@ -124,3 +125,60 @@ def test_estimate_matches_measured_peak_rss(smollm2_file, gc):
     est = res["estimate"]
     predicted = est["total"] - est["weights"]
     assert predicted == pytest.approx(res["delta"], rel=0.25), res
+
+
+def test_f16_weights_train_the_dequantized_model(tiny_model_file):
+    """f16_weights runs the training forward through F16 copies of the quantized weights, so loss and
+    gradients are those of the model whose weights are the dequantized values rounded to F16, written as
+    a file of its own (untied, so the embedding lookup stays exact on both sides).
+
+    Both sides run the same kernels on the same F16 values; what may differ is the dequantization's last
+    float32 bit (ggml may fuse d*q + m, numpy does not), which can move an F16 weight by one ulp. The
+    tolerances (1e-5 relative for the loss, 1e-4 of the largest gradient entry) allow for that; training
+    through the stored Q4_1 blocks instead (activations rounded to 8 bits) misses them by far, which
+    the test checks too, so that it cannot pass by training the stored weights.
+    """
+    quant = tiny_model_file("llama", "q4_1", tied=False)
+    deq = tiny_model_file("llama", "q4_1", tied=False, dequantized=True)
+
+    def run(path, f16):
+        with BaseModel.load(path, n_threads=N_THREADS) as model:
+            tokens = np.random.default_rng(1).integers(0, model.n_vocab, (2, 48))
+            adapter = Adapter.init(model, LoRAConfig(rank=4, target_modules=ALL_TARGETS + ("lm_head",)))
+            rng = np.random.default_rng(3)
+            for name in adapter.targets:
+                a, b = adapter.get(name)
+                adapter.set(name, lora_a=rng.normal(0, 0.2, a.shape), lora_b=rng.normal(0, 0.1, b.shape))
+            with adapter, TrainingContext(adapter, f16_weights=f16) as ctx:
+                batch = loss_batch(model, tokens)
+                return ctx.accumulate(batch, batch.n_loss), ctx.gradients()
+
+    loss_f16, g_f16 = run(quant, True)
+    loss_ref, g_ref = run(deq, False)
+    loss_q, g_q = run(quant, False)
+    assert loss_f16 == pytest.approx(loss_ref, rel=1e-5)
+    worst_ref = worst_q = 0.0
+    for name in g_ref:
+        for x, y, z in zip(g_ref[name], g_f16[name], g_q[name]):
+            scale = np.abs(x).max()
+            assert scale > 0, name
+            worst_ref = max(worst_ref, np.abs(x - y).max() / scale)
+            worst_q = max(worst_q, np.abs(x - z).max() / scale)
+    assert worst_ref <= 1e-4
+    assert worst_q > 1e-3, "the stored Q4_1 path should differ; the test would not tell the two apart"
+
+
+def test_f16_weights_are_counted_and_validated(tiny_model_file):
+    with BaseModel.load(tiny_model_file("llama", "q8_0"), n_threads=N_THREADS) as model:
+        cfg = LoRAConfig(rank=4, target_modules=("q_proj",))
+        plain = estimate_memory(model, cfg, 1, 32)
+        f16 = estimate_memory(model, cfg, 1, 32, f16_weights=True)
+        with Adapter.init(model, cfg) as adapter:
+            with pytest.raises(InvalidArgumentError, match="f16_weights"):
+                TrainingContext(adapter, f16_weights="yes")
+    # every matrix (tied: the LM head is token_embd), 2 bytes per weight, each tensor's start aligned
+    matrices = [t for t in GGUFReader(tiny_model_file("llama", "q8_0")).tensors if len(t.shape) == 2]
+    n = sum(int(t.n_elements) for t in matrices)
+    assert plain["f16_weights"] == 0
+    assert 2 * n <= f16["f16_weights"] <= 2 * n + 256 * len(matrices)
+    assert f16["total"] - plain["total"] == f16["f16_weights"]

@@ -168,6 +168,7 @@ def write_tiny_model(
     rope_freqs: bool = False,
     n_ctx_train: int = 512,
     seed: int = 0,
+    dequantized: bool = False,
 ) -> pathlib.Path:
     """Write a random `arch` model to `path` and return it as a Path.
 
@@ -177,6 +178,9 @@ def write_tiny_model(
     n_embd // n_head; llama and qwen3 accept any even value, qwen2 does not
     (llama.cpp sizes its Q and O projections as n_embd x n_embd).
     `rope_freqs=True` (llama only) adds a Llama-3 style `rope_freqs.weight`.
+    `dequantized=True` writes the same model with every matrix quantized to `weight_type` and
+    dequantized again, stored as F16 (token_embd as F32): the values that ggml-lora's F16 working
+    copies and embedding lookups of the quantized model hold.
     """
     if arch not in _ARCH_DEFAULTS:
         raise ValueError(f"unsupported arch {arch!r}; expected one of {ARCHS}")
@@ -239,7 +243,10 @@ def write_tiny_model(
     def mat(name: str, data: np.ndarray) -> None:
         """Store a (n_out, n_in) matrix in weight_type (ggml ne = [n_in, n_out])."""
         data = np.ascontiguousarray(data, dtype=np.float32)
-        if qtype == _QTYPE.F32:
+        if dequantized:
+            data = gguf.quants.dequantize(gguf.quants.quantize(data, qtype), qtype).astype(np.float32)
+            w.add_tensor(name, data if name == "token_embd.weight" else data.astype(np.float16))
+        elif qtype == _QTYPE.F32:
             w.add_tensor(name, data)
         elif qtype == _QTYPE.F16:
             w.add_tensor(name, data.astype(np.float16))

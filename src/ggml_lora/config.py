@@ -178,6 +178,8 @@ class TrainingConfig:
     n_threads: int | None = _opt(None, "CPU threads (default: ggml's choice)")
     gradient_checkpointing: bool = _opt(False, "keep only each block's input and recompute the block in the "
                                                 "backward pass: far less memory, about a third more compute")
+    f16_weights: bool = _opt(False, "run the training forward through F16 copies of the quantized weights: "
+                                    "faster on CPU, 2 more bytes per weight; evaluation keeps the stored weights")
     memory_limit_gib: float | None = _opt(None, "refuse to start when the estimated peak exceeds this "
                                                 "(default: the memory the device has available)")
     progress: bool = _opt(True, "show a progress bar")
@@ -234,7 +236,7 @@ class TrainingConfig:
         choice("optimizer", OPTIMIZERS)
         choice("nan_policy", NAN_POLICIES)
         choice("truncation", TRUNCATION)
-        for name in ("train_on_prompt", "gradient_checkpointing", "progress"):
+        for name in ("train_on_prompt", "gradient_checkpointing", "f16_weights", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(c, name, getattr(self, name), "must be true or false")
         if self.packing is not None and not isinstance(self.packing, bool):

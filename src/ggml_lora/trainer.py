@@ -158,7 +158,7 @@ class LoRATrainer:
         fingerprint = _fingerprint(rows)
 
         self._ctx = TrainingContext(self.adapter, optimizer=cfg.optimizer, dropout=self.lora_config.dropout,
-                                    gradient_checkpointing=cfg.gradient_checkpointing)
+                                    gradient_checkpointing=cfg.gradient_checkpointing, f16_weights=cfg.f16_weights)
         history.memory = self._check_memory(max(len(r.tokens) for r in rows))
         start = 0
         if resume_from is not None:
@@ -311,8 +311,8 @@ class LoRATrainer:
         cfg = self.config
         est = self._ctx.measure(cfg.batch_size, seq_len)
         est["total"] = sum(est.values())
-        # the weights, the adapter and the transposed copies exist by now; the rest is still to come
-        to_come = est["total"] - est["weights"] - est["adapter"] - est["transposed"]
+        # the weights, the adapter and the working copies exist by now; the rest is still to come
+        to_come = est["total"] - est["weights"] - est["adapter"] - est["transposed"] - est["f16_weights"]
         if cfg.memory_limit_gib is not None:
             budget, what = int(cfg.memory_limit_gib * 2**30) - (est["total"] - to_come), "memory_limit_gib"
         else:
@@ -324,6 +324,8 @@ class LoRATrainer:
             hints = ["lower batch_size (use gradient_accumulation_steps to keep the step size)", "lower max_seq_length"]
             if not cfg.gradient_checkpointing:
                 hints.insert(0, "set gradient_checkpointing=True")
+            if cfg.f16_weights:
+                hints.append("set f16_weights=False")
             raise OutOfMemoryError(
                 f"a training step of {cfg.batch_size} x {seq_len} tokens needs about {to_come / 2**30:.2f} GiB more "
                 f"(estimated peak {gib['total']} GiB: {', '.join(f'{k} {v}' for k, v in gib.items() if k != 'total')})"

@@ -22,7 +22,7 @@ from .errors import InvalidArgumentError
 from .model import BaseModel
 
 OPTIMIZERS = {"adamw": 0, "sgd": 1}
-MEMORY_FIELDS = ("weights", "transposed", "adapter", "optimizer", "checkpoints", "compute")
+MEMORY_FIELDS = ("weights", "transposed", "f16_weights", "adapter", "optimizer", "checkpoints", "compute")
 
 
 def loss_batch(model: BaseModel, tokens, loss_mask=None) -> Batch:
@@ -79,10 +79,14 @@ class TrainingContext(NativeHandle):
     """Gradient accumulators and optimizer moments for one adapter, on the model's device."""
 
     def __init__(self, adapter: Adapter, optimizer: str = "adamw", dropout: float | None = None,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, f16_weights: bool = False):
         """``gradient_checkpointing`` keeps only each block's input and recomputes the block in the
         backward: activation memory of one block instead of all, for about one more forward pass of
-        compute. The gradients are the same either way (same dropout masks for the same seed)."""
+        compute. The gradients are the same either way (same dropout masks for the same seed).
+
+        ``f16_weights`` runs the training forward through F16 copies of the quantized weights, made
+        once per model (2 bytes per weight): faster on CPU, at the cost of the memory and of llama.cpp's
+        exact arithmetic in the training loss (evaluation always uses the stored weights)."""
         if optimizer not in OPTIMIZERS:
             raise InvalidArgumentError(f"optimizer={optimizer!r}: must be one of {', '.join(OPTIMIZERS)}")
         if dropout is None:
@@ -95,6 +99,9 @@ class TrainingContext(NativeHandle):
         if not isinstance(gradient_checkpointing, bool):
             raise InvalidArgumentError(f"gradient_checkpointing={gradient_checkpointing!r}: must be True or False")
         params.gradient_checkpointing = int(gradient_checkpointing)
+        if not isinstance(f16_weights, bool):
+            raise InvalidArgumentError(f"f16_weights={f16_weights!r}: must be True or False")
+        params.f16_weights = int(f16_weights)
         out = ffi.new("glora_trainer **")
         check(lib.glora_trainer_new(adapter._handle(), params, out))
         self._set_handle(out[0], lib.glora_trainer_free)
@@ -102,6 +109,7 @@ class TrainingContext(NativeHandle):
         self.optimizer = optimizer
         self.dropout = dropout
         self.gradient_checkpointing = gradient_checkpointing
+        self.f16_weights = f16_weights
 
     def measure(self, batch_size: int, seq_len: int, n_loss: int | None = None) -> dict[str, int]:
         """Bytes one micro-batch of ``batch_size`` x ``seq_len`` needs (see :func:`estimate_memory`)."""
@@ -215,12 +223,13 @@ class TrainingContext(NativeHandle):
 
 
 def estimate_memory(model: BaseModel, lora: LoRAConfig | Adapter, batch_size: int, seq_len: int,
-                    gradient_checkpointing: bool = False, optimizer: str = "adamw") -> dict[str, int]:
+                    gradient_checkpointing: bool = False, optimizer: str = "adamw",
+                    f16_weights: bool = False) -> dict[str, int]:
     """Bytes a training step of ``batch_size`` x ``seq_len`` tokens needs, before any step runs.
 
     Every number comes from the real tensors and from ggml's allocation plan of the very graphs a step
     builds (nothing is computed): ``weights`` (the base model as stored), ``transposed`` (working copies
-    for the backward), ``adapter`` (A and B), ``optimizer`` (gradients and AdamW moments),
+    for the backward), ``f16_weights`` (F16 copies for the forward, when asked for), ``adapter`` (A and B), ``optimizer`` (gradients and AdamW moments),
     ``checkpoints`` (block inputs with gradient checkpointing), ``compute`` (the largest compute buffer,
     holding activations, logits and loss) and ``total``. Host-side overhead of the Python process and
     of the batch itself are not included.
@@ -228,11 +237,13 @@ def estimate_memory(model: BaseModel, lora: LoRAConfig | Adapter, batch_size: in
     if isinstance(lora, Adapter):
         if lora.model is not model:
             raise InvalidArgumentError("the adapter was made for another BaseModel")
-        with TrainingContext(lora, optimizer, gradient_checkpointing=gradient_checkpointing) as ctx:
+        with TrainingContext(lora, optimizer, gradient_checkpointing=gradient_checkpointing,
+                             f16_weights=f16_weights) as ctx:
             out = ctx.measure(batch_size, seq_len)
     elif isinstance(lora, LoRAConfig):
         with Adapter.init(model, lora) as adapter, \
-                TrainingContext(adapter, optimizer, gradient_checkpointing=gradient_checkpointing) as ctx:
+                TrainingContext(adapter, optimizer, gradient_checkpointing=gradient_checkpointing,
+                                f16_weights=f16_weights) as ctx:
             out = ctx.measure(batch_size, seq_len)
     else:
         raise InvalidArgumentError(f"lora: expected a LoRAConfig or an Adapter, got {type(lora).__name__}")
