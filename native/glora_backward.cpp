@@ -198,6 +198,7 @@ glora_graph_options training_options(const glora_trainer * t) {
     opt.adapters.push_back({t->adapter, 1.0f});
     opt.dropout = t->params.dropout;
     opt.expand_gqa = true;
+    opt.attn_chunk = GLORA_ATTN_CHUNK;
     opt.f16_weights = t->params.f16_weights != 0;
     return opt;
 }

@@ -2,6 +2,7 @@
 // (src/models/llama.cpp, llm_graph_context::build_lora_mm and build_attn_mha), plus the loss.
 #include "glora_internal.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -101,6 +102,9 @@ struct builder {
             k  = repeat_heads(ggml_cont(ctx, k));               // [hd, T, n_head, S]
             vt = repeat_heads(vt);                              // [T, hd, n_head, S]
         }
+        if (!in->mask_chunks.empty()) {
+            return lora_out(L, chunked_attention(q, k, vt));
+        }
         const int64_t n_kv = in->mask->ne[0];
         if (n_kv > T) {
             k  = ggml_pad(ctx, ggml_cont(ctx, k), 0, (int) (n_kv - T), 0, 0);   // [hd, n_kv, n_head_kv, S]
@@ -111,11 +115,44 @@ struct builder {
         ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
         kq = ggml_soft_max_ext(ctx, kq, in->mask, hp.kq_scale, 0.0f);
         ggml_tensor * kqv = ggml_mul_mat(ctx, vt, kq);           // [hd, T_q, n_head, S]
-        ggml_tensor * cur = ggml_cont_2d(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3), hp.head_dim * hp.n_head, N);
+        return lora_out(L, ggml_cont_2d(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3), hp.head_dim * hp.n_head, N));
+    }
 
+    // the output projection of the heads' outputs cur ne = [n_head*hd, N] -> ne = [n_embd, N]
+    ggml_tensor * lora_out(const glora_layer & L, ggml_tensor * cur) {
         cur = lora_mm(L.wo, cur);
         if (L.bo) cur = ggml_add(ctx, cur, L.bo);
         return cur;
+    }
+
+    // Causal attention by query chunk: chunk [r0, r1) multiplies with keys [0, r1) only. Keys past r1
+    // are masked for every query of the chunk, so the result is the full square's up to float summation
+    // order. The chunks' outputs go into place in the [hd, n_head, T, S] layout the output projection
+    // reads, whose gradient arrives contiguous: ggml's backward of acc views the gradient with the
+    // forward's strides, so it must not be a permuted view.
+    // q: [hd, T, n_head, S]; k: [hd, T, n_head, S]; vt: [T, hd, n_head, S] -> [hd*n_head, T*S]
+    ggml_tensor * chunked_attention(ggml_tensor * q, ggml_tensor * k, ggml_tensor * vt) {
+        const glora_model_params & hp = m->hp;
+        const int64_t T = q->ne[1], S = q->ne[3];
+        ggml_tensor * out = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, hp.head_dim, hp.n_head, T, S);
+        ggml_set_name(out, "attn_zeros");
+        ggml_set_input(out);
+        in->zeros.push_back(out);
+        for (const glora_graph_inputs::mask_chunk & c : in->mask_chunks) {
+            const int64_t rows = c.r1 - c.r0;
+            ggml_tensor * qc = ggml_cont(ctx, ggml_view_4d(ctx, q, q->ne[0], rows, q->ne[2], q->ne[3], q->nb[1], q->nb[2],
+                                                            q->nb[3], (size_t) c.r0 * q->nb[1]));
+            ggml_tensor * kc = ggml_view_4d(ctx, k, k->ne[0], c.r1, k->ne[2], k->ne[3], k->nb[1], k->nb[2], k->nb[3], 0);
+            ggml_tensor * vc = ggml_view_4d(ctx, vt, c.r1, vt->ne[1], vt->ne[2], vt->ne[3], vt->nb[1], vt->nb[2],
+                                            vt->nb[3], 0);
+            ggml_tensor * kq = ggml_mul_mat(ctx, kc, qc);              // [r1, rows, n_head, S]
+            ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
+            kq = ggml_soft_max_ext(ctx, kq, c.mask, hp.kq_scale, 0.0f);
+            ggml_tensor * kqv = ggml_mul_mat(ctx, vc, kq);             // [hd, rows, n_head, S]
+            kqv = ggml_cont(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3)); // [hd, n_head, rows, S]
+            out = ggml_acc(ctx, out, kqv, out->nb[1], out->nb[2], out->nb[3], (size_t) c.r0 * out->nb[2]);
+        }
+        return ggml_reshape_2d(ctx, out, hp.head_dim * hp.n_head, T * S);
     }
 
     ggml_tensor * ffn(const glora_layer & L, ggml_tensor * x) {
@@ -135,9 +172,19 @@ struct builder {
             ggml_set_name(in->positions, "positions");
             ggml_set_input(in->positions);
             const int64_t n_kv = opt.pad_kv ? (T + GLORA_KV_PAD - 1) / GLORA_KV_PAD * GLORA_KV_PAD : T;
-            in->mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, T, 1, S);
-            ggml_set_name(in->mask, "kq_mask");
-            ggml_set_input(in->mask);
+            if (opt.attn_chunk > 0 && !opt.pad_kv && T > opt.attn_chunk) {
+                for (int64_t r0 = 0; r0 < T; r0 += opt.attn_chunk) {
+                    const int64_t r1 = std::min(T, r0 + opt.attn_chunk);
+                    ggml_tensor * mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, r1, r1 - r0, 1, S);
+                    ggml_format_name(mask, "kq_mask.%lld", (long long) r0);
+                    ggml_set_input(mask);
+                    in->mask_chunks.push_back({mask, r0, r1});
+                }
+            } else {
+                in->mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, T, 1, S);
+                ggml_set_name(in->mask, "kq_mask");
+                ggml_set_input(in->mask);
+            }
         }
         in->dropout_p = opt.dropout;
 
@@ -248,14 +295,29 @@ void glora_graph_set_inputs(const glora_model * model, const glora_batch * batch
                             uint64_t dropout_seed, const glora_host_inputs * host) {
     const int64_t N = (int64_t) batch->n_tokens * batch->n_seq;
     if (in.tokens) ggml_backend_tensor_set(in.tokens, batch->tokens, 0, (size_t) N * sizeof(int32_t));
-    if (in.mask) {
+    if (in.positions) {
+        const int64_t n_kv = in.mask ? in.mask->ne[0] : batch->n_tokens;
         glora_host_inputs own;
-        if (!host || host->n_kv != in.mask->ne[0]) {
-            glora_host_inputs_build(batch, in.mask->ne[0], &own);
+        if (!host || host->n_kv != n_kv) {
+            glora_host_inputs_build(batch, n_kv, &own);
             host = &own;
         }
         ggml_backend_tensor_set(in.positions, host->pos.data(), 0, host->pos.size() * sizeof(int32_t));
-        ggml_backend_tensor_set(in.mask, host->mask.data(), 0, host->mask.size() * sizeof(float));
+        if (in.mask) ggml_backend_tensor_set(in.mask, host->mask.data(), 0, host->mask.size() * sizeof(float));
+        for (ggml_tensor * z : in.zeros) ggml_backend_tensor_memset(z, 0, 0, ggml_nbytes(z));
+        std::vector<float> buf;
+        for (const glora_graph_inputs::mask_chunk & c : in.mask_chunks) {
+            // rows r0..r1 of every sequence, keys 0..r1
+            const int64_t T = batch->n_tokens, rows = c.r1 - c.r0;
+            buf.resize((size_t) (c.r1 * rows * batch->n_seq));
+            for (int64_t s = 0; s < batch->n_seq; ++s) {
+                for (int64_t t = c.r0; t < c.r1; ++t) {
+                    const float * src = host->mask.data() + (s * T + t) * n_kv;
+                    std::copy(src, src + c.r1, buf.data() + (s * rows + t - c.r0) * c.r1);
+                }
+            }
+            ggml_backend_tensor_set(c.mask, buf.data(), 0, buf.size() * sizeof(float));
+        }
     }
 
     if (in.loss_rows) {

@@ -141,6 +141,10 @@ struct glora_graph_inputs {
     ggml_tensor * tokens    = nullptr;      // I32 [n_seq*n_tokens]
     ggml_tensor * positions = nullptr;      // I32 [n_seq*n_tokens]
     ggml_tensor * mask      = nullptr;      // F32 [n_kv, n_tokens, 1, n_seq], 0 or -INF; n_kv >= n_tokens
+    // or, for causal attention in query chunks, one mask per chunk: queries [r0, r1) see keys [0, r1)
+    struct mask_chunk { ggml_tensor * mask; int64_t r0, r1; };   // mask: F32 [r1, r1 - r0, 1, n_seq]
+    std::vector<mask_chunk> mask_chunks;
+    std::vector<ggml_tensor *> zeros;       // inputs set to 0
     ggml_tensor * loss_rows = nullptr;      // I32 [n_loss]
     ggml_tensor * labels    = nullptr;      // F32 [n_vocab, n_loss] one-hot
     std::vector<ggml_tensor *> dropout;     // F32 masks, one per LoRA pair input when dropout > 0
@@ -159,6 +163,10 @@ struct glora_graph_options {
     // backward of a broadcast mul_mat only supports one sequence (ggml.c, GGML_OP_MUL_MAT backward).
     // Training graphs (and the loss graph, which must match them) set it; they also make q contiguous.
     bool  expand_gqa = false;
+    // Causal attention in chunks of this many queries, each against the keys up to its last query
+    // only: about half the products and softmax of the full T x T square over long rows (0: off;
+    // training graphs without padded keys only).
+    int64_t attn_chunk = 0;
     // Matmuls through the model's F16 copies of its quantized weights (glora_model::wf) where it has them.
     bool  f16_weights = false;
     // A slice of the model, for gradient checkpointing: blocks [layer_begin, layer_end) (layer_end < 0:
@@ -183,6 +191,7 @@ struct glora_host_inputs {
 void glora_host_inputs_build(const glora_batch * batch, int64_t n_kv, glora_host_inputs * out);
 
 constexpr int64_t GLORA_KV_PAD = 256;       // llama_kv_cache::get_n_kv pads to max(n_pad, 256)
+constexpr int64_t GLORA_ATTN_CHUNK = 256;   // query chunk of the training graphs' attention
 
 // Builds the forward pass; returns logits ne = [n_vocab, n_seq*n_tokens] (or only the loss rows when
 // batch->n_loss > 0 and rows_only).

@@ -1,5 +1,6 @@
 // Per-op timings of the graphs the library runs, to see where a step's time goes: with
-// GGML_LORA_PROFILE=1 in the environment, a table of time per op kind goes to stderr at exit. Every
+// GGML_LORA_PROFILE=1 in the environment, a table of time per op kind goes to stderr at exit (=2: per
+// op and shapes). Every
 // node then runs as a call of its own, which costs time of its own: compare shares, not totals.
 #include "glora_internal.h"
 
@@ -43,14 +44,19 @@ struct profile {
 
 profile * g_profile = nullptr;
 
+int g_level = 0;   // GGML_LORA_PROFILE=2: also the shapes
+
 std::string op_key(const ggml_tensor * t) {
     std::string key = ggml_op_desc(t);
+    if (g_level >= 2) key += " " + glora_shape_str(t);
     if (t->src[0]) {
         key += " [";
         key += ggml_type_name(t->src[0]->type);
+        if (g_level >= 2) key += " " + glora_shape_str(t->src[0]);
         if (t->src[1]) {
             key += " x ";
             key += ggml_type_name(t->src[1]->type);
+            if (g_level >= 2) key += " " + glora_shape_str(t->src[1]);
             key += ggml_is_contiguous(t->src[1]) ? " c" : " nc";
         }
         key += "]";
@@ -75,11 +81,12 @@ bool on_node(ggml_tensor * t, bool ask, void * user) {
 }  // namespace
 
 void glora_profile_attach(ggml_backend_sched_t sched) {
-    static const bool enabled = [] {
+    static const int level = [] {
         const char * v = getenv("GGML_LORA_PROFILE");
-        return v && *v && *v != '0';
+        return v ? atoi(v) : 0;
     }();
-    if (!enabled) return;
+    if (level <= 0) return;
+    g_level = level;
     static profile p;
     g_profile = &p;
     ggml_backend_sched_set_eval_callback(sched, on_node, g_profile);

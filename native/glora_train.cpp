@@ -164,6 +164,7 @@ extern "C" GLORA_API int32_t glora_loss(glora_model * model, const glora_adapter
     if (rc) return rc;
     glora_graph_options opt;
     opt.expand_gqa = true;   // the same graph as training, so losses and gradients agree exactly
+    opt.attn_chunk = GLORA_ATTN_CHUNK;
     if (adapter) {
         if ((rc = check_adapter_model(model, adapter))) return rc;
         opt.adapters.push_back({adapter, scale});

@@ -280,3 +280,28 @@ def test_pissa_starts_at_base_and_exports_a_plain_lora(tiny_model_file, tmp_path
     with BaseModel.load(tiny_model_file("llama", "q8_0"), n_threads=N_THREADS) as qmodel:
         with pytest.raises(InvalidArgumentError, match="pissa.*Q8_0"):
             Adapter.init(qmodel, LoRAConfig(rank=4, init="pissa"))
+
+
+def test_long_rows_attend_in_chunks_without_changing_the_result(tiny_model_file):
+    """Rows longer than 256 tokens attend in query chunks in the loss and training graphs (each chunk
+    against the keys up to its last query). The loss must equal the one computed from the full-square
+    forward that matches llama.cpp (model.logits), and the gradient must match finite differences as on
+    short rows. Rows of 600 tokens give chunks of 256, 256 and 88 (segments inside chunks: the packing
+    test in test_data.py). Tolerance 1e-5 relative on the loss: float32 summation order only (the
+    masked keys contribute exact zeros)."""
+    with BaseModel.load(tiny_model_file("llama", "f32", tied=False), n_threads=N_THREADS, n_ctx=1024) as model:
+        tokens = sample_tokens(model, (2, 600), seed=8)
+        with Adapter.init(model, LoRAConfig(rank=4, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+                                            layers=(1,))) as ad:
+            randomize(ad, seed=9)
+            logits = model.logits(tokens, ad).astype(np.float64)
+            logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+                - logits.max(-1, keepdims=True)
+            nll = -np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)
+            loss, n = evaluate(model, ad, tokens)
+            assert n == 2 * 599
+            assert loss == pytest.approx(float(nll.mean()), rel=1e-5)
+
+            errors = directional_check(model, ad, tokens, None, quantized=False, seed=10)
+            worst = max(errors, key=errors.get)
+            assert errors[worst] <= 1e-2, errors
