@@ -6,7 +6,8 @@
 Steady-state training tokens/s counts the steps after warm-up (forward + backward + optimizer);
 evaluation is the forward and loss only (always through the stored weights). --f16-weights trains
 through F16 copies of the quantized weights (TrainingConfig.f16_weights). Peak RSS is the process's
-high-water mark so far (Linux). GGML_LORA_PROFILE=1 adds a table of time per ggml op at exit (stderr).
+high-water mark so far (Linux), evaluation included; train_peak_rss_mib the mark before evaluating
+(the one-graph evaluation of a long row holds all its logits at once). GGML_LORA_PROFILE=1 adds a table of time per ggml op at exit (stderr).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def run(model: BaseModel, cfg: Config, steps: int, warmup: int, f16: bool = Fals
                 t0 = time.perf_counter()
                 res = ctx.step([loss_batch(model, tokens[i])], learning_rate=1e-4, step=i + 1, max_grad_norm=1.0)
                 times.append(time.perf_counter() - t0)
+        train_peak = peak_rss_mib()
         t0 = time.perf_counter()
         evaluate(model, ad, tokens[0])
         eval_s = time.perf_counter() - t0
@@ -79,7 +81,8 @@ def run(model: BaseModel, cfg: Config, steps: int, warmup: int, f16: bool = Fals
     return {"config": cfg.name, "f16_weights": f16, "rank": cfg.rank, "targets": list(cfg.targets),
             "batch": cfg.batch, "length": cfg.length, "gradient_checkpointing": cfg.checkpointing, "steps": steps, "step_s": round(step_s, 3),
             "train_tokens_per_s": round(n / step_s, 1), "eval_tokens_per_s": round(n / eval_s, 1),
-            "last_loss": round(res.loss, 4), "peak_rss_mib": round(peak_rss_mib(), 1)}
+            "last_loss": round(res.loss, 4), "peak_rss_mib": round(peak_rss_mib(), 1),
+            "train_peak_rss_mib": round(train_peak, 1)}
 
 
 def main() -> None:

@@ -4,9 +4,11 @@
     python benchmarks/compare.py --quality [--quality-steps 30] [--threads N]
 
 Every run is a fresh process (one configuration, one implementation), so each peak RSS is that run's.
-Within a repeat the two implementations run back to back and the order flips every repeat, so slow
-drift of the machine falls on both. Ratios are ours / PEFT per repeat (paired), reported as the median
-and the min-max over repeats; the tokens/s columns are medians. "eval vs llama.cpp" divides our eval
+ggml-lora runs twice, as configured by default (training through the stored quantized weights) and
+with --f16-weights (training forward through F16 copies). Within a repeat the implementations run back
+to back and the order rotates every repeat, so slow drift of the machine falls on all. Ratios are
+ours / PEFT per repeat (paired), reported as the median and the min-max over repeats; the tokens/s
+columns are medians. "eval vs llama.cpp" divides our eval
 tokens/s (forward + loss over every position) by llama-cpp-python's prompt processing of the same ids
 on the same threads (logits of the last token only, so llama.cpp does less work per token).
 
@@ -28,7 +30,7 @@ from bench_train import CONFIGS, default_model
 from peft_baseline import bench_tokens
 
 HERE = Path(__file__).resolve().parent
-IMPLS = {"ours": "ggml-lora", "peft": "peft", "llama": "llama-cpp-python"}
+IMPLS = {"ours": "ggml-lora", "f16": "ggml-lora --f16-weights", "peft": "peft", "llama": "llama-cpp-python"}
 
 
 def run_json(cmd: list[str], impl: str) -> dict:
@@ -64,38 +66,50 @@ def spread(values: list[float]) -> dict:
     return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
 
 
-def summarize(name: str, ours: list[dict], peft: list[dict], llama: list[dict]) -> dict:
-    def med(runs: list[dict], key: str) -> float:
-        return round(statistics.median(r[key] for r in runs), 1)
+def summarize(name: str, runs: dict[str, list[dict]]) -> dict:
+    def med(impl: str, key: str) -> float:
+        return round(statistics.median(r[key] for r in runs[impl]), 1)
 
-    def ratio(a: list[dict], b: list[dict], key: str) -> dict:
-        return spread([x[key] / y[key] for x, y in zip(a, b)])
+    def ratio(a: str, b: str, key: str) -> dict:
+        return spread([x[key] / y[key] for x, y in zip(runs[a], runs[b])])
 
-    return {"config": name, "repeats": len(ours),
-            "ours_train_tokens_per_s": med(ours, "train_tokens_per_s"),
-            "peft_train_tokens_per_s": med(peft, "train_tokens_per_s"),
-            "train_ratio": ratio(ours, peft, "train_tokens_per_s"),
-            "ours_peak_rss_mib": med(ours, "peak_rss_mib"), "peft_peak_rss_mib": med(peft, "peak_rss_mib"),
-            "peak_rss_ratio": ratio(ours, peft, "peak_rss_mib"),
-            "ours_eval_tokens_per_s": med(ours, "eval_tokens_per_s"),
-            "peft_eval_tokens_per_s": med(peft, "eval_tokens_per_s"),
-            "eval_ratio": ratio(ours, peft, "eval_tokens_per_s"),
-            "llama_cpp_eval_tokens_per_s": med(llama, "eval_tokens_per_s"),
-            "eval_vs_llama_cpp": ratio(ours, llama, "eval_tokens_per_s")}
+    out = {"config": name, "repeats": len(runs["ours"])}
+    for impl in ("ours", "f16", "peft"):
+        out[f"{impl}_train_tokens_per_s"] = med(impl, "train_tokens_per_s")
+        out[f"{impl}_peak_rss_mib"] = med(impl, "peak_rss_mib")
+    for impl in ("ours", "f16"):
+        out[f"{impl}_train_ratio"] = ratio(impl, "peft", "train_tokens_per_s")
+        out[f"{impl}_peak_rss_ratio"] = ratio(impl, "peft", "peak_rss_mib")
+    out |= {"ours_eval_tokens_per_s": med("ours", "eval_tokens_per_s"),
+            "peft_eval_tokens_per_s": med("peft", "eval_tokens_per_s"),
+            "eval_ratio": ratio("ours", "peft", "eval_tokens_per_s"),
+            "llama_cpp_eval_tokens_per_s": med("llama", "eval_tokens_per_s"),
+            "eval_vs_llama_cpp": ratio("ours", "llama", "eval_tokens_per_s")}
+    return out
 
 
 def markdown(rows: list[dict], threads: int) -> str:
     def r(s: dict) -> str:
         return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
 
-    lines = [f"ggml-lora vs PyTorch + PEFT, {threads} threads; ratios are ggml-lora / other, median (min-max)", "",
-             ("| config | ggml-lora train tok/s | PEFT train tok/s | train ratio | ggml-lora peak RSS MiB "
-              "| PEFT peak RSS MiB | RSS ratio | eval ratio | eval vs llama.cpp |"),
+    lines = [f"ggml-lora vs PyTorch + PEFT, {threads} threads; ratios are ggml-lora / other, median (min-max); "
+             "f16: ggml-lora with --f16-weights", "",
+             ("| config | train tok/s ggml-lora / f16 / PEFT | train ratio | train ratio f16 "
+              "| peak RSS MiB ggml-lora / f16 / PEFT | RSS ratio | RSS ratio f16 | eval ratio | eval vs llama.cpp |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in rows:
-        lines.append(f"| {s['config']} | {s['ours_train_tokens_per_s']:.0f} | {s['peft_train_tokens_per_s']:.0f} "
-                     f"| {r(s['train_ratio'])} | {s['ours_peak_rss_mib']:.0f} | {s['peft_peak_rss_mib']:.0f} "
-                     f"| {r(s['peak_rss_ratio'])} | {r(s['eval_ratio'])} | {r(s['eval_vs_llama_cpp'])} |")
+        lines.append(f"| {s['config']} | {s['ours_train_tokens_per_s']:.0f} / {s['f16_train_tokens_per_s']:.0f} / "
+                     f"{s['peft_train_tokens_per_s']:.0f} | {r(s['ours_train_ratio'])} | {r(s['f16_train_ratio'])} "
+                     f"| {s['ours_peak_rss_mib']:.0f} / {s['f16_peak_rss_mib']:.0f} / {s['peft_peak_rss_mib']:.0f} "
+                     f"| {r(s['ours_peak_rss_ratio'])} | {r(s['f16_peak_rss_ratio'])} | {r(s['eval_ratio'])} "
+                     f"| {r(s['eval_vs_llama_cpp'])} |")
+    by_name = {s["config"]: s for s in rows}
+    if "r8-qv-1x2048-gc" in by_name and "r8-qv-4x512" in by_name:
+        long, short = by_name["r8-qv-1x2048-gc"], by_name["r8-qv-4x512"]
+        lines += ["", "1x2048 with gradient checkpointing / 4x512 without, train tok/s: "
+                  f"{long['ours_train_tokens_per_s'] / short['ours_train_tokens_per_s']:.2f} "
+                  f"(f16: {long['f16_train_tokens_per_s'] / short['f16_train_tokens_per_s']:.2f}); "
+                  f"1x2048 peak RSS {long['ours_peak_rss_mib']:.0f} MiB (f16: {long['f16_peak_rss_mib']:.0f})"]
     return "\n".join(lines)
 
 
@@ -138,16 +152,18 @@ def main() -> None:
     common = ["--model", str(path), "--threads", str(args.threads), "--steps", str(args.steps),
               "--warmup", str(args.warmup)]
     names = args.config or sorted(CONFIGS)
-    runs = {name: {"ours": [], "peft": [], "llama": []} for name in names}
+    runs = {name: {impl: [] for impl in IMPLS} for name in names}
     for repeat in range(args.repeats):
         for name in names:
-            cmds = {"ours": [str(HERE / "bench_train.py"), "--device", "CPU", "--config", name, *common],
+            ours = [str(HERE / "bench_train.py"), "--device", "CPU", "--config", name, *common]
+            cmds = {"ours": ours, "f16": [*ours, "--f16-weights"],
                     "peft": [str(HERE / "peft_baseline.py"), "--in-process", "--config", name, *common],
                     "llama": [str(HERE / "compare.py"), "--llama-cpp-eval", name, *common]}
-            order = ("ours", "peft") if repeat % 2 == 0 else ("peft", "ours")
+            order = ["ours", "f16", "peft"]
+            order = order[repeat % 3:] + order[:repeat % 3]
             for impl in (*order, "llama"):
                 runs[name][impl].append(run_json(cmds[impl], IMPLS[impl]))
-    rows = [summarize(name, r["ours"], r["peft"], r["llama"]) for name, r in runs.items()]
+    rows = [summarize(name, r) for name, r in runs.items()]
     for row in rows:
         print(json.dumps(row))
     print()

@@ -109,6 +109,8 @@ def run(path: Path, cfg: Config, steps: int, warmup: int) -> dict:
     lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=list(cfg.targets), lora_dropout=0.0,
                       bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(load_hf(path), lora)
+    if cfg.checkpointing:   # transformers' own activation checkpointing, as ggml-lora's run of this config
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     load_peak = peak_rss_mib()
     hwm = reset_peak_rss()
@@ -125,7 +127,7 @@ def run(path: Path, cfg: Config, steps: int, warmup: int) -> dict:
     step_s = float(np.mean(times[warmup:]))
     n = cfg.batch * cfg.length
     return {"config": cfg.name, "rank": cfg.rank, "targets": list(cfg.targets), "batch": cfg.batch,
-            "length": cfg.length, "steps": steps, "step_s": round(step_s, 3),
+            "length": cfg.length, "gradient_checkpointing": cfg.checkpointing, "steps": steps, "step_s": round(step_s, 3),
             "train_tokens_per_s": round(n / step_s, 1), "eval_tokens_per_s": round(n / eval_s, 1),
             # clear_refs lowers ru_maxrss too: the process peak is the larger of the two marks
             "last_loss": round(loss, 4), "peak_rss_mib": round(max(load_peak, peak_rss_mib()), 1),

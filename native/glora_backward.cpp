@@ -113,33 +113,6 @@ ggml_tensor * transposed_operand(const glora_model * m, ggml_context * ctx, ggml
                           GGML_N_TASKS_MAX, nullptr);
 }
 
-// ggml's CPU out_prod in F32 is a loop of axpy's over rows, several times slower than its mul_mat
-// kernels (the attention backward spent ~14% of a step there). out_prod(a, b) sums over dim 1 of both,
-// mul_mat over dim 0, so out_prod(a, b) = mul_mat(aᵀ, bᵀ), with the same broadcast of a over b's dims 2
-// and 3. Small products (LoRA's rank dimension) stay as they are: transposing would cost more than it saves.
-// Returns gf, or a new graph with the transposes in order when any node changed.
-ggml_cgraph * out_prods_as_mul_mat(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf, size_t graph_size) {
-    constexpr int64_t min_dim = 32;
-    bool changed = false;
-    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
-        ggml_tensor * node = ggml_graph_node(gf, i);
-        if (node->op != GGML_OP_OUT_PROD) continue;
-        ggml_tensor * a = node->src[0];
-        ggml_tensor * b = node->src[1];
-        if (a->type != GGML_TYPE_F32 || b->type != GGML_TYPE_F32) continue;
-        if (node->ne[0] < min_dim || node->ne[1] < min_dim || a->ne[1] < min_dim) continue;
-        node->src[0] = transposed_operand(m, ctx, a);   // [K, a.ne0, a.ne2, a.ne3]
-        node->src[1] = transposed_operand(m, ctx, b);   // [K, b.ne0, b.ne2, b.ne3]
-        node->op = GGML_OP_MUL_MAT;                     // -> [a.ne0, b.ne0, b.ne2, b.ne3], out_prod's shape
-        memset(node->op_params, 0, sizeof(node->op_params));
-        changed = true;
-    }
-    if (!changed) return gf;
-    // the same nodes in the same order; expanding each pulls in its new transposes just before it
-    ggml_cgraph * out = ggml_new_graph_custom(ctx, graph_size, false);
-    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) ggml_build_forward_expand(out, ggml_graph_node(gf, i));
-    return out;
-}
 
 // Adds the backward of `loss` to *gf (params accumulate into acc) and returns the loss seed, an input
 // set to 1 so that the accumulators are not reset by ggml_graph_reset. *gf may be replaced by a graph
@@ -155,7 +128,7 @@ ggml_tensor * build_backward(const glora_model * m, ggml_context * ctx, ggml_cgr
     use_transposed_weights(m, *gf);
     ggml_tensor * seed = ggml_graph_get_grad(*gf, loss);
     ggml_set_input(seed);
-    *gf = out_prods_as_mul_mat(m, ctx, *gf, graph_size);
+    *gf = glora_faster_products(m, ctx, *gf, graph_size);
     return seed;
 }
 
@@ -295,6 +268,7 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
         ggml_tensor * out = ggml_cpy(g.ctx, y, t->ckpt[(size_t) (il + 1)]);
         ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, GRAPH_SIZE_BLOCK, false);
         ggml_build_forward_expand(gf, out);
+        gf = glora_faster_products(m, g.ctx, gf, GRAPH_SIZE_BLOCK);   // the products the recompute runs
         if ((rc = exec(gf, [&] { glora_graph_set_inputs(m, batch, in, dropout_seed, &host); }))) return rc;
     }
 
@@ -368,6 +342,51 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
 }
 
 }  // namespace
+
+// ggml's CPU out_prod in F32 is a loop of axpy's of length ne0 over rows, several times slower than its
+// mul_mat kernels (the attention backward spent ~14% of a step there), and far slower for short rows
+// (LoRA's rank: d(A·x) = Bᵀ·d(B·A·x) has rows of `rank` floats). out_prod(a, b) sums over dim 1 of both,
+// mul_mat over dim 0, so out_prod(a, b) = mul_mat(aᵀ, bᵀ), with the same broadcast of a over b's dims 2
+// and 3. Products with long rows but a short side (dA: [n_in, rank]) or a short sum (K = rank) stay as
+// they are: there the axpy's are long and a transpose would cost more than it saves.
+// Returns gf, or a new graph with the transposes in order when any node changed.
+ggml_cgraph * glora_faster_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf, size_t graph_size) {
+    constexpr int64_t min_dim = 32;
+    bool changed = false;
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        if (node->op != GGML_OP_OUT_PROD) continue;
+        ggml_tensor * a = node->src[0];
+        ggml_tensor * b = node->src[1];
+        if (a->type != GGML_TYPE_F32 || b->type != GGML_TYPE_F32) continue;
+        if (a->ne[1] < min_dim || (node->ne[0] >= min_dim && node->ne[1] < min_dim)) continue;
+        node->src[0] = transposed_operand(m, ctx, a);   // [K, a.ne0, a.ne2, a.ne3]
+        node->src[1] = transposed_operand(m, ctx, b);   // [K, b.ne0, b.ne2, b.ne3]
+        node->op = GGML_OP_MUL_MAT;                     // -> [a.ne0, b.ne0, b.ne2, b.ne3], out_prod's shape
+        memset(node->op_params, 0, sizeof(node->op_params));
+        changed = true;
+    }
+    // The other way round for LoRA's B·(A·x): a mul_mat whose dot products are `rank` long runs at a
+    // few GFLOP/s on the CPU, while out_prod does it as `rank` long axpy's per output column.
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        if (node->op != GGML_OP_MUL_MAT || !ggml_backend_is_cpu(m->be.main)) continue;
+        ggml_tensor * x = node->src[0];                 // [K, M]
+        ggml_tensor * y = node->src[1];                 // [K, N]
+        if (x->type != GGML_TYPE_F32 || y->type != GGML_TYPE_F32 || ggml_n_dims(x) > 2 || ggml_n_dims(y) > 2) continue;
+        if (x->ne[0] >= min_dim || node->ne[0] < min_dim || node->ne[1] < min_dim) continue;
+        node->src[0] = transposed_operand(m, ctx, x);   // [M, K], contiguous
+        node->src[1] = ggml_transpose(ctx, y);          // [N, K], a view
+        node->op = GGML_OP_OUT_PROD;                    // -> [M, N], mul_mat's shape
+        memset(node->op_params, 0, sizeof(node->op_params));
+        changed = true;
+    }
+    if (!changed) return gf;
+    // the same nodes in the same order; expanding each pulls in its new transposes just before it
+    ggml_cgraph * out = ggml_new_graph_custom(ctx, graph_size, false);
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) ggml_build_forward_expand(out, ggml_graph_node(gf, i));
+    return out;
+}
 
 int32_t glora_trainer_backward(glora_trainer * trainer, const glora_batch * batch, float loss_weight,
                                uint64_t dropout_seed, double * out_loss_sum, size_t * measure) {

@@ -42,8 +42,14 @@ struct builder {
                 xin = ggml_mul(ctx, x, mask);
             }
             ggml_tensor * ax = ggml_mul_mat(ctx, p->a, xin);   // [rank, N]
-            ggml_tensor * ab = ggml_mul_mat(ctx, p->b, ax);    // [n_out, N]
-            ab  = ggml_scale(ctx, ab, scale);
+            ggml_tensor * ab;                                  // [n_out, N]
+            if (opt.expand_gqa) {
+                // training graphs scale the small [rank, N] product instead of the [n_out, N] one (the
+                // same value up to rounding; one pass over a big activation less, forward and backward)
+                ab = ggml_mul_mat(ctx, p->b, ggml_scale(ctx, ax, scale));
+            } else {
+                ab = ggml_scale(ctx, ggml_mul_mat(ctx, p->b, ax), scale);   // llama.cpp's order
+            }
             res = ggml_add(ctx, res, ab);
         }
         return res;

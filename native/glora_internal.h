@@ -161,7 +161,8 @@ struct glora_graph_options {
     bool  pad_kv  = false;
     // Give every query head its own copy of K and V instead of broadcasting the shared KV heads: the
     // backward of a broadcast mul_mat only supports one sequence (ggml.c, GGML_OP_MUL_MAT backward).
-    // Training graphs (and the loss graph, which must match them) set it; they also make q contiguous.
+    // Training graphs (and the loss graph, which must match them) set it; they also make q contiguous
+    // and scale LoRA's [rank, N] product rather than the [n_out, N] one (llama.cpp's order).
     bool  expand_gqa = false;
     // Causal attention in chunks of this many queries, each against the keys up to its last query
     // only: about half the products and softmax of the full T x T square over long rows (0: off;
@@ -215,6 +216,11 @@ ggml_context * glora_graph_ctx(size_t n_nodes);
 // Allocates the graph's tensors with the model's scheduler, and runs it.
 int32_t glora_graph_alloc(glora_model * model, ggml_cgraph * gf);
 int32_t glora_graph_compute(glora_model * model, ggml_cgraph * gf);
+// The training graphs' products in their fastest CPU form: big out_prods as mul_mat of transposed
+// operands, mul_mats with short dot products (LoRA's rank) as out_prod. Returns gf, or a new graph of
+// the same computation (allocated in ctx) when any node changed. Every graph whose numbers must agree
+// with a training graph's (the loss graph, the checkpointed forward) goes through it too.
+ggml_cgraph * glora_faster_products(const glora_model * model, ggml_context * ctx, ggml_cgraph * gf, size_t graph_size);
 // With GGML_LORA_PROFILE=1: times every node the scheduler runs, by op, and prints a table at exit.
 void glora_profile_attach(ggml_backend_sched_t sched);
 

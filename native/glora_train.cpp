@@ -176,6 +176,7 @@ extern "C" GLORA_API int32_t glora_loss(glora_model * model, const glora_adapter
     ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in);
     ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, model->graph_size, false);
     ggml_build_forward_expand(gf, loss);
+    gf = glora_faster_products(model, g.ctx, gf, model->graph_size);
     if ((rc = alloc_graph(model, gf))) return rc;
     glora_graph_set_inputs(model, batch, in, 0);
     if ((rc = run(model, gf))) return rc;
