@@ -157,7 +157,8 @@ def quality(path: Path, steps: int, threads: int | None) -> dict:
     after = eval_loss(model, valid)
     return {"impl": "peft", "quality": QUALITY.name, "steps": steps, "learning_rate": Q_LR,
             "valid_loss_before": round(before, 5), "valid_loss_after": round(after, 5),
-            "train_loss_first": round(losses[0], 5), "train_loss_last": round(losses[-1], 5)}
+            "train_loss_first": round(losses[0], 5), "train_loss_last": round(losses[-1], 5),
+            "train_losses": [round(x, 4) for x in losses]}
 
 
 def header(path: Path, threads: int | None) -> dict:
