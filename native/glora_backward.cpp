@@ -117,8 +117,14 @@ ggml_tensor * transposed_operand(const glora_model * m, ggml_context * ctx, ggml
 // Adds the backward of `loss` to *gf (params accumulate into acc) and returns the loss seed, an input
 // set to 1 so that the accumulators are not reset by ggml_graph_reset. *gf may be replaced by a graph
 // of the same computation with faster ops.
+//
+// The loss is built unweighted (a sum over rows, so the gradient of every logit row is O(1)) and the
+// contributions to the parameters' accumulators are scaled by `param_scale` (the loss weight) as they
+// are added, in F32. Weighting the loss itself (1/tokens) made the activation gradients so small that
+// the backward products, which round them to F16 against the F16 weight copies, lost them to
+// underflow: on SmolLM2 4x256 the LoRA gradients came out 20-30% off PyTorch's, and training lagged.
 ggml_tensor * build_backward(const glora_model * m, ggml_context * ctx, ggml_cgraph ** gf, size_t graph_size,
-                             ggml_tensor * loss, const acc_map & acc) {
+                             ggml_tensor * loss, const acc_map & acc, const glora_trainer * t, float param_scale) {
     std::vector<ggml_tensor *> grad_accs((size_t) ggml_graph_n_nodes(*gf), nullptr);
     for (int i = 0; i < ggml_graph_n_nodes(*gf); ++i) {
         auto it = acc.find(ggml_graph_node(*gf, i));
@@ -126,6 +132,24 @@ ggml_tensor * build_backward(const glora_model * m, ggml_context * ctx, ggml_cgr
     }
     ggml_build_backward_expand(ctx, *gf, grad_accs.data());
     use_transposed_weights(m, *gf);
+    bool scaled = false;
+    for (int i = 0; i < ggml_graph_n_nodes(*gf); ++i) {
+        ggml_tensor * node = ggml_graph_node(*gf, i);
+        if (node->op != GGML_OP_ADD || !node->view_src) continue;
+        if (std::find(t->grad.begin(), t->grad.end(), node->view_src) == t->grad.end()) continue;
+        ggml_tensor * contrib = node->src[1];
+        if (!ggml_is_contiguous(contrib)) contrib = ggml_cont(ctx, contrib);
+        node->src[1] = ggml_scale(ctx, contrib, param_scale);
+        scaled = true;
+    }
+    if (scaled) {
+        ggml_cgraph * out = ggml_new_graph_custom(ctx, graph_size, false);
+        for (int i = 0; i < ggml_graph_n_nodes(*gf); ++i) ggml_build_forward_expand(out, ggml_graph_node(*gf, i));
+        ggml_tensor * seed = ggml_graph_get_grad(*gf, loss);
+        ggml_set_input(seed);
+        *gf = glora_faster_products(m, ctx, out, graph_size);
+        return seed;
+    }
     ggml_tensor * seed = ggml_graph_get_grad(*gf, loss);
     ggml_set_input(seed);
     *gf = glora_faster_products(m, ctx, *gf, graph_size);
@@ -182,17 +206,17 @@ int32_t backward_one_graph(glora_trainer * t, const glora_batch * batch, float l
     graph_ctx g(m->graph_size);
     glora_graph_inputs in;
     ggml_tensor * logits = glora_build_forward(g.ctx, m, batch, training_options(t), true, &in);
-    ggml_tensor * loss = glora_build_loss(g.ctx, logits, loss_weight, &in);
+    ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in);
     ggml_set_loss(loss);
     ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, m->graph_size, true);
     ggml_build_forward_expand(gf, loss);
-    ggml_tensor * seed = build_backward(m, g.ctx, &gf, m->graph_size, loss, accumulators(t));
+    ggml_tensor * seed = build_backward(m, g.ctx, &gf, m->graph_size, loss, accumulators(t), t, loss_weight);
     int32_t rc = executor{m, measure, plan}(gf, [&] {
         glora_graph_set_inputs(m, batch, in, dropout_seed);
         set_one(seed);
     });
     if (rc || measure) return rc;
-    *out_loss_sum = (double) read_scalar(loss) / (double) loss_weight;
+    *out_loss_sum = (double) read_scalar(loss);
     return GLORA_OK;
 }
 
@@ -290,13 +314,13 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
         ggml_set_param(opt.x_in);
         glora_graph_inputs in;
         ggml_tensor * logits = glora_build_forward(g.ctx, m, &sub, opt, true, &in);
-        ggml_tensor * loss = glora_build_loss(g.ctx, logits, loss_weight, &in);
+        ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in);
         ggml_set_loss(loss);
         ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, GRAPH_SIZE_BLOCK, true);
         ggml_build_forward_expand(gf, loss);
         acc_map acc = accumulators(t);
         acc[opt.x_in] = d_top;
-        ggml_tensor * seed = build_backward(m, g.ctx, &gf, GRAPH_SIZE_BLOCK, loss, acc);
+        ggml_tensor * seed = build_backward(m, g.ctx, &gf, GRAPH_SIZE_BLOCK, loss, acc, t, loss_weight);
         if ((rc = exec(gf, [&] {
                  glora_graph_set_inputs(m, &sub, in, dropout_seed, &host);
                  set_one(seed);
@@ -328,7 +352,7 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
         acc_map acc = accumulators(t);
         ggml_tensor * dx = t->dx[(size_t) (il & 1)];
         if (need_dx) acc[opt.x_in] = dx;
-        ggml_tensor * seed = build_backward(m, g.ctx, &gf, GRAPH_SIZE_BLOCK, loss, acc);
+        ggml_tensor * seed = build_backward(m, g.ctx, &gf, GRAPH_SIZE_BLOCK, loss, acc, t, loss_weight);
         if ((rc = exec(gf, [&] {
                  if (need_dx) ggml_backend_tensor_memset(dx, 0, 0, ggml_nbytes(dx));
                  glora_graph_set_inputs(m, batch, in, dropout_seed, &host);
@@ -337,7 +361,7 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
             return rc;
         }
     }
-    if (!measure) *out_loss_sum = loss_sum / (double) loss_weight;
+    if (!measure) *out_loss_sum = loss_sum;
     return GLORA_OK;
 }
 

@@ -191,7 +191,7 @@ void glora_backends_free(glora_backends * b) {
 
 ggml_context * glora_graph_ctx(size_t n_nodes) {
     ggml_init_params p = {
-        /*.mem_size   =*/ ggml_tensor_overhead() * n_nodes * 2 + 2 * ggml_graph_overhead_custom(n_nodes, true),
+        /*.mem_size   =*/ ggml_tensor_overhead() * n_nodes * 2 + 3 * ggml_graph_overhead_custom(n_nodes, true),
         /*.mem_buffer =*/ nullptr,
         /*.no_alloc   =*/ true,
     };

@@ -210,7 +210,7 @@ int32_t glora_validate_batch(const glora_model * model, const glora_batch * batc
 int32_t glora_model_prepare_backward(glora_model * model);
 int32_t glora_model_prepare_f16_forward(glora_model * model);
 
-// A context for the metadata of a graph of n_nodes (and of one rewrite of it), sized from ggml's own overheads.
+// A context for the metadata of a graph of n_nodes (and of two rewrites of it), sized from ggml's own overheads.
 ggml_context * glora_graph_ctx(size_t n_nodes);
 
 // Allocates the graph's tensors with the model's scheduler, and runs it.
