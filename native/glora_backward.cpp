@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstring>
 #include <unordered_map>
+#include <unordered_set>
 
 int32_t glora_graph_alloc(glora_model * m, ggml_cgraph * gf) {
     ggml_backend_sched_reset(m->sched);
@@ -114,6 +115,13 @@ ggml_tensor * transposed_operand(const glora_model * m, ggml_context * ctx, ggml
 }
 
 
+// The nodes of gf, in order, in a new graph; expanding each pulls in the nodes a rewrite gave it.
+ggml_cgraph * in_order(ggml_context * ctx, ggml_cgraph * gf, size_t graph_size) {
+    ggml_cgraph * out = ggml_new_graph_custom(ctx, graph_size, false);
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) ggml_build_forward_expand(out, ggml_graph_node(gf, i));
+    return out;
+}
+
 // Adds the backward of `loss` to *gf (params accumulate into acc) and returns the loss seed, an input
 // set to 1 so that the accumulators are not reset by ggml_graph_reset. *gf may be replaced by a graph
 // of the same computation with faster ops.
@@ -132,26 +140,19 @@ ggml_tensor * build_backward(const glora_model * m, ggml_context * ctx, ggml_cgr
     }
     ggml_build_backward_expand(ctx, *gf, grad_accs.data());
     use_transposed_weights(m, *gf);
+    ggml_tensor * seed = ggml_graph_get_grad(*gf, loss);
+    ggml_set_input(seed);
+    const std::unordered_set<const ggml_tensor *> params(t->grad.begin(), t->grad.end());
     bool scaled = false;
     for (int i = 0; i < ggml_graph_n_nodes(*gf); ++i) {
         ggml_tensor * node = ggml_graph_node(*gf, i);
-        if (node->op != GGML_OP_ADD || !node->view_src) continue;
-        if (std::find(t->grad.begin(), t->grad.end(), node->view_src) == t->grad.end()) continue;
+        if (node->op != GGML_OP_ADD || !params.count(node->view_src)) continue;   // acc += contribution
         ggml_tensor * contrib = node->src[1];
         if (!ggml_is_contiguous(contrib)) contrib = ggml_cont(ctx, contrib);
         node->src[1] = ggml_scale(ctx, contrib, param_scale);
         scaled = true;
     }
-    if (scaled) {
-        ggml_cgraph * out = ggml_new_graph_custom(ctx, graph_size, false);
-        for (int i = 0; i < ggml_graph_n_nodes(*gf); ++i) ggml_build_forward_expand(out, ggml_graph_node(*gf, i));
-        ggml_tensor * seed = ggml_graph_get_grad(*gf, loss);
-        ggml_set_input(seed);
-        *gf = glora_faster_products(m, ctx, out, graph_size);
-        return seed;
-    }
-    ggml_tensor * seed = ggml_graph_get_grad(*gf, loss);
-    ggml_set_input(seed);
+    if (scaled) *gf = in_order(ctx, *gf, graph_size);
     *gf = glora_faster_products(m, ctx, *gf, graph_size);
     return seed;
 }
@@ -376,6 +377,7 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
 // Returns gf, or a new graph with the transposes in order when any node changed.
 ggml_cgraph * glora_faster_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf, size_t graph_size) {
     constexpr int64_t min_dim = 32;
+    const bool cpu = ggml_backend_is_cpu(m->be.main);
     bool changed = false;
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         ggml_tensor * node = ggml_graph_node(gf, i);
@@ -394,7 +396,7 @@ ggml_cgraph * glora_faster_products(const glora_model * m, ggml_context * ctx, g
     // few GFLOP/s on the CPU, while out_prod does it as `rank` long axpy's per output column.
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         ggml_tensor * node = ggml_graph_node(gf, i);
-        if (node->op != GGML_OP_MUL_MAT || !ggml_backend_is_cpu(m->be.main)) continue;
+        if (node->op != GGML_OP_MUL_MAT || !cpu) continue;
         ggml_tensor * x = node->src[0];                 // [K, M]
         ggml_tensor * y = node->src[1];                 // [K, N]
         if (x->type != GGML_TYPE_F32 || y->type != GGML_TYPE_F32 || ggml_n_dims(x) > 2 || ggml_n_dims(y) > 2) continue;
@@ -405,11 +407,7 @@ ggml_cgraph * glora_faster_products(const glora_model * m, ggml_context * ctx, g
         memset(node->op_params, 0, sizeof(node->op_params));
         changed = true;
     }
-    if (!changed) return gf;
-    // the same nodes in the same order; expanding each pulls in its new transposes just before it
-    ggml_cgraph * out = ggml_new_graph_custom(ctx, graph_size, false);
-    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) ggml_build_forward_expand(out, ggml_graph_node(gf, i));
-    return out;
+    return changed ? in_order(ctx, gf, graph_size) : gf;
 }
 
 int32_t glora_trainer_backward(glora_trainer * trainer, const glora_batch * batch, float loss_weight,
