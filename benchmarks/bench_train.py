@@ -4,8 +4,9 @@
                                      [--f16-weights] [--config r8-qv-4x256 ...]
 
 Steady-state training tokens/s counts the steps after warm-up (forward + backward + optimizer);
-evaluation is the forward and loss only (always through the stored weights). --f16-weights trains
-through F16 copies of the quantized weights (TrainingConfig.f16_weights). Peak RSS is the process's
+evaluation is the forward and loss only, timed on its second call (the first builds and allocates).
+--f16-weights trains and evaluates through F16 copies of the quantized weights
+(TrainingConfig.f16_weights, evaluate(f16_weights=True)); without it both use the stored blocks. Peak RSS is the process's
 high-water mark so far (Linux), evaluation included; train_peak_rss_mib the mark before evaluating
 (the one-graph evaluation of a long row holds all its logits at once). GGML_LORA_PROFILE=1 adds a table of time per ggml op at exit (stderr).
 """
@@ -73,8 +74,9 @@ def run(model: BaseModel, cfg: Config, steps: int, warmup: int, f16: bool = Fals
                 res = ctx.step([loss_batch(model, tokens[i])], learning_rate=1e-4, step=i + 1, max_grad_norm=1.0)
                 times.append(time.perf_counter() - t0)
         train_peak = peak_rss_mib()
+        evaluate(model, ad, tokens[0], f16_weights=f16)        # warm-up, untimed, like llama.cpp's side
         t0 = time.perf_counter()
-        evaluate(model, ad, tokens[0])
+        evaluate(model, ad, tokens[0], f16_weights=f16)
         eval_s = time.perf_counter() - t0
     step_s = float(np.mean(times[warmup:]))
     n = cfg.batch * cfg.length

@@ -10,7 +10,9 @@ to back and the order rotates every repeat, so slow drift of the machine falls o
 ours / PEFT per repeat (paired), reported as the median and the min-max over repeats; the tokens/s
 columns are medians. "eval vs llama.cpp" divides our eval
 tokens/s (forward + loss over every position) by llama-cpp-python's prompt processing of the same ids
-on the same threads (logits of the last token only, so llama.cpp does less work per token).
+on the same threads (logits of the last token only, so llama.cpp does less work per token); "f16"
+evaluates through the F16 copies (evaluate(f16_weights=True)), the plain column through the stored
+blocks, as llama.cpp does.
 
 stdout: one JSON object per configuration, then a Markdown table; every single run's JSON goes to stderr.
 """
@@ -84,7 +86,9 @@ def summarize(name: str, runs: dict[str, list[dict]]) -> dict:
             "peft_eval_tokens_per_s": med("peft", "eval_tokens_per_s"),
             "eval_ratio": ratio("ours", "peft", "eval_tokens_per_s"),
             "llama_cpp_eval_tokens_per_s": med("llama", "eval_tokens_per_s"),
-            "eval_vs_llama_cpp": ratio("ours", "llama", "eval_tokens_per_s")}
+            "eval_vs_llama_cpp": ratio("ours", "llama", "eval_tokens_per_s"),
+            "f16_eval_tokens_per_s": med("f16", "eval_tokens_per_s"),
+            "f16_eval_vs_llama_cpp": ratio("f16", "llama", "eval_tokens_per_s")}
     return out
 
 
@@ -95,14 +99,17 @@ def markdown(rows: list[dict], threads: int) -> str:
     lines = [f"ggml-lora vs PyTorch + PEFT, {threads} threads; ratios are ggml-lora / other, median (min-max); "
              "f16: ggml-lora with --f16-weights", "",
              ("| config | train tok/s ggml-lora / f16 / PEFT | train ratio | train ratio f16 "
-              "| peak RSS MiB ggml-lora / f16 / PEFT | RSS ratio | RSS ratio f16 | eval ratio | eval vs llama.cpp |"),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| peak RSS MiB ggml-lora / f16 / PEFT | RSS ratio | RSS ratio f16 | eval ratio "
+              "| eval tok/s ggml-lora / f16 / llama.cpp | eval vs llama.cpp | eval f16 vs llama.cpp |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in rows:
         lines.append(f"| {s['config']} | {s['ours_train_tokens_per_s']:.0f} / {s['f16_train_tokens_per_s']:.0f} / "
                      f"{s['peft_train_tokens_per_s']:.0f} | {r(s['ours_train_ratio'])} | {r(s['f16_train_ratio'])} "
                      f"| {s['ours_peak_rss_mib']:.0f} / {s['f16_peak_rss_mib']:.0f} / {s['peft_peak_rss_mib']:.0f} "
                      f"| {r(s['ours_peak_rss_ratio'])} | {r(s['f16_peak_rss_ratio'])} | {r(s['eval_ratio'])} "
-                     f"| {r(s['eval_vs_llama_cpp'])} |")
+                     f"| {s['ours_eval_tokens_per_s']:.0f} / {s['f16_eval_tokens_per_s']:.0f} / "
+                     f"{s['llama_cpp_eval_tokens_per_s']:.0f} "
+                     f"| {r(s['eval_vs_llama_cpp'])} | {r(s['f16_eval_vs_llama_cpp'])} |")
     by_name = {s["config"]: s for s in rows}
     if "r8-qv-1x2048-gc" in by_name and "r8-qv-4x512" in by_name:
         long, short = by_name["r8-qv-1x2048-gc"], by_name["r8-qv-4x512"]

@@ -29,7 +29,7 @@
 #  define GLORA_API
 #endif
 
-#define GLORA_ABI_VERSION 3
+#define GLORA_ABI_VERSION 4
 
 #ifdef __cplusplus
 extern "C" {
@@ -165,8 +165,10 @@ typedef struct glora_batch {
 GLORA_API int32_t glora_logits(glora_model * model, const glora_adapter * const * adapters, const float * scales,
                                int32_t n_adapters, const glora_batch * batch, float * out);
 
-/* sum over batch->loss_rows of the next-token cross-entropy (natural log) */
-GLORA_API int32_t glora_loss(glora_model * model, const glora_adapter * adapter, float scale,
+/* sum over batch->loss_rows of the next-token cross-entropy (natural log). f16_weights != 0: through
+ * the model's F16 copies of its quantized weights (made on first use and kept with the model, 2 bytes
+ * per weight; faster on CPU, close to but not llama.cpp's arithmetic); 0: through the stored blocks. */
+GLORA_API int32_t glora_loss(glora_model * model, const glora_adapter * adapter, float scale, int32_t f16_weights,
                              const glora_batch * batch, double * out_loss_sum);
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -188,7 +190,7 @@ typedef struct glora_trainer_params {
     int32_t f16_weights;         /* != 0: the training forward multiplies by F16 copies of the quantized
                                     weights (made once per model, 2 bytes per weight) instead of their
                                     stored blocks: faster on CPU, but no longer llama.cpp's arithmetic.
-                                    Evaluation (glora_loss, glora_logits) always uses the stored blocks */
+                                    Evaluation uses the stored blocks unless glora_loss is asked */
 } glora_trainer_params;
 
 /* Per optimizer step, from Python's schedule. */

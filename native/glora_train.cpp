@@ -157,14 +157,17 @@ extern "C" GLORA_API int32_t glora_logits(glora_model * model, const glora_adapt
 }
 
 extern "C" GLORA_API int32_t glora_loss(glora_model * model, const glora_adapter * adapter, float scale,
-                                        const glora_batch * batch, double * out_loss_sum) {
+                                        int32_t f16_weights, const glora_batch * batch, double * out_loss_sum) {
     glora_clear_error();
     GLORA_CHECK_ARG(model && out_loss_sum, "glora_loss: NULL argument");
+    GLORA_CHECK_ARG(f16_weights == 0 || f16_weights == 1, "f16_weights=%d must be 0 or 1", f16_weights);
     int32_t rc = glora_validate_batch(model, batch, true);
     if (rc) return rc;
+    if (f16_weights && (rc = glora_model_prepare_f16_forward(model))) return rc;
     glora_graph_options opt;
     opt.expand_gqa = true;   // the same graph as training, so losses and gradients agree exactly
     opt.attn_chunk = GLORA_ATTN_CHUNK;
+    opt.f16_weights = f16_weights != 0;
     if (adapter) {
         if ((rc = check_adapter_model(model, adapter))) return rc;
         opt.adapters.push_back({adapter, scale});

@@ -168,6 +168,35 @@ def test_f16_weights_train_the_dequantized_model(tiny_model_file):
     assert worst_q > 1e-3, "the stored Q4_1 path should differ; the test would not tell the two apart"
 
 
+def test_f16_weights_evaluate_the_dequantized_model(tiny_model_file):
+    """evaluate(f16_weights=True) is the loss of the dequantized model (same F16 values and kernels; the
+    1e-5 tolerance is the dequantization's last bit, as above); by default evaluation stays on the
+    stored blocks, whose loss differs by far more, so the test tells the two paths apart."""
+    quant = tiny_model_file("llama", "q4_1", tied=False)
+    deq = tiny_model_file("llama", "q4_1", tied=False, dequantized=True)
+    tokens = np.random.default_rng(1).integers(0, 256, (2, 40))
+
+    def run(path, f16):
+        with BaseModel.load(path, n_threads=N_THREADS) as model:
+            adapter = Adapter.init(model, LoRAConfig(rank=4, target_modules=ALL_TARGETS))
+            rng = np.random.default_rng(3)
+            for name in adapter.targets:
+                a, b = adapter.get(name)
+                adapter.set(name, lora_a=rng.normal(0, 0.2, a.shape), lora_b=rng.normal(0, 0.1, b.shape))
+            with adapter:
+                first = model.evaluate(tokens, adapter, f16_weights=f16)
+                assert model.evaluate(tokens, adapter, f16_weights=f16) == first    # copies made once, reused
+                return first
+
+    (loss_f16, n_f16), (loss_ref, n_ref), (loss_q, _) = run(quant, True), run(deq, False), run(quant, False)
+    assert n_f16 == n_ref == 2 * 39
+    assert loss_f16 == pytest.approx(loss_ref, rel=1e-5)
+    assert abs(loss_q - loss_ref) > 1e-4 * loss_ref, "the stored Q4_1 path should differ"
+    with BaseModel.load(quant, n_threads=N_THREADS) as model:
+        with pytest.raises(InvalidArgumentError, match="f16_weights"):
+            model.evaluate(tokens, f16_weights=1)
+
+
 def test_f16_weights_are_counted_and_validated(tiny_model_file):
     with BaseModel.load(tiny_model_file("llama", "q8_0"), n_threads=N_THREADS) as model:
         cfg = LoRAConfig(rank=4, target_modules=("q_proj",))

@@ -231,7 +231,7 @@ def test_one_bos_on_a_tokenizer_that_adds_it(tiny):
 
 def loss_sum(model, batch) -> float:
     out = ffi.new("double *")
-    check(lib.glora_loss(model._handle(), ffi.NULL, 1.0, batch.c, out))
+    check(lib.glora_loss(model._handle(), ffi.NULL, 1.0, 0, batch.c, out))
     return out[0]
 
 

@@ -201,12 +201,14 @@ class BaseModel(NativeHandle):
             check(lib.glora_logits(self._handle(), handles, scales, n, batch.c, ffi.cast("float *", ffi.from_buffer(out))))
         return out[0] if single else out
 
-    def evaluate(self, tokens, adapter: Adapter | None = None, loss_mask=None, scale: float = 1.0) -> tuple[float, int]:
-        """(mean next-token cross-entropy, supervised token count) of ``tokens``, with ``adapter`` if given."""
+    def evaluate(self, tokens, adapter: Adapter | None = None, loss_mask=None, scale: float = 1.0,
+                 f16_weights: bool = False) -> tuple[float, int]:
+        """(mean next-token cross-entropy, supervised token count) of ``tokens``, with ``adapter`` if given.
+        ``f16_weights`` as in :func:`ggml_lora.training.loss_sum` (default: the stored weights)."""
         from .training import evaluate
 
         with self._lock:
-            return evaluate(self, adapter, tokens, loss_mask, scale)
+            return evaluate(self, adapter, tokens, loss_mask, scale, f16_weights)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else self.device

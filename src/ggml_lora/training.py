@@ -51,19 +51,29 @@ def loss_batch(model: BaseModel, tokens, loss_mask=None) -> Batch:
     return Batch(arr, loss_rows=rows, labels=labels)
 
 
-def evaluate(model: BaseModel, adapter: Adapter | None, tokens, loss_mask=None, scale: float = 1.0) -> tuple[float, int]:
-    """(mean next-token cross-entropy, supervised token count) of ``tokens``; no dropout."""
+def evaluate(model: BaseModel, adapter: Adapter | None, tokens, loss_mask=None, scale: float = 1.0,
+             f16_weights: bool = False) -> tuple[float, int]:
+    """(mean next-token cross-entropy, supervised token count) of ``tokens``; no dropout.
+    ``f16_weights`` as in :func:`loss_sum`."""
     batch = loss_batch(model, tokens, loss_mask)
-    return loss_sum(model, adapter, batch, scale) / batch.n_loss, batch.n_loss
+    return loss_sum(model, adapter, batch, scale, f16_weights) / batch.n_loss, batch.n_loss
 
 
-def loss_sum(model: BaseModel, adapter: Adapter | None, batch: Batch, scale: float = 1.0) -> float:
-    """Sum of next-token cross-entropy over ``batch``'s loss rows; no dropout."""
+def loss_sum(model: BaseModel, adapter: Adapter | None, batch: Batch, scale: float = 1.0,
+             f16_weights: bool = False) -> float:
+    """Sum of next-token cross-entropy over ``batch``'s loss rows; no dropout.
+
+    By default the forward multiplies by the weights as stored, llama.cpp's arithmetic: the loss is the
+    one llama.cpp gives. ``f16_weights=True`` multiplies by F16 copies of the quantized weights instead
+    (made on first use and kept with the model, 2 bytes per weight, the copies training with
+    ``f16_weights`` uses): faster on CPU, and the loss then differs from llama.cpp's by rounding."""
     if adapter is not None and adapter.model is not model:
         raise InvalidArgumentError("the adapter was made for another BaseModel")
+    if not isinstance(f16_weights, bool):
+        raise InvalidArgumentError(f"f16_weights={f16_weights!r}: must be True or False")
     out = ffi.new("double *")
     handle = adapter._handle() if adapter is not None else ffi.NULL
-    check(lib.glora_loss(model._handle(), handle, float(scale), batch.c, out))
+    check(lib.glora_loss(model._handle(), handle, float(scale), int(f16_weights), batch.c, out))
     return out[0]
 
 
@@ -86,7 +96,8 @@ class TrainingContext(NativeHandle):
 
         ``f16_weights`` runs the training forward through F16 copies of the quantized weights, made
         once per model (2 bytes per weight): faster on CPU, at the cost of the memory and of llama.cpp's
-        exact arithmetic in the training loss (evaluation always uses the stored weights)."""
+        exact arithmetic in the training loss (validation and evaluate() use the stored weights unless
+        evaluate is given f16_weights=True)."""
         if optimizer not in OPTIMIZERS:
             raise InvalidArgumentError(f"optimizer={optimizer!r}: must be one of {', '.join(OPTIMIZERS)}")
         if dropout is None:
