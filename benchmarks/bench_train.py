@@ -8,7 +8,7 @@ evaluation is the forward and loss only, timed on its second call (the first bui
 --f16-weights trains and evaluates through F16 copies of the quantized weights
 (TrainingConfig.f16_weights, evaluate(f16_weights=True)); without it both use the stored blocks. Peak RSS is the process's
 high-water mark so far (Linux), evaluation included; train_peak_rss_mib the mark before evaluating
-(the one-graph evaluation of a long row holds all its logits at once). GGML_LORA_PROFILE=1 adds a table of time per ggml op at exit (stderr).
+(evaluation included). GGML_LORA_PROFILE=1 adds a table of time per ggml op at exit (stderr).
 """
 
 from __future__ import annotations

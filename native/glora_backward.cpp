@@ -246,25 +246,12 @@ int32_t ensure_checkpoints(glora_trainer * t, int64_t n_rows) {
     return GLORA_OK;
 }
 
-// A graph leaf that is the persistent tensor t (same buffer and data), so a graph reads it, or as a
-// param accumulates into it, without a copy. A leaf of its own because params must have op NONE.
-ggml_tensor * bind(ggml_context * ctx, ggml_tensor * t) {
-    ggml_tensor * x = ggml_new_tensor(ctx, t->type, GGML_MAX_DIMS, t->ne);
-    ggml_backend_tensor_alloc(t->buffer, x, t->data);
-    ggml_format_name(x, "%s.leaf", t->name);
-    return x;
-}
 
 bool block_has_pairs(const glora_adapter * a, const glora_layer & L) {
     for (const ggml_tensor * w : {L.wq, L.wk, L.wv, L.wo, L.ffn_gate, L.ffn_up, L.ffn_down}) {
         if (a->find(w)) return true;
     }
     return false;
-}
-
-// Loss rows per LM-head chunk, so that its logits, labels and their gradient stay near 3 × 64 MiB.
-int64_t head_chunk_rows(const glora_model * m) {
-    return std::max<int64_t>(16, ((int64_t) 64 << 20) / (m->n_vocab * (int64_t) sizeof(float)));
 }
 
 int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, float loss_weight, uint64_t dropout_seed,
@@ -286,7 +273,7 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
         opt.layer_begin = opt.layer_end = il < 0 ? 0 : il;
         if (il >= 0) {
             opt.layer_end = il + 1;
-            opt.x_in = bind(g.ctx, t->ckpt[(size_t) il]);
+            opt.x_in = glora_bind(g.ctx, t->ckpt[(size_t) il]);
         }
         glora_graph_inputs in;
         ggml_tensor * y = glora_build_forward(g.ctx, m, batch, opt, false, &in);
@@ -300,7 +287,7 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
     // LM head and loss over chunks of loss rows; d x_{n_layer} accumulates in dx[n_layer % 2]
     ggml_tensor * d_top = t->dx[n_layer & 1];
     if (!measure) ggml_backend_tensor_memset(d_top, 0, 0, ggml_nbytes(d_top));
-    const int64_t chunk = head_chunk_rows(m);
+    const int64_t chunk = glora_head_chunk_rows(m);
     double loss_sum = 0.0;
     for (int64_t r0 = 0; r0 < batch->n_loss; r0 += chunk) {
         glora_batch sub = *batch;
@@ -311,7 +298,7 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
         glora_graph_options opt = base;
         opt.layer_begin = opt.layer_end = n_layer;
         opt.loss_row0 = r0;
-        opt.x_in = bind(g.ctx, t->ckpt[(size_t) n_layer]);
+        opt.x_in = glora_bind(g.ctx, t->ckpt[(size_t) n_layer]);
         ggml_set_param(opt.x_in);
         glora_graph_inputs in;
         ggml_tensor * logits = glora_build_forward(g.ctx, m, &sub, opt, true, &in);
@@ -340,11 +327,11 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
         opt.head = false;
         opt.layer_begin = il;
         opt.layer_end = il + 1;
-        opt.x_in = bind(g.ctx, t->ckpt[(size_t) il]);
+        opt.x_in = glora_bind(g.ctx, t->ckpt[(size_t) il]);
         if (need_dx) ggml_set_param(opt.x_in);
         glora_graph_inputs in;
         ggml_tensor * y = glora_build_forward(g.ctx, m, batch, opt, false, &in);   // [n_embd, N]
-        ggml_tensor * dy = bind(g.ctx, t->dx[(size_t) ((il + 1) & 1)]);
+        ggml_tensor * dy = glora_bind(g.ctx, t->dx[(size_t) ((il + 1) & 1)]);
         ggml_tensor * loss = ggml_sum(g.ctx, ggml_mul(g.ctx, y, dy));
         ggml_set_name(loss, "surrogate_loss");
         ggml_set_loss(loss);
@@ -424,4 +411,18 @@ int32_t glora_trainer_backward(glora_trainer * trainer, const glora_batch * batc
         : backward_one_graph(trainer, batch, loss_weight, dropout_seed, out_loss_sum, measure, plan);
     if (plan) ggml_backend_sched_free(plan);
     return rc;
+}
+
+// Loss rows per LM-head chunk, so that its logits, labels and their gradient stay near 3 × 64 MiB.
+int64_t glora_head_chunk_rows(const glora_model * m) {
+    return std::max<int64_t>(16, ((int64_t) 64 << 20) / (m->n_vocab * (int64_t) sizeof(float)));
+}
+
+// A graph leaf that is the persistent tensor t (same buffer and data), so a graph reads it, or as a
+// param accumulates into it, without a copy. A leaf of its own because params must have op NONE.
+ggml_tensor * glora_bind(ggml_context * ctx, const ggml_tensor * t) {
+    ggml_tensor * x = ggml_new_tensor(ctx, t->type, GGML_MAX_DIMS, t->ne);
+    ggml_backend_tensor_alloc(t->buffer, x, t->data);
+    ggml_format_name(x, "%s.leaf", t->name);
+    return x;
 }

@@ -193,6 +193,11 @@ void glora_host_inputs_build(const glora_batch * batch, int64_t n_kv, glora_host
 
 constexpr int64_t GLORA_KV_PAD = 256;       // llama_kv_cache::get_n_kv pads to max(n_pad, 256)
 constexpr int64_t GLORA_ATTN_CHUNK = 256;   // query chunk of the training graphs' attention
+// Loss rows per LM-head chunk (gradient checkpointing, and the loss of batches with more rows).
+int64_t glora_head_chunk_rows(const glora_model * model);
+// A leaf of graph context ctx that is the allocated tensor t (same buffer and data), for graphs that
+// read or accumulate into a tensor outside their own allocation.
+ggml_tensor * glora_bind(ggml_context * ctx, const ggml_tensor * t);
 
 // Builds the forward pass; returns logits ne = [n_vocab, n_seq*n_tokens] (or only the loss rows when
 // batch->n_loss > 0 and rows_only).

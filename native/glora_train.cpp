@@ -1,6 +1,7 @@
 // Adapters, forward evaluation, and the training step: backward to A and B only, then the optimizer.
 #include "glora_internal.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <unordered_map>
@@ -118,6 +119,29 @@ struct graph_run {
     ~graph_run() { if (ctx) ggml_free(ctx); }
 };
 
+// One tensor in a backend buffer of its own, outside any graph's allocation, freed with the object.
+struct held_tensor {
+    ggml_context *        ctx = nullptr;
+    ggml_backend_buffer_t buf = nullptr;
+    ggml_tensor *         t   = nullptr;
+    ~held_tensor() {
+        if (buf) ggml_backend_buffer_free(buf);
+        if (ctx) ggml_free(ctx);
+    }
+    int32_t alloc(const glora_model * m, ggml_type type, int64_t ne0, int64_t ne1, const char * name) {
+        ggml_init_params ip = { ggml_tensor_overhead(), nullptr, true };
+        ctx = ggml_init(ip);
+        t = ggml_new_tensor_2d(ctx, type, ne0, ne1);
+        ggml_set_name(t, name);
+        buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, m->be.bufts[0]);
+        if (!buf) {
+            return glora_fail(GLORA_ERR_OUT_OF_MEMORY, "could not allocate %s [%lld, %lld] on %s", name,
+                              (long long) ne0, (long long) ne1, m->be.device_name.c_str());
+        }
+        return GLORA_OK;
+    }
+};
+
 int32_t alloc_graph(glora_model * m, ggml_cgraph * gf) { return glora_graph_alloc(m, gf); }
 int32_t run(glora_model * m, ggml_cgraph * gf) { return glora_graph_compute(m, gf); }
 
@@ -156,6 +180,10 @@ extern "C" GLORA_API int32_t glora_logits(glora_model * model, const glora_adapt
     return GLORA_OK;
 }
 
+// The loss of a batch. With more loss rows than one LM-head chunk, the blocks run in one graph whose
+// output stays in a buffer of its own, then the head and the loss run over chunks of loss rows (as in
+// the checkpointed backward): the logits and one-hot labels of every row never exist at once (for
+// 2048 rows of a 49k vocabulary they are 400 MB each).
 extern "C" GLORA_API int32_t glora_loss(glora_model * model, const glora_adapter * adapter, float scale,
                                         int32_t f16_weights, const glora_batch * batch, double * out_loss_sum) {
     glora_clear_error();
@@ -172,20 +200,56 @@ extern "C" GLORA_API int32_t glora_loss(glora_model * model, const glora_adapter
         if ((rc = check_adapter_model(model, adapter))) return rc;
         opt.adapters.push_back({adapter, scale});
     }
-    graph_run g;
-    g.ctx = glora_graph_ctx(model->graph_size);
-    glora_graph_inputs in;
-    ggml_tensor * logits = glora_build_forward(g.ctx, model, batch, opt, true, &in);
-    ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in);
-    ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, model->graph_size, false);
-    ggml_build_forward_expand(gf, loss);
-    gf = glora_faster_products(model, g.ctx, gf, model->graph_size);
-    if ((rc = alloc_graph(model, gf))) return rc;
-    glora_graph_set_inputs(model, batch, in, 0);
-    if ((rc = run(model, gf))) return rc;
-    float v = 0.0f;
-    ggml_backend_tensor_get(loss, &v, 0, sizeof(v));
-    *out_loss_sum = v;
+    const int64_t chunk = glora_head_chunk_rows(model);
+    const bool chunked = batch->n_loss > chunk;
+
+    held_tensor top;   // the last block's output [n_embd, n_seq * n_tokens], when chunked
+    if (chunked) {
+        if ((rc = top.alloc(model, GGML_TYPE_F32, model->n_embd, (int64_t) batch->n_seq * batch->n_tokens, "loss.top"))) {
+            return rc;
+        }
+        graph_run g;
+        g.ctx = glora_graph_ctx(model->graph_size);
+        glora_graph_options blocks = opt;
+        blocks.head = false;
+        glora_graph_inputs in;
+        ggml_tensor * y = glora_build_forward(g.ctx, model, batch, blocks, false, &in);
+        ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, model->graph_size, false);
+        ggml_build_forward_expand(gf, ggml_cpy(g.ctx, y, top.t));
+        gf = glora_faster_products(model, g.ctx, gf, model->graph_size);
+        if ((rc = alloc_graph(model, gf))) return rc;
+        glora_graph_set_inputs(model, batch, in, 0);
+        if ((rc = run(model, gf))) return rc;
+    }
+
+    double sum = 0.0;
+    for (int64_t r0 = 0; r0 < batch->n_loss; r0 += chunked ? chunk : batch->n_loss) {
+        glora_batch sub = *batch;
+        glora_graph_options head = opt;
+        if (chunked) {
+            sub.loss_rows += r0;
+            sub.labels    += r0;
+            sub.n_loss     = (int32_t) std::min<int64_t>(chunk, batch->n_loss - r0);
+            head.layer_begin = head.layer_end = model->hp.n_layer;
+            head.loss_row0 = r0;
+        }
+        graph_run g;
+        g.ctx = glora_graph_ctx(model->graph_size);
+        if (chunked) head.x_in = glora_bind(g.ctx, top.t);
+        glora_graph_inputs in;
+        ggml_tensor * logits = glora_build_forward(g.ctx, model, &sub, head, true, &in);
+        ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in);
+        ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, model->graph_size, false);
+        ggml_build_forward_expand(gf, loss);
+        gf = glora_faster_products(model, g.ctx, gf, model->graph_size);
+        if ((rc = alloc_graph(model, gf))) return rc;
+        glora_graph_set_inputs(model, &sub, in, 0);
+        if ((rc = run(model, gf))) return rc;
+        float v = 0.0f;
+        ggml_backend_tensor_get(loss, &v, 0, sizeof(v));
+        sum += v;
+    }
+    *out_loss_sum = sum;
     return GLORA_OK;
 }
 

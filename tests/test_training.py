@@ -305,3 +305,25 @@ def test_long_rows_attend_in_chunks_without_changing_the_result(tiny_model_file)
             errors = directional_check(model, ad, tokens, None, quantized=False, seed=10)
             worst = max(errors, key=errors.get)
             assert errors[worst] <= 1e-2, errors
+
+
+def test_loss_of_many_rows_runs_the_head_in_chunks(tiny_model_file):
+    """With more loss rows than one LM-head chunk (64 MiB of logits: 524 rows of this 32000-token
+    vocabulary), evaluation runs the blocks once and the head and loss chunk by chunk. The sum must
+    equal the sum over two halves of the rows that each fit one chunk (one graph each), and the
+    training graph's loss (one graph, no chunks), LoRA on the LM head included. Tolerance 1e-5
+    relative: float32 summation order only."""
+    with BaseModel.load(tiny_model_file("llama", "f32", tied=False), n_threads=N_THREADS, n_ctx=1024) as model:
+        tokens = sample_tokens(model, (2, 400), seed=12)
+        with Adapter.init(model, LoRAConfig(rank=4, target_modules=("v_proj", "lm_head"))) as ad:
+            randomize(ad, seed=13)
+            loss, n = evaluate(model, ad, tokens)
+            assert n == 2 * 399 > 524
+            first = np.zeros(tokens.shape, bool)
+            first[0] = True
+            halves = [evaluate(model, ad, tokens, mask) for mask in (first, ~first)]
+            assert [h[1] for h in halves] == [399, 399]
+            assert loss * n == pytest.approx(sum(h[0] * h[1] for h in halves), rel=1e-5)
+            with TrainingContext(ad) as ctx:
+                b = loss_batch(model, tokens)
+                assert ctx.accumulate(b, b.n_loss) == pytest.approx(loss * n, rel=1e-5)
