@@ -7,8 +7,8 @@ Steady-state training tokens/s counts the steps after warm-up (forward + backwar
 evaluation is the forward and loss only, timed on its second call (the first builds and allocates).
 --f16-weights trains and evaluates through F16 copies of the quantized weights
 (TrainingConfig.f16_weights, evaluate(f16_weights=True)); without it both use the stored blocks. Peak RSS is the process's
-high-water mark so far (Linux), evaluation included; train_peak_rss_mib the mark before evaluating
-(evaluation included). GGML_LORA_PROFILE=1 adds a table of time per ggml op at exit (stderr).
+high-water mark so far (Linux), evaluation included; train_peak_rss_mib the mark before evaluating.
+GGML_LORA_PROFILE=1 adds a table of time per ggml op at exit (stderr).
 """
 
 from __future__ import annotations
