@@ -145,6 +145,19 @@ struct held_tensor {
 int32_t alloc_graph(glora_model * m, ggml_cgraph * gf) { return glora_graph_alloc(m, gf); }
 int32_t run(glora_model * m, ggml_cgraph * gf) { return glora_graph_compute(m, gf); }
 
+// Builds the forward-only graph ending at `out` in ctx and runs it with batch's inputs. `faster`: with
+// glora_faster_products' op forms (training and loss graphs), or as built (llama.cpp's forms).
+int32_t run_forward(glora_model * m, ggml_context * ctx, ggml_tensor * out, const glora_batch * batch,
+                    const glora_graph_inputs & in, bool faster) {
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, m->graph_size, false);
+    ggml_build_forward_expand(gf, out);
+    if (faster) gf = glora_faster_products(m, ctx, gf, m->graph_size);
+    int32_t rc = alloc_graph(m, gf);
+    if (rc) return rc;
+    glora_graph_set_inputs(m, batch, in, 0);
+    return run(m, gf);
+}
+
 int32_t check_adapter_model(const glora_model * m, const glora_adapter * a) {
     GLORA_CHECK_ARG(a->model == m, "the adapter was made for another model (%s)", a->model->path.c_str());
     return GLORA_OK;
@@ -171,11 +184,7 @@ extern "C" GLORA_API int32_t glora_logits(glora_model * model, const glora_adapt
     glora_graph_inputs in;
     ggml_tensor * logits = glora_build_forward(g.ctx, model, batch, opt, false, &in);
     ggml_set_output(logits);
-    ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, model->graph_size, false);
-    ggml_build_forward_expand(gf, logits);
-    if ((rc = alloc_graph(model, gf))) return rc;
-    glora_graph_set_inputs(model, batch, in, 0);
-    if ((rc = run(model, gf))) return rc;
+    if ((rc = run_forward(model, g.ctx, logits, batch, in, false))) return rc;
     ggml_backend_tensor_get(logits, out, 0, ggml_nbytes(logits));
     return GLORA_OK;
 }
@@ -214,12 +223,7 @@ extern "C" GLORA_API int32_t glora_loss(glora_model * model, const glora_adapter
         blocks.head = false;
         glora_graph_inputs in;
         ggml_tensor * y = glora_build_forward(g.ctx, model, batch, blocks, false, &in);
-        ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, model->graph_size, false);
-        ggml_build_forward_expand(gf, ggml_cpy(g.ctx, y, top.t));
-        gf = glora_faster_products(model, g.ctx, gf, model->graph_size);
-        if ((rc = alloc_graph(model, gf))) return rc;
-        glora_graph_set_inputs(model, batch, in, 0);
-        if ((rc = run(model, gf))) return rc;
+        if ((rc = run_forward(model, g.ctx, ggml_cpy(g.ctx, y, top.t), batch, in, true))) return rc;
     }
 
     double sum = 0.0;
@@ -239,12 +243,7 @@ extern "C" GLORA_API int32_t glora_loss(glora_model * model, const glora_adapter
         glora_graph_inputs in;
         ggml_tensor * logits = glora_build_forward(g.ctx, model, &sub, head, true, &in);
         ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in);
-        ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, model->graph_size, false);
-        ggml_build_forward_expand(gf, loss);
-        gf = glora_faster_products(model, g.ctx, gf, model->graph_size);
-        if ((rc = alloc_graph(model, gf))) return rc;
-        glora_graph_set_inputs(model, &sub, in, 0);
-        if ((rc = run(model, gf))) return rc;
+        if ((rc = run_forward(model, g.ctx, loss, &sub, in, true))) return rc;
         float v = 0.0f;
         ggml_backend_tensor_get(loss, &v, 0, sizeof(v));
         sum += v;
