@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import ggml_lora  # noqa: E402,F401  (before any Llama: keeps llama.cpp off its AMX crash)
 from reference import smollm2_path  # noqa: E402
 from tinymodels import write_tiny_model  # noqa: E402
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 __version__ = "0.1.0"
 
 from ._native import ffi, lib
+from . import llama as _llama  # noqa: F401  (keeps llama-cpp-python off its AMX crash; see ggml_lora.llama)
 from .adapter import Adapter
 from .arch import ARCHITECTURES
 from .config import LoRAConfig, TrainingConfig

@@ -36,6 +36,14 @@ def target_weights(model: BaseModel, config: LoRAConfig) -> list[str]:
     return names
 
 
+def adaptable_weights(model: BaseModel) -> set[str]:
+    """The GGUF names of every weight of ``model`` that llama.cpp applies a LoRA to."""
+    names = {f"blk.{i}.{stem}.weight" for i in range(model.n_layers) for stem in TARGET_MODULES.values()}
+    if not model.tied_embeddings:
+        names.add("output.weight")
+    return names & set(model.tensors)
+
+
 def read_weight_f32(model: BaseModel, name: str) -> np.ndarray:
     """A F32/F16/BF16 weight as float32 numpy, shape (n_out, n_in)."""
     n_in, n_out = model.weight_shape(name)
@@ -65,16 +73,27 @@ class Adapter(NativeHandle):
     @classmethod
     def _create(cls, model: BaseModel, targets: list[str], ranks: list[int], alpha: float,
                 config: LoRAConfig | None) -> Adapter:
+        allowed = adaptable_weights(model)
+        for name in targets:
+            if name not in model.tensors:
+                raise InvalidArgumentError(f"LoRA target '{name}' is not a tensor of {model.path}")
+            if name not in allowed:
+                raise InvalidArgumentError(
+                    f"'{name}' cannot carry a LoRA: llama.cpp applies adapters to the projections of the blocks "
+                    f"(blk.N.{{{','.join(TARGET_MODULES.values())}}}.weight)"
+                    + (" and to output.weight" if not model.tied_embeddings else "")
+                    + " of this model, and never to token embeddings or norms")
         for name, r in zip(targets, ranks):
             n_in, n_out = model.weight_shape(name)
             if not 0 < r <= min(n_in, n_out):
                 raise InvalidArgumentError(f"rank {r} for '{name}' must be in [1, min(n_in={n_in}, n_out={n_out})]")
         names = [ffi.new("char[]", t.encode()) for t in targets]
         out = ffi.new("glora_adapter **")
-        check(lib.glora_adapter_new(model._handle(), len(targets), ffi.new("char *[]", names),
-                                    ffi.new("int32_t[]", ranks), float(alpha), out))
-        self = object.__new__(cls)
-        self._set_handle(out[0], lib.glora_adapter_free)
+        with model._using() as model_ptr:
+            check(lib.glora_adapter_new(model_ptr, len(targets), ffi.new("char *[]", names),
+                                        ffi.new("int32_t[]", ranks), float(alpha), out))
+            self = object.__new__(cls)
+            self._set_handle(out[0], lib.glora_adapter_free, parent=model)
         self.model = model
         self.targets = list(targets)
         self.ranks = dict(zip(targets, ranks))
@@ -174,7 +193,8 @@ class Adapter(NativeHandle):
         out = []
         for which in (0, 1):
             arr = np.empty(self._shape(name, which), dtype=np.float32)
-            check(lib.glora_adapter_get(self._handle(), i, which, float_buffer(arr), arr.size))
+            with self._using() as ptr:
+                check(lib.glora_adapter_get(ptr, i, which, float_buffer(arr), arr.size))
             out.append(arr)
         return out[0], out[1]
 
@@ -190,7 +210,8 @@ class Adapter(NativeHandle):
                 raise InvalidArgumentError(f"{name}.{half}: shape {arr.shape}, expected {want}")
             if not np.isfinite(arr).all():
                 raise InvalidArgumentError(f"{name}: {'lora_a' if which == 0 else 'lora_b'} has non-finite values")
-            check(lib.glora_adapter_set(self._handle(), i, which, float_buffer(arr), arr.size))
+            with self._using() as ptr:
+                check(lib.glora_adapter_set(ptr, i, which, float_buffer(arr), arr.size))
 
     def tensors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {t: self.get(t) for t in self.targets}

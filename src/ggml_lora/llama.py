@@ -1,8 +1,84 @@
-"""Helpers around llama-cpp-python: the tokenizer of a GGUF (and, later, adapters on a live Llama)."""
+"""Helpers around llama-cpp-python: the tokenizer of a GGUF, adapters on a live Llama, and keeping the
+pinned llama.cpp off the code path that crashes on CPUs with AMX.
+
+**AMX.** llama-cpp-python built with ``GGML_NATIVE`` on a CPU with AMX (Intel Sapphire Rapids and
+later) puts Q4_x/Q8_0 weights into ggml's AMX "extra buffer type", whose tile configuration is broken
+in the pinned llama.cpp: the first AMX instruction in a worker thread raises SIGILL, so any prompt of
+more than a few tokens kills the process. Loading models with the model parameter
+``use_extra_bufts = false`` avoids that path (the weights stay in ordinary CPU buffers; llama.cpp's
+other kernels are unchanged). Importing ``ggml_lora`` calls :func:`protect_llama_cpp`, which makes
+that the default of every ``llama_cpp.Llama`` created afterwards in this process, on CPUs whose
+llama.cpp reports AMX only; elsewhere nothing changes (the extra buffer types also hold the
+repacked Q4_0 layouts that make llama.cpp faster on AVX2). Our own ggml never uses extra buffer types.
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Mapping
+
+
+def parse_system_info(text: str) -> dict[str, str]:
+    """llama.cpp's ``llama_print_system_info()`` as {feature: value}, e.g. {"AVX2": "1", "AMX_INT8": "1"}."""
+    features = {}
+    for part in text.replace("\n", "|").split("|"):
+        key, sep, value = part.partition("=")
+        if sep:
+            features[key.split(":")[-1].strip()] = value.strip()
+    return features
+
+
+def extra_buffers_crash(features: Mapping[str, str]) -> bool:
+    """Whether the pinned llama.cpp's extra buffer types crash on a CPU with these ggml features: they
+    do where its ggml has AMX kernels (AMX_INT8), and nowhere else."""
+    return features.get("AMX_INT8", "0") not in ("", "0")
+
+
+def llama_cpp_features() -> dict[str, str]:
+    """The CPU features of llama-cpp-python's own ggml build (what its kernels will use)."""
+    import llama_cpp
+
+    return parse_system_info(llama_cpp.llama_print_system_info().decode("utf-8", "replace"))
+
+
+def protect_llama_cpp(features: Mapping[str, str] | None = None) -> bool:
+    """Make ``use_extra_bufts = false`` the default model parameter of llama-cpp-python in this process
+    when ``features`` (default: what its ggml reports) say the extra buffer types crash; idempotent.
+
+    Returns whether the default is now off. A ``Llama`` created before this call keeps its parameters.
+    """
+    from llama_cpp import llama_cpp as api
+
+    if getattr(api.llama_model_default_params, "_ggml_lora_safe", False):
+        return True
+    if not extra_buffers_crash(llama_cpp_features() if features is None else features):
+        return False
+    original = api.llama_model_default_params
+
+    def llama_model_default_params():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    llama_model_default_params._ggml_lora_safe = True
+    llama_model_default_params.__doc__ = original.__doc__
+    # Llama and LlamaModel call it through the module llama_cpp.llama_cpp; the package re-exports it
+    import llama_cpp
+
+    api.llama_model_default_params = llama_model_default_params
+    llama_cpp.llama_model_default_params = llama_model_default_params
+    return True
+
+
+def check_llama(llm) -> None:
+    """Warn when ``llm`` was loaded with extra buffer types on a CPU where they crash (it was created
+    before ggml_lora was imported): its first evaluation of a longer prompt will kill the process."""
+    params = getattr(llm, "model_params", None)
+    if params is not None and params.use_extra_bufts and extra_buffers_crash(llama_cpp_features()):
+        warnings.warn("this Llama was loaded with llama.cpp's extra buffer types on a CPU with AMX, where the "
+                      "pinned llama.cpp crashes (SIGILL) on the first longer prompt; import ggml_lora (or call "
+                      "ggml_lora.llama.protect_llama_cpp()) before creating the Llama", RuntimeWarning, stacklevel=3)
 
 
 def load_vocab(path: str | os.PathLike[str]):
@@ -45,6 +121,7 @@ def apply_adapters(llm, adapters) -> list:
     import llama_cpp
 
     adapters = [(path, float(scale)) for path, scale in adapters]
+    check_llama(llm)
     check_adapters(llm.model_path, [path for path, _ in adapters])
     model = llm._model.model
     ctx = llm._ctx.ctx
@@ -67,3 +144,6 @@ def apply_adapters(llm, adapters) -> list:
     llm._ggml_lora_adapters = handles
     llm.reset()
     return handles
+
+
+protect_llama_cpp()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +17,10 @@ from .errors import ContextLengthError, InvalidArgumentError
 
 if TYPE_CHECKING:
     from .adapter import Adapter
+
+# ggml's GGML_MAX_N_THREADS: more threads trip an assert in its CPU backend
+MAX_THREADS = 512
+
 
 class BaseModel(NativeHandle):
     """A frozen base model. Create with :meth:`load`."""
@@ -37,8 +40,10 @@ class BaseModel(NativeHandle):
         reader = gguf_file.open_reader(path)
         hp, tensors = gguf_file.read_hparams(reader, str(path))
         name = reader.get("general.name")
-        if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads <= 0):
-            raise InvalidArgumentError(f"n_threads={n_threads!r} must be a positive integer or None")
+        if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int)
+                                      or not 0 < n_threads <= MAX_THREADS):
+            raise InvalidArgumentError(f"n_threads={n_threads!r} must be an integer in [1, {MAX_THREADS}] or None "
+                                       f"(ggml's GGML_MAX_N_THREADS; this machine has {os.cpu_count()} CPUs)")
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx <= 0):
             raise InvalidArgumentError(f"n_ctx={n_ctx!r} must be a positive integer or None")
 
@@ -70,9 +75,9 @@ class BaseModel(NativeHandle):
         self._vocab = None
         self._name = name if isinstance(name, str) else None
         self._sha256 = None
-        # one native call at a time: graphs and the scheduler are per model, so trainers (or threads)
-        # sharing this model take turns; the weights themselves are never written
-        self._lock = threading.RLock()
+        # self._lock (from _set_handle): one native call at a time for the model and everything made
+        # from it, since graphs and the scheduler are per model; trainers or threads sharing the model
+        # take turns, and close() waits for a call in progress
         return self
 
     # ---- properties -------------------------------------------------------------------------------
@@ -85,7 +90,8 @@ class BaseModel(NativeHandle):
 
     @property
     def device(self) -> str:
-        return ffi.string(lib.glora_model_device(self._handle())).decode()
+        with self._using() as ptr:
+            return ffi.string(lib.glora_model_device(ptr)).decode()
 
     @property
     def tied_embeddings(self) -> bool:
@@ -110,7 +116,8 @@ class BaseModel(NativeHandle):
         if t is None:
             raise InvalidArgumentError(f"{self.path}: no tensor named '{name}'")
         buf = bytearray(t.n_bytes)
-        check(lib.glora_model_read_tensor(self._handle(), name.encode(), ffi.from_buffer(buf), len(buf)))
+        with self._using() as ptr:
+            check(lib.glora_model_read_tensor(ptr, name.encode(), ffi.from_buffer(buf), len(buf)))
         return bytes(buf)
 
     @property
@@ -194,11 +201,11 @@ class BaseModel(NativeHandle):
         pairs = self._adapter_list(adapter, scale)
         batch = Batch(arr)
         n = len(pairs)
-        handles = ffi.new("glora_adapter *[]", [a._handle() for a, _ in pairs] or [ffi.NULL])
         scales = ffi.new("float[]", [float(s) for _, s in pairs] or [0.0])
         out = np.empty((arr.shape[0], arr.shape[1], self.n_vocab), dtype=np.float32)
-        with self._lock:
-            check(lib.glora_logits(self._handle(), handles, scales, n, batch.c, ffi.cast("float *", ffi.from_buffer(out))))
+        with self._using() as ptr:
+            handles = ffi.new("glora_adapter *[]", [a._handle() for a, _ in pairs] or [ffi.NULL])
+            check(lib.glora_logits(ptr, handles, scales, n, batch.c, ffi.cast("float *", ffi.from_buffer(out))))
         return out[0] if single else out
 
     def evaluate(self, tokens, adapter: Adapter | None = None, loss_mask=None, scale: float = 1.0,
@@ -207,8 +214,7 @@ class BaseModel(NativeHandle):
         ``f16_weights`` as in :func:`ggml_lora.training.loss_sum` (default: the stored weights)."""
         from .training import evaluate
 
-        with self._lock:
-            return evaluate(self, adapter, tokens, loss_mask, scale, f16_weights)
+        return evaluate(self, adapter, tokens, loss_mask, scale, f16_weights)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else self.device

@@ -113,16 +113,35 @@ class LoRATrainer:
         if adapter is not None and adapter.model is not model:
             raise InvalidArgumentError("the adapter was made for another BaseModel")
         self.adapter = adapter if adapter is not None else Adapter.init(model, self.lora_config)
+        self._own_adapter = adapter is None
         self.output_dir = Path(self.config.output_dir)
         self.global_step = 0
         self._ctx: TrainingContext | None = None
         self._signal: str | None = None
+
+    def close(self) -> None:
+        """Free the optimizer state, and the adapter if this trainer made it (idempotent)."""
+        if self._ctx is not None:
+            self._ctx.close()
+        if self._own_adapter:
+            self.adapter.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        # before anything is read or written: a closed adapter (or model) cannot train or save
+        self.adapter._handle()
 
     # ---- public -----------------------------------------------------------------------------------
 
     def save_adapter(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the adapter as a llama.cpp GGUF LoRA (default: output_dir/adapter.gguf), atomically."""
         path = Path(path) if path is not None else self.output_dir / "adapter.gguf"
+        self._check_open()
         try:
             return self.adapter.save(path, metadata=self._adapter_metadata())
         except OSError as e:
@@ -136,6 +155,7 @@ class LoRATrainer:
         stored blocks: faster on CPU, no longer llama.cpp's exact loss."""
         from .data import Sample, make_rows
 
+        self._check_open()
         samples = data if data and isinstance(data, list) and isinstance(data[0], Sample) else self._load(data)[0]
         rows = make_rows(samples, max_seq_length=self.config.max_seq_length, packing=False, seed=self.config.seed)
         return self._evaluate_rows(rows, batch_size or self.config.batch_size, adapter, f16_weights)
@@ -143,6 +163,7 @@ class LoRATrainer:
     def train(self, dataset, valid=None, callbacks: Sequence[Any] = (), resume_from=None) -> TrainingHistory:
         """Train on ``dataset`` (a path, a list of strings or a list of dicts); see TrainingConfig."""
         cfg = self.config
+        self._check_open()
         check_writable(self.output_dir)
         history = TrainingHistory()
         train_samples, valid_samples, reports = self._load(dataset, valid)
@@ -160,6 +181,8 @@ class LoRATrainer:
         history.total_steps = total
         fingerprint = _fingerprint(rows)
 
+        if self._ctx is not None:
+            self._ctx.close()
         self._ctx = TrainingContext(self.adapter, optimizer=cfg.optimizer, dropout=self.lora_config.dropout,
                                     gradient_checkpointing=cfg.gradient_checkpointing, f16_weights=cfg.f16_weights)
         history.memory = self._check_memory(max(len(r.tokens) for r in rows))
@@ -265,24 +288,11 @@ class LoRATrainer:
 
     def _train_step(self, batches, lr: float, step: int) -> tuple[float, int, float, bool]:
         """Forward + backward over the micro-batches, then clip and update unless anything is not finite."""
-        cfg, ctx = self.config, self._ctx
-        n_tok = sum(b.n_loss for b in batches)
-        loss_sum = 0.0
-        with self.model._lock:
-            for i, b in enumerate(batches):
-                loss_sum += ctx.accumulate(b, n_tok, dropout_seed=(cfg.seed * 1_000_003 + step) * 1_000_003 + i)
-            ctx._drop_frozen_grads()
-            norm = ctx.grad_norm()
-            loss = loss_sum / n_tok
-            if not (math.isfinite(loss) and math.isfinite(norm)):
-                ctx.zero_grad()
-                return loss, n_tok, norm, False
-            clip = 1.0
-            if cfg.max_grad_norm and norm > cfg.max_grad_norm:
-                clip = cfg.max_grad_norm / (norm + 1e-6)
-            ctx.apply(lr, step, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                      weight_decay=cfg.weight_decay, grad_scale=clip)
-        return loss, n_tok, norm, True
+        cfg = self.config
+        res = self._ctx.step(batches, lr, step, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                             weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm or None,
+                             dropout_seed=cfg.seed * 1_000_003 + step)
+        return res.loss, res.n_tokens, res.grad_norm, not res.skipped
 
     def _evaluate_rows(self, rows, batch_size: int, use_adapter: bool = True, f16_weights: bool = False) -> dict:
         from .data import collate
@@ -291,8 +301,7 @@ class LoRATrainer:
         adapter = self.adapter if use_adapter else None
         for i in range(0, len(rows), batch_size):
             batch = collate(rows[i:i + batch_size], self.model)
-            with self.model._lock:
-                total += loss_sum(self.model, adapter, batch, f16_weights=f16_weights)
+            total += loss_sum(self.model, adapter, batch, f16_weights=f16_weights)
             count += batch.n_loss
             if self._signal is not None:
                 break

@@ -21,7 +21,7 @@ from .config import LoRAConfig
 from .errors import InvalidArgumentError
 from .model import BaseModel
 
-OPTIMIZERS = {"adamw": 0, "sgd": 1}
+OPTIMIZERS = {"adamw": lib.GLORA_OPTIMIZER_ADAMW, "sgd": lib.GLORA_OPTIMIZER_SGD}    # enum glora_optimizer
 MEMORY_FIELDS = ("weights", "transposed", "f16_weights", "adapter", "optimizer", "checkpoints", "compute")
 
 
@@ -72,8 +72,9 @@ def loss_sum(model: BaseModel, adapter: Adapter | None, batch: Batch, scale: flo
     if not isinstance(f16_weights, bool):
         raise InvalidArgumentError(f"f16_weights={f16_weights!r}: must be True or False")
     out = ffi.new("double *")
-    handle = adapter._handle() if adapter is not None else ffi.NULL
-    check(lib.glora_loss(model._handle(), handle, float(scale), int(f16_weights), batch.c, out))
+    with model._using() as model_ptr:
+        handle = adapter._handle() if adapter is not None else ffi.NULL
+        check(lib.glora_loss(model_ptr, handle, float(scale), int(f16_weights), batch.c, out))
     return out[0]
 
 
@@ -82,7 +83,8 @@ class StepResult:
     loss: float            # mean cross-entropy over the step's supervised tokens (before the update)
     n_tokens: int          # supervised tokens in the step
     grad_norm: float       # global L2 norm of the gradient, before clipping
-    clip_scale: float      # factor applied to the gradient (1.0 when not clipped)
+    clip_scale: float      # factor applied to the gradient (1.0 when not clipped, 0.0 when skipped)
+    skipped: bool = False  # the loss or gradient norm was not finite: no update, the gradient was dropped
 
 
 class TrainingContext(NativeHandle):
@@ -114,8 +116,10 @@ class TrainingContext(NativeHandle):
             raise InvalidArgumentError(f"f16_weights={f16_weights!r}: must be True or False")
         params.f16_weights = int(f16_weights)
         out = ffi.new("glora_trainer **")
-        check(lib.glora_trainer_new(adapter._handle(), params, out))
-        self._set_handle(out[0], lib.glora_trainer_free)
+        # the first context of a model makes its shared working copies on the model's scheduler
+        with adapter._using() as adapter_ptr:
+            check(lib.glora_trainer_new(adapter_ptr, params, out))
+            self._set_handle(out[0], lib.glora_trainer_free, parent=adapter)
         self.adapter = adapter
         self.optimizer = optimizer
         self.dropout = dropout
@@ -132,7 +136,8 @@ class TrainingContext(NativeHandle):
         if n_loss is None:
             n_loss = batch_size * (seq_len - 1) or 1
         out = ffi.new("glora_memory *")
-        check(lib.glora_trainer_measure(self._handle(), batch_size, seq_len, n_loss, out))
+        with self._using() as ptr:
+            check(lib.glora_trainer_measure(ptr, batch_size, seq_len, n_loss, out))
         return {f: int(getattr(out, f)) for f in MEMORY_FIELDS}
 
     def accumulate(self, batch: Batch, n_step_tokens: int, dropout_seed: int = 0) -> float:
@@ -140,17 +145,20 @@ class TrainingContext(NativeHandle):
         if n_step_tokens <= 0:
             raise InvalidArgumentError(f"n_step_tokens={n_step_tokens}: must be positive")
         out = ffi.new("double *")
-        check(lib.glora_trainer_accumulate(self._handle(), batch.c, 1.0 / n_step_tokens,
-                                           dropout_seed & 0xFFFFFFFFFFFFFFFF, out))
+        with self._using() as ptr:
+            check(lib.glora_trainer_accumulate(ptr, batch.c, 1.0 / n_step_tokens, dropout_seed & 0xFFFFFFFFFFFFFFFF,
+                                               out))
         return out[0]
 
     def grad_norm(self) -> float:
         out = ffi.new("double *")
-        check(lib.glora_trainer_grad_norm(self._handle(), out))
+        with self._using() as ptr:
+            check(lib.glora_trainer_grad_norm(ptr, out))
         return out[0]
 
     def zero_grad(self) -> None:
-        check(lib.glora_trainer_zero_grad(self._handle()))
+        with self._using() as ptr:
+            check(lib.glora_trainer_zero_grad(ptr))
 
     def apply(self, learning_rate: float, step: int, *, betas: tuple[float, float] = (0.9, 0.999),
               eps: float = 1e-8, weight_decay: float = 0.0, grad_scale: float = 1.0) -> None:
@@ -164,12 +172,13 @@ class TrainingContext(NativeHandle):
         s.weight_decay = weight_decay
         s.step = step
         s.grad_scale = grad_scale
-        check(lib.glora_trainer_step(self._handle(), s))
-        for name, (a_fixed, b_fixed) in self.adapter.frozen.items():
-            a, b = self.adapter.get(name)
-            r = a.shape[0] - a_fixed.shape[0]
-            a[r:], b[:, r:] = a_fixed, b_fixed
-            self.adapter.set(name, lora_a=a, lora_b=b)
+        with self._using() as ptr:
+            check(lib.glora_trainer_step(ptr, s))
+            for name, (a_fixed, b_fixed) in self.adapter.frozen.items():
+                a, b = self.adapter.get(name)
+                r = a.shape[0] - a_fixed.shape[0]
+                a[r:], b[:, r:] = a_fixed, b_fixed
+                self.adapter.set(name, lora_a=a, lora_b=b)
 
     def _drop_frozen_grads(self) -> None:
         """Zero the gradient of frozen halves (PiSSA), so clipping and AdamW see only trainable values."""
@@ -183,23 +192,32 @@ class TrainingContext(NativeHandle):
     def step(self, micro_batches: Sequence[Batch], learning_rate: float, step: int, *,
              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
              max_grad_norm: float | None = None, dropout_seed: int = 0) -> StepResult:
-        """Forward + backward over every micro-batch, then clip and update: one optimizer step."""
+        """Forward + backward over every micro-batch, then clip and update: one optimizer step.
+
+        The one step algorithm (the trainer uses it too). The whole step holds the model's lock, so
+        another thread's step on the same model cannot interleave with this one's accumulation. When
+        the loss or the gradient norm is not finite, nothing is updated, the gradient is dropped and
+        the result says ``skipped=True``."""
         if not micro_batches:
             raise InvalidArgumentError("step: no micro-batches")
         n_tokens = sum(b.n_loss for b in micro_batches)
+        if n_tokens <= 0:
+            raise InvalidArgumentError("step: the micro-batches have no supervised tokens")
         loss_sum = 0.0
-        for i, b in enumerate(micro_batches):
-            loss_sum += self.accumulate(b, n_tokens, dropout_seed=dropout_seed * 1_000_003 + i)
-        self._drop_frozen_grads()
-        norm = self.grad_norm()
-        clip = 1.0
-        if max_grad_norm is not None and max_grad_norm > 0 and norm > max_grad_norm:
-            clip = max_grad_norm / (norm + 1e-6)
-        if math.isfinite(norm):
+        with self._lock:
+            for i, b in enumerate(micro_batches):
+                loss_sum += self.accumulate(b, n_tokens, dropout_seed=dropout_seed * 1_000_003 + i)
+            self._drop_frozen_grads()
+            norm = self.grad_norm()
+            loss = loss_sum / n_tokens
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                self.zero_grad()
+                return StepResult(loss, n_tokens, norm, 0.0, skipped=True)
+            clip = 1.0
+            if max_grad_norm is not None and max_grad_norm > 0 and norm > max_grad_norm:
+                clip = max_grad_norm / (norm + 1e-6)
             self.apply(learning_rate, step, betas=betas, eps=eps, weight_decay=weight_decay, grad_scale=clip)
-        else:
-            self.zero_grad()
-        return StepResult(loss_sum / n_tokens, n_tokens, norm, clip)
+        return StepResult(loss, n_tokens, norm, clip)
 
     # ---- state --------------------------------------------------------------------------------------
 
@@ -208,12 +226,14 @@ class TrainingContext(NativeHandle):
         shape = self.adapter._shape(name, which)
         if value is None:
             arr = np.empty(shape, dtype=np.float32)
-            check(lib.glora_trainer_state(self._handle(), i, which, kind, float_buffer(arr), arr.size, 0))
+            with self._using() as ptr:
+                check(lib.glora_trainer_state(ptr, i, which, kind, float_buffer(arr), arr.size, 0))
             return arr
         arr = np.ascontiguousarray(value, dtype=np.float32)
         if arr.shape != shape:
             raise InvalidArgumentError(f"{name}: state shape {arr.shape}, expected {shape}")
-        check(lib.glora_trainer_state(self._handle(), i, which, kind, float_buffer(arr), arr.size, 1))
+        with self._using() as ptr:
+            check(lib.glora_trainer_state(ptr, i, which, kind, float_buffer(arr), arr.size, 1))
         return None
 
     def gradients(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
