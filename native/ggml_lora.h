@@ -29,7 +29,7 @@
 #  define GLORA_API
 #endif
 
-#define GLORA_ABI_VERSION 4
+#define GLORA_ABI_VERSION 5
 
 #ifdef __cplusplus
 extern "C" {
@@ -209,7 +209,10 @@ GLORA_API int32_t glora_trainer_new(glora_adapter * adapter, const glora_trainer
 GLORA_API void    glora_trainer_free(glora_trainer * trainer);
 /* forward + backward of loss_weight * (sum of cross-entropy over the batch's loss rows); the gradient
  * of A and B is added to the accumulators. Pass loss_weight = 1 / (supervised tokens in the whole
- * optimizer step). dropout_seed picks the dropout masks. out_loss_sum gets the unweighted sum. */
+ * optimizer step). dropout_seed picks the dropout masks. out_loss_sum gets the unweighted sum.
+ * Rows too long for the step's graphs are refused before any graph is built, naming the length that
+ * fits: GLORA_ERR_UNSUPPORTED for one graph of too many attention chunks (gradient checkpointing trains
+ * them), GLORA_ERR_INVALID_ARGUMENT past the largest graph this build makes. */
 GLORA_API int32_t glora_trainer_accumulate(glora_trainer * trainer, const glora_batch * batch, float loss_weight,
                                            uint64_t dropout_seed, double * out_loss_sum);
 /* Memory of one accumulate call for a batch of n_seq x n_tokens with n_loss supervised rows, from the
@@ -234,6 +237,16 @@ GLORA_API int32_t glora_trainer_zero_grad(glora_trainer * trainer);
  * glora_adapter_get. set != 0 writes data into the state instead of reading it. */
 GLORA_API int32_t glora_trainer_state(glora_trainer * trainer, int32_t target, int32_t which, int32_t kind,
                                       float * data, int64_t n, int32_t set);
+
+/* ---------------------------------------------------------------------------------------------- */
+/* tests                                                                                           */
+/* ---------------------------------------------------------------------------------------------- */
+
+/* Test-only: runs one of the backward's graph rewrites on a small graph that lacks the pattern it
+ * rewrites, and returns its status (GLORA_ERR_INTERNAL, naming the tensor, when it refuses as it should).
+ * name: "transposed_weights" (an out_prod through a frozen weight that is not W^T dy) or "param_grads" (a
+ * LoRA parameter whose gradient is not accumulated with an add, so the loss weight cannot be applied). */
+GLORA_API int32_t glora_selftest(glora_trainer * trainer, const char * name);
 
 /* cffi-end */
 

@@ -15,11 +15,12 @@
 #include <algorithm>
 #include <cstring>
 #include <unordered_map>
-#include <unordered_set>
 
 int32_t glora_graph_alloc(glora_model * m, ggml_cgraph * gf) {
-    ggml_backend_sched_reset(m->sched);
-    if (!ggml_backend_sched_alloc_graph(m->sched, gf)) {
+    int32_t rc = glora_sched_fit(m->be, &m->sched, gf);
+    if (rc) return rc;
+    ggml_backend_sched_reset(m->sched.sched);
+    if (!ggml_backend_sched_alloc_graph(m->sched.sched, gf)) {
         return glora_fail(GLORA_ERR_OUT_OF_MEMORY, "could not allocate the compute graph (%d nodes) on %s",
                           ggml_graph_n_nodes(gf), m->be.device_name.c_str());
     }
@@ -27,7 +28,7 @@ int32_t glora_graph_alloc(glora_model * m, ggml_cgraph * gf) {
 }
 
 int32_t glora_graph_compute(glora_model * m, ggml_cgraph * gf) {
-    const ggml_status st = ggml_backend_sched_graph_compute(m->sched, gf);
+    const ggml_status st = ggml_backend_sched_graph_compute(m->sched.sched, gf);
     if (st != GGML_STATUS_SUCCESS) {
         return glora_fail(GLORA_ERR_BACKEND, "graph compute failed on %s (ggml status %d)", m->be.device_name.c_str(), (int) st);
     }
@@ -52,27 +53,6 @@ struct graph_ctx {
     ~graph_ctx() { ggml_free(ctx); }
 };
 
-// Node budget of a checkpointed graph (one block, or the head): ~40 forward nodes plus 6 per LoRA pair,
-// about three times that with the backward.
-constexpr size_t GRAPH_SIZE_BLOCK = 4096;
-
-// ggml's backward of y = mul_mat(W, x) gives dx = out_prod(W, transpose(dy)) = Wᵀ·dy. Through a frozen
-// weight we compute the same product as mul_mat(Wᵀ, dy) with the model's transposed working copy.
-void use_transposed_weights(const glora_model * model, ggml_cgraph * gf) {
-    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
-        ggml_tensor * node = ggml_graph_node(gf, i);
-        if (node->op != GGML_OP_OUT_PROD || node->src[1]->op != GGML_OP_TRANSPOSE) continue;
-        ggml_tensor * wt = model->transposed(node->src[0]);   // [n_out, n_in]
-        if (!wt) continue;
-        ggml_tensor * dy = node->src[1]->src[0];        // [n_out, T]
-        if (wt->ne[0] != dy->ne[0] || node->ne[0] != wt->ne[1] || node->ne[1] != dy->ne[1]) continue;
-        node->op = GGML_OP_MUL_MAT;                     // -> [n_in, T], the shape out_prod had
-        memset(node->op_params, 0, sizeof(node->op_params));
-        node->src[0] = wt;
-        node->src[1] = dy;
-    }
-}
-
 using acc_map = std::unordered_map<const ggml_tensor *, ggml_tensor *>;
 
 // A and B accumulate their gradient in place into the trainer's buffers
@@ -81,6 +61,59 @@ acc_map accumulators(const glora_trainer * t) {
     for (size_t i = 0; i < t->params_t.size(); ++i) acc[t->params_t[i]] = t->grad[i];
     return acc;
 }
+
+// ggml's backward of y = mul_mat(W, x) gives dx = out_prod(W, transpose(dy)) = Wᵀ·dy. Through a frozen
+// weight we compute the same product as mul_mat(Wᵀ, dy) with the model's transposed working copy.
+// An out_prod through a weight that has a copy and is left as it is means ggml's backward changed
+// shape: the product would fall back to a slow (CPU-only for quantized W) path, so that is an error.
+int32_t use_transposed_weights(const glora_model * model, ggml_cgraph * gf) {
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        if (node->op != GGML_OP_OUT_PROD || !model->transposed(node->src[0])) continue;
+        ggml_tensor * wt = model->transposed(node->src[0]);   // [n_out, n_in]
+        ggml_tensor * dy = node->src[1]->op == GGML_OP_TRANSPOSE ? node->src[1]->src[0] : nullptr;   // [n_out, T]
+        if (!dy || wt->ne[0] != dy->ne[0] || node->ne[0] != wt->ne[1] || node->ne[1] != dy->ne[1]) {
+            return glora_fail(GLORA_ERR_INTERNAL, "backward: out_prod '%s' through weight '%s' %s with %s is not "
+                              "Wᵀ·dy; ggml's backward of mul_mat changed", node->name, node->src[0]->name,
+                              glora_shape_str(node->src[0]).c_str(), glora_shape_str(node->src[1]).c_str());
+        }
+        node->op = GGML_OP_MUL_MAT;                     // -> [n_in, T], the shape out_prod had
+        memset(node->op_params, 0, sizeof(node->op_params));
+        node->src[0] = wt;
+        node->src[1] = dy;
+    }
+    return GLORA_OK;
+}
+
+// Scales what ggml's backward adds to each LoRA parameter's accumulator (acc += contribution) by
+// `scale`, in F32. Every parameter of the graph must get a contribution: if ggml's backward stopped
+// accumulating that way, its gradient would silently come out unscaled (times the step's tokens).
+int32_t scale_param_grads(ggml_context * ctx, ggml_cgraph * gf, const glora_trainer * t, float scale) {
+    const acc_map acc = accumulators(t);
+    std::unordered_map<const ggml_tensor *, bool> scaled;   // accumulator of a parameter in gf -> got a contribution
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        auto it = acc.find(ggml_graph_node(gf, i));
+        if (it != acc.end()) scaled[it->second] = false;
+    }
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        auto it = scaled.find(node->view_src);
+        if (node->op != GGML_OP_ADD || it == scaled.end()) continue;   // acc += contribution
+        ggml_tensor * contrib = node->src[1];
+        if (!ggml_is_contiguous(contrib)) contrib = ggml_cont(ctx, contrib);
+        node->src[1] = ggml_scale(ctx, contrib, scale);
+        it->second = true;
+    }
+    for (const auto & [acc, done] : scaled) {
+        if (!done) {
+            return glora_fail(GLORA_ERR_INTERNAL, "backward: the gradient '%s' %s received no contribution to scale; "
+                              "ggml's backward no longer accumulates with an add", acc->name,
+                              glora_shape_str(acc).c_str());
+        }
+    }
+    return GLORA_OK;
+}
+
 
 // dst = src with dims 0 and 1 swapped, F32, dst contiguous; src may have any strides. In square tiles,
 // so that reads and writes both stay within a few cache lines (ggml's cont of a transposed view reads
@@ -131,30 +164,23 @@ ggml_cgraph * in_order(ggml_context * ctx, ggml_cgraph * gf, size_t graph_size) 
 // are added, in F32. Weighting the loss itself (1/tokens) made the activation gradients so small that
 // the backward products, which round them to F16 against the F16 weight copies, lost them to
 // underflow: on SmolLM2 4x256 the LoRA gradients came out 20-30% off PyTorch's, and training lagged.
-ggml_tensor * build_backward(const glora_model * m, ggml_context * ctx, ggml_cgraph ** gf, size_t graph_size,
-                             ggml_tensor * loss, const acc_map & acc, const glora_trainer * t, float param_scale) {
+int32_t build_backward(const glora_model * m, ggml_context * ctx, ggml_cgraph ** gf, size_t graph_size,
+                       ggml_tensor * loss, const acc_map & acc, const glora_trainer * t, float param_scale,
+                       ggml_tensor ** seed) {
     std::vector<ggml_tensor *> grad_accs((size_t) ggml_graph_n_nodes(*gf), nullptr);
     for (int i = 0; i < ggml_graph_n_nodes(*gf); ++i) {
         auto it = acc.find(ggml_graph_node(*gf, i));
         if (it != acc.end()) grad_accs[(size_t) i] = it->second;
     }
     ggml_build_backward_expand(ctx, *gf, grad_accs.data());
-    use_transposed_weights(m, *gf);
-    ggml_tensor * seed = ggml_graph_get_grad(*gf, loss);
-    ggml_set_input(seed);
-    const std::unordered_set<const ggml_tensor *> params(t->grad.begin(), t->grad.end());
-    bool scaled = false;
-    for (int i = 0; i < ggml_graph_n_nodes(*gf); ++i) {
-        ggml_tensor * node = ggml_graph_node(*gf, i);
-        if (node->op != GGML_OP_ADD || !params.count(node->view_src)) continue;   // acc += contribution
-        ggml_tensor * contrib = node->src[1];
-        if (!ggml_is_contiguous(contrib)) contrib = ggml_cont(ctx, contrib);
-        node->src[1] = ggml_scale(ctx, contrib, param_scale);
-        scaled = true;
-    }
-    if (scaled) *gf = in_order(ctx, *gf, graph_size);
+    int32_t rc = use_transposed_weights(m, *gf);
+    if (rc) return rc;
+    *seed = ggml_graph_get_grad(*gf, loss);
+    ggml_set_input(*seed);
+    if ((rc = scale_param_grads(ctx, *gf, t, param_scale))) return rc;
+    *gf = in_order(ctx, *gf, graph_size);   // with the scales
     *gf = glora_faster_products(m, ctx, *gf, graph_size);
-    return seed;
+    return GLORA_OK;
 }
 
 void set_one(ggml_tensor * t) {
@@ -172,13 +198,15 @@ float read_scalar(const ggml_tensor * t) {
 struct executor {
     glora_model        * m;
     size_t             * measure;
-    ggml_backend_sched_t plan;      // a scheduler of its own for measuring: a no-alloc plan left in the
+    glora_sched        * plan;      // a scheduler of its own for measuring: a no-alloc plan left in the
                                     // model's scheduler makes its next allocation reuse a buffer it never made
 
     template <class F> int32_t operator()(ggml_cgraph * gf, F && set_inputs) {
         if (measure) {
+            int32_t rc = glora_sched_fit(m->be, plan, gf);
+            if (rc) return rc;
             std::vector<size_t> sizes(m->be.backends.size(), 0);
-            ggml_backend_sched_reserve_size(plan, gf, sizes.data());
+            ggml_backend_sched_reserve_size(plan->sched, gf, sizes.data());
             size_t total = 0;
             for (size_t s : sizes) total += s;
             *measure = std::max(*measure, total);
@@ -202,17 +230,21 @@ glora_graph_options training_options(const glora_trainer * t) {
 }
 
 int32_t backward_one_graph(glora_trainer * t, const glora_batch * batch, float loss_weight, uint64_t dropout_seed,
-                           double * out_loss_sum, size_t * measure, ggml_backend_sched_t plan) {
+                           double * out_loss_sum, size_t * measure, glora_sched * plan) {
     glora_model * m = t->adapter->model;
-    graph_ctx g(m->graph_size);
+    const glora_graph_options opt = training_options(t);
+    const size_t budget = glora_graph_budget(m, batch, opt, true);
+    graph_ctx g(budget);
     glora_graph_inputs in;
-    ggml_tensor * logits = glora_build_forward(g.ctx, m, batch, training_options(t), true, &in);
+    ggml_tensor * logits = glora_build_forward(g.ctx, m, batch, opt, true, &in);
     ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in);
     ggml_set_loss(loss);
-    ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, m->graph_size, true);
+    ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, budget, true);
     ggml_build_forward_expand(gf, loss);
-    ggml_tensor * seed = build_backward(m, g.ctx, &gf, m->graph_size, loss, accumulators(t), t, loss_weight);
-    int32_t rc = executor{m, measure, plan}(gf, [&] {
+    ggml_tensor * seed = nullptr;
+    int32_t rc = build_backward(m, g.ctx, &gf, budget, loss, accumulators(t), t, loss_weight, &seed);
+    if (rc) return rc;
+    rc = executor{m, measure, plan}(gf, [&] {
         glora_graph_set_inputs(m, batch, in, dropout_seed);
         set_one(seed);
     });
@@ -255,7 +287,7 @@ bool block_has_pairs(const glora_adapter * a, const glora_layer & L) {
 }
 
 int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, float loss_weight, uint64_t dropout_seed,
-                              double * out_loss_sum, size_t * measure, ggml_backend_sched_t plan) {
+                              double * out_loss_sum, size_t * measure, glora_sched * plan) {
     glora_model * m = t->adapter->model;
     const int n_layer = m->hp.n_layer;
     int32_t rc = ensure_checkpoints(t, (int64_t) batch->n_seq * batch->n_tokens);
@@ -267,20 +299,19 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
 
     // forward: x_0 = the token embeddings, x_{i+1} = block_i(x_i); nothing else is kept
     for (int il = -1; il < n_layer; ++il) {
-        graph_ctx g(GRAPH_SIZE_BLOCK);
         glora_graph_options opt = base;
         opt.head = false;
         opt.layer_begin = opt.layer_end = il < 0 ? 0 : il;
-        if (il >= 0) {
-            opt.layer_end = il + 1;
-            opt.x_in = glora_bind(g.ctx, t->ckpt[(size_t) il]);
-        }
+        if (il >= 0) opt.layer_end = il + 1;
+        const size_t budget = glora_graph_budget(m, batch, opt, false);
+        graph_ctx g(budget);
+        if (il >= 0) opt.x_in = glora_bind(g.ctx, t->ckpt[(size_t) il]);
         glora_graph_inputs in;
         ggml_tensor * y = glora_build_forward(g.ctx, m, batch, opt, false, &in);
         ggml_tensor * out = ggml_cpy(g.ctx, y, t->ckpt[(size_t) (il + 1)]);
-        ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, GRAPH_SIZE_BLOCK, false);
+        ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, budget, false);
         ggml_build_forward_expand(gf, out);
-        gf = glora_faster_products(m, g.ctx, gf, GRAPH_SIZE_BLOCK);   // the products the recompute runs
+        gf = glora_faster_products(m, g.ctx, gf, budget);   // the products the recompute runs
         if ((rc = exec(gf, [&] { glora_graph_set_inputs(m, batch, in, dropout_seed, &host); }))) return rc;
     }
 
@@ -294,21 +325,23 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
         sub.loss_rows += r0;
         sub.labels    += r0;
         sub.n_loss     = (int32_t) std::min<int64_t>(chunk, batch->n_loss - r0);
-        graph_ctx g(GRAPH_SIZE_BLOCK);
         glora_graph_options opt = base;
         opt.layer_begin = opt.layer_end = n_layer;
         opt.loss_row0 = r0;
+        const size_t budget = glora_graph_budget(m, &sub, opt, true);
+        graph_ctx g(budget);
         opt.x_in = glora_bind(g.ctx, t->ckpt[(size_t) n_layer]);
         ggml_set_param(opt.x_in);
         glora_graph_inputs in;
         ggml_tensor * logits = glora_build_forward(g.ctx, m, &sub, opt, true, &in);
         ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in);
         ggml_set_loss(loss);
-        ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, GRAPH_SIZE_BLOCK, true);
+        ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, budget, true);
         ggml_build_forward_expand(gf, loss);
         acc_map acc = accumulators(t);
         acc[opt.x_in] = d_top;
-        ggml_tensor * seed = build_backward(m, g.ctx, &gf, GRAPH_SIZE_BLOCK, loss, acc, t, loss_weight);
+        ggml_tensor * seed = nullptr;
+        if ((rc = build_backward(m, g.ctx, &gf, budget, loss, acc, t, loss_weight, &seed))) return rc;
         if ((rc = exec(gf, [&] {
                  glora_graph_set_inputs(m, &sub, in, dropout_seed, &host);
                  set_one(seed);
@@ -322,11 +355,12 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
     for (int il = n_layer - 1; il >= 0; --il) {
         const bool need_dx = il > 0;   // x_0 is the embedding lookup, which has no LoRA
         if (!need_dx && !block_has_pairs(t->adapter, m->layers[(size_t) il])) continue;
-        graph_ctx g(GRAPH_SIZE_BLOCK);
         glora_graph_options opt = base;
         opt.head = false;
         opt.layer_begin = il;
         opt.layer_end = il + 1;
+        const size_t budget = glora_graph_budget(m, batch, opt, true);
+        graph_ctx g(budget);
         opt.x_in = glora_bind(g.ctx, t->ckpt[(size_t) il]);
         if (need_dx) ggml_set_param(opt.x_in);
         glora_graph_inputs in;
@@ -335,12 +369,13 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
         ggml_tensor * loss = ggml_sum(g.ctx, ggml_mul(g.ctx, y, dy));
         ggml_set_name(loss, "surrogate_loss");
         ggml_set_loss(loss);
-        ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, GRAPH_SIZE_BLOCK, true);
+        ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, budget, true);
         ggml_build_forward_expand(gf, loss);
         acc_map acc = accumulators(t);
         ggml_tensor * dx = t->dx[(size_t) (il & 1)];
         if (need_dx) acc[opt.x_in] = dx;
-        ggml_tensor * seed = build_backward(m, g.ctx, &gf, GRAPH_SIZE_BLOCK, loss, acc, t, loss_weight);
+        ggml_tensor * seed = nullptr;
+        if ((rc = build_backward(m, g.ctx, &gf, budget, loss, acc, t, loss_weight, &seed))) return rc;
         if ((rc = exec(gf, [&] {
                  if (need_dx) ggml_backend_tensor_memset(dx, 0, 0, ggml_nbytes(dx));
                  glora_graph_set_inputs(m, batch, in, dropout_seed, &host);
@@ -351,6 +386,26 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
     }
     if (!measure) *out_loss_sum = loss_sum;
     return GLORA_OK;
+}
+
+// ggml's graph allocator keeps at most 256 free blocks per buffer (MAX_FREE_BLOCKS, ggml-alloc.c) and
+// aborts past that. A one-graph backward keeps, for every attention chunk of every block, the tensors
+// its backward reads, with freed temporaries between them, so its holes grow with blocks x chunks. On
+// ggml's allocation plans (glora_trainer_measure), tiny models of 2-8 blocks failed from 268-344 block
+// chunks, SmolLM2 (30 blocks) passed 480 and failed at 960; this bound stays below all of them.
+// Gradient checkpointing (one block per graph) trains longer rows.
+constexpr int64_t MAX_ONE_GRAPH_BLOCK_CHUNKS = 240;
+
+int32_t check_one_graph_chunks(const glora_model * m, const glora_batch * batch) {
+    const int64_t n_layer = m->hp.n_layer;
+    const int64_t chunks = (batch->n_tokens + GLORA_ATTN_CHUNK - 1) / GLORA_ATTN_CHUNK;
+    if (chunks <= 1 || n_layer * chunks <= MAX_ONE_GRAPH_BLOCK_CHUNKS) return GLORA_OK;
+    const int64_t fits = std::max<int64_t>(1, MAX_ONE_GRAPH_BLOCK_CHUNKS / n_layer) * GLORA_ATTN_CHUNK;
+    return glora_fail(GLORA_ERR_UNSUPPORTED,
+                      "sequences of %d tokens are %lld attention chunks in each of %lld blocks, more than one "
+                      "training graph can hold (ggml's allocator would run out of free blocks); use gradient "
+                      "checkpointing, or at most %lld tokens per sequence", batch->n_tokens, (long long) chunks,
+                      (long long) n_layer, (long long) fits);
 }
 
 }  // namespace
@@ -400,17 +455,58 @@ ggml_cgraph * glora_faster_products(const glora_model * m, ggml_context * ctx, g
 int32_t glora_trainer_backward(glora_trainer * trainer, const glora_batch * batch, float loss_weight,
                                uint64_t dropout_seed, double * out_loss_sum, size_t * measure) {
     glora_model * m = trainer->adapter->model;
-    ggml_backend_sched_t plan = nullptr;
-    if (measure) {
-        plan = ggml_backend_sched_new(m->be.backends.data(), m->be.bufts.data(), (int) m->be.backends.size(),
-                                      m->graph_size, false, true);
-        if (!plan) return glora_fail(GLORA_ERR_BACKEND, "could not create a scheduler to measure with");
+    // the graphs' budgets, before any graph is built: the whole model in one graph, or each block (the
+    // head's chunks are smaller than a block)
+    const glora_graph_options opt = training_options(trainer);
+    int32_t rc = GLORA_OK;
+    if (!trainer->params.gradient_checkpointing) {
+        rc = glora_check_graph_budget(m, batch, opt, true);
+        if (rc == GLORA_OK) rc = check_one_graph_chunks(m, batch);
     }
-    const int32_t rc = trainer->params.gradient_checkpointing
-        ? backward_checkpointed(trainer, batch, loss_weight, dropout_seed, out_loss_sum, measure, plan)
-        : backward_one_graph(trainer, batch, loss_weight, dropout_seed, out_loss_sum, measure, plan);
-    if (plan) ggml_backend_sched_free(plan);
-    return rc;
+    for (int il = 0; rc == GLORA_OK && trainer->params.gradient_checkpointing && il < m->hp.n_layer; ++il) {
+        glora_graph_options block = opt;
+        block.head = false;
+        block.layer_begin = il;
+        block.layer_end = il + 1;
+        rc = glora_check_graph_budget(m, batch, block, true);
+    }
+    if (rc) return rc;
+    glora_sched plan;
+    return trainer->params.gradient_checkpointing
+        ? backward_checkpointed(trainer, batch, loss_weight, dropout_seed, out_loss_sum, measure, &plan)
+        : backward_one_graph(trainer, batch, loss_weight, dropout_seed, out_loss_sum, measure, &plan);
+}
+
+// Test-only (see ggml_lora.h): one of the backward's rewrites on a small graph without the pattern it
+// looks for, so that the tests see it refuse instead of passing the graph through unchanged.
+extern "C" GLORA_API int32_t glora_selftest(glora_trainer * trainer, const char * name) {
+    return glora_guard(__func__, [&]() -> int32_t {
+        glora_clear_error();
+        GLORA_CHECK_ARG(trainer && name, "glora_selftest: NULL argument");
+        const glora_model * m = trainer->adapter->model;
+        const glora_pair & p = trainer->adapter->pairs[0];
+        const int64_t n_in = p.weight->ne[0], n_out = p.weight->ne[1], T = 8;
+        graph_ctx g(64);
+        if (strcmp(name, "transposed_weights") == 0) {
+            // out_prod through a frozen weight whose right side is not a transposed view: not Wᵀ·dy
+            ggml_tensor * y = ggml_new_tensor_2d(g.ctx, GGML_TYPE_F32, T, n_out);            // [T, n_out]
+            ggml_tensor * dx = ggml_out_prod(g.ctx, const_cast<ggml_tensor *>(p.weight), y);  // [n_in, T]
+            ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, 64, false);
+            ggml_build_forward_expand(gf, dx);
+            return use_transposed_weights(m, gf);
+        }
+        if (strcmp(name, "param_grads") == 0) {
+            // without accumulators ggml sets A's gradient in a tensor of its own: no add to scale
+            ggml_tensor * x = ggml_new_tensor_2d(g.ctx, GGML_TYPE_F32, n_in, T);              // [n_in, T]
+            ggml_tensor * loss = ggml_sum(g.ctx, ggml_mul_mat(g.ctx, p.a, x));
+            ggml_set_loss(loss);
+            ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, 64, true);
+            ggml_build_forward_expand(gf, loss);
+            ggml_build_backward_expand(g.ctx, gf, nullptr);
+            return scale_param_grads(g.ctx, gf, trainer, 1.0f);
+        }
+        return glora_fail(GLORA_ERR_INVALID_ARGUMENT, "unknown self-test '%s' (transposed_weights, param_grads)", name);
+    });
 }
 
 // Loss rows per LM-head chunk, so that its logits, labels and their gradient stay near 3 × 64 MiB.

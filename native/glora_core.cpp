@@ -3,12 +3,16 @@
 
 #include "ggml-cpu.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
+#include <exception>
 #include <mutex>
+#include <new>
 #include <thread>
+#include <unordered_set>
 
 // ---- errors ---------------------------------------------------------------------------------------
 
@@ -26,15 +30,36 @@ static std::string vformat(const char * fmt, va_list args) {
     return s;
 }
 
-int32_t glora_fail(int32_t code, const char * fmt, ...) {
+int32_t glora_fail(int32_t code, const char * fmt, ...) noexcept {
     va_list args;
     va_start(args, fmt);
-    g_last_error = vformat(fmt, args);
+    try {
+        g_last_error = vformat(fmt, args);
+    } catch (...) {
+        g_last_error.clear();   // no memory for the message: the status still says what happened
+    }
     va_end(args);
     return code;
 }
 
-void glora_clear_error() { g_last_error.clear(); }
+void glora_clear_error() noexcept { g_last_error.clear(); }
+
+int32_t glora_exception_status(const char * fn) noexcept {
+    try {
+        throw;
+    } catch (const std::bad_alloc & e) {
+        return glora_fail(GLORA_ERR_OUT_OF_MEMORY, "%s: out of host memory (%s)", fn, e.what());
+    } catch (const std::exception & e) {
+        return glora_fail(GLORA_ERR_INTERNAL, "%s: C++ exception: %s", fn, e.what());
+    } catch (...) {
+        return glora_fail(GLORA_ERR_INTERNAL, "%s: unknown C++ exception", fn);
+    }
+}
+
+void glora_exception_log(const char * fn) noexcept {
+    glora_exception_status(fn);
+    glora_log(GGML_LOG_LEVEL_ERROR, "%s\n", g_last_error.c_str());
+}
 
 std::string glora_shape_str(const ggml_tensor * t) {
     char buf[128];
@@ -43,8 +68,12 @@ std::string glora_shape_str(const ggml_tensor * t) {
     return buf;
 }
 
-extern "C" GLORA_API int32_t glora_abi_version(void) { return GLORA_ABI_VERSION; }
-extern "C" GLORA_API const char * glora_last_error(void) { return g_last_error.c_str(); }
+extern "C" GLORA_API int32_t glora_abi_version(void) {
+    return glora_guard_or(__func__, (int32_t) GLORA_ABI_VERSION, [] { return (int32_t) GLORA_ABI_VERSION; });
+}
+extern "C" GLORA_API const char * glora_last_error(void) {
+    return glora_guard_or(__func__, "", [] { return g_last_error.c_str(); });
+}
 
 // ---- logging --------------------------------------------------------------------------------------
 
@@ -63,22 +92,28 @@ static void ggml_log_to_callback(enum ggml_log_level level, const char * text, v
     forward_log((int32_t) level, text);
 }
 
-void glora_log(int32_t level, const char * fmt, ...) {
+void glora_log(int32_t level, const char * fmt, ...) noexcept {
     va_list args;
     va_start(args, fmt);
-    std::string s = vformat(fmt, args);
+    try {
+        std::string s = vformat(fmt, args);
+        forward_log(level, s.c_str());
+    } catch (...) {
+        // no memory for the text, or the mutex failed: a log line is not worth a crash
+    }
     va_end(args);
-    forward_log(level, s.c_str());
 }
 
 extern "C" GLORA_API void glora_set_log_callback(glora_log_callback callback, void * user_data) {
-    {
-        std::lock_guard<std::mutex> lock(g_log_mutex);
-        g_log_cb   = callback;
-        g_log_user = user_data;
-    }
-    // Our statically linked ggml has its own logger; without this it would print to stderr.
-    ggml_log_set(ggml_log_to_callback, nullptr);
+    glora_guard_void(__func__, [&] {
+        {
+            std::lock_guard<std::mutex> lock(g_log_mutex);
+            g_log_cb   = callback;
+            g_log_user = user_data;
+        }
+        // Our statically linked ggml has its own logger; without this it would print to stderr.
+        ggml_log_set(ggml_log_to_callback, nullptr);
+    });
 }
 
 // ---- devices --------------------------------------------------------------------------------------
@@ -94,29 +129,33 @@ static void ensure_quiet_logger() {
 }
 
 extern "C" GLORA_API int32_t glora_device_count(void) {
-    ensure_quiet_logger();
-    return (int32_t) ggml_backend_dev_count();
+    return glora_guard_or(__func__, (int32_t) 0, [] {
+        ensure_quiet_logger();
+        return (int32_t) ggml_backend_dev_count();
+    });
 }
 
 extern "C" GLORA_API int32_t glora_device_get(int32_t index, glora_device_info * out) {
-    ensure_quiet_logger();
-    GLORA_CHECK_ARG(out != nullptr, "glora_device_get: out is NULL");
-    const int32_t n = (int32_t) ggml_backend_dev_count();
-    GLORA_CHECK_ARG(index >= 0 && index < n, "device index %d out of range [0, %d)", index, n);
-    ggml_backend_dev_t dev = ggml_backend_dev_get((size_t) index);
-    size_t free = 0, total = 0;
-    ggml_backend_dev_memory(dev, &free, &total);
-    copy_str(out->name, sizeof(out->name), ggml_backend_dev_name(dev));
-    copy_str(out->description, sizeof(out->description), ggml_backend_dev_description(dev));
-    switch (ggml_backend_dev_type(dev)) {
-        case GGML_BACKEND_DEVICE_TYPE_GPU:   out->type = GLORA_DEVICE_GPU;   break;
-        case GGML_BACKEND_DEVICE_TYPE_IGPU:  out->type = GLORA_DEVICE_IGPU;  break;
-        case GGML_BACKEND_DEVICE_TYPE_ACCEL: out->type = GLORA_DEVICE_ACCEL; break;
-        default:                             out->type = GLORA_DEVICE_CPU;   break;
-    }
-    out->memory_free  = free;
-    out->memory_total = total;
-    return GLORA_OK;
+    return glora_guard(__func__, [&]() -> int32_t {
+        ensure_quiet_logger();
+        GLORA_CHECK_ARG(out != nullptr, "glora_device_get: out is NULL");
+        const int32_t n = (int32_t) ggml_backend_dev_count();
+        GLORA_CHECK_ARG(index >= 0 && index < n, "device index %d out of range [0, %d)", index, n);
+        ggml_backend_dev_t dev = ggml_backend_dev_get((size_t) index);
+        size_t free = 0, total = 0;
+        ggml_backend_dev_memory(dev, &free, &total);
+        copy_str(out->name, sizeof(out->name), ggml_backend_dev_name(dev));
+        copy_str(out->description, sizeof(out->description), ggml_backend_dev_description(dev));
+        switch (ggml_backend_dev_type(dev)) {
+            case GGML_BACKEND_DEVICE_TYPE_GPU:   out->type = GLORA_DEVICE_GPU;   break;
+            case GGML_BACKEND_DEVICE_TYPE_IGPU:  out->type = GLORA_DEVICE_IGPU;  break;
+            case GGML_BACKEND_DEVICE_TYPE_ACCEL: out->type = GLORA_DEVICE_ACCEL; break;
+            default:                             out->type = GLORA_DEVICE_CPU;   break;
+        }
+        out->memory_free  = free;
+        out->memory_total = total;
+        return GLORA_OK;
+    });
 }
 
 static std::string device_names() {
@@ -187,6 +226,44 @@ void glora_backends_free(glora_backends * b) {
     b->backends.clear();
     b->bufts.clear();
     b->main = b->cpu = nullptr;
+}
+
+void glora_sched::release() {
+    if (sched) ggml_backend_sched_free(sched);
+    sched = nullptr;
+    capacity = 0;
+}
+
+// Every tensor ggml's scheduler hashes: the graph's nodes and its leafs (sources that are neither a
+// node nor a parameter, as ggml_visit_parents sorts them; ggml has no public count of the leafs).
+static size_t graph_tensors(ggml_cgraph * gf) {
+    std::unordered_set<const ggml_tensor *> leafs;
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        const ggml_tensor * node = ggml_graph_node(gf, i);
+        for (const ggml_tensor * src : node->src) {
+            if (src && src->op == GGML_OP_NONE && !(src->flags & GGML_TENSOR_FLAG_PARAM)) leafs.insert(src);
+        }
+    }
+    return (size_t) ggml_graph_n_nodes(gf) + leafs.size();
+}
+
+int32_t glora_sched_fit(const glora_backends & be, glora_sched * s, ggml_cgraph * gf) {
+    const size_t need = graph_tensors(gf);
+    glora_log(GGML_LOG_LEVEL_DEBUG, "graph: %d nodes, %zu leafs, budget %d\n", ggml_graph_n_nodes(gf),
+              need - (size_t) ggml_graph_n_nodes(gf), ggml_graph_size(gf));
+    if (s->sched && s->capacity >= need) return GLORA_OK;
+    // a quarter more, so that the slightly larger graph of the next batch does not make another
+    const size_t capacity = std::max<size_t>(std::max(need + need / 4, s->capacity), 4096);
+    s->release();
+    s->sched = ggml_backend_sched_new(const_cast<ggml_backend_t *>(be.backends.data()),
+                                      const_cast<ggml_backend_buffer_type_t *>(be.bufts.data()),
+                                      (int) be.backends.size(), capacity, false, true);
+    if (!s->sched) {
+        return glora_fail(GLORA_ERR_BACKEND, "could not create a backend scheduler for %zu tensors", capacity);
+    }
+    s->capacity = capacity;
+    if (s->profile) glora_profile_attach(s->sched);
+    return GLORA_OK;
 }
 
 ggml_context * glora_graph_ctx(size_t n_nodes) {

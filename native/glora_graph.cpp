@@ -254,6 +254,79 @@ ggml_tensor * glora_build_loss(ggml_context * ctx, ggml_tensor * row_logits, flo
     return loss;
 }
 
+// ---- node budget ----------------------------------------------------------------------------------
+
+namespace {
+
+// Nodes of a graph per unit of its shape, from counts of real graphs after every rewrite (the debug log
+// of glora_sched_fit prints them) over tiny llama (GQA), qwen2 (biases) and qwen3 (q/k norms) models of
+// 1..3 blocks, 8..700 rows, every projection and the LM head adapted, with and without dropout and
+// checkpointing; tests/test_native_safety.py runs such a grid and checks every graph against its
+// budget (largest share used: 74%). [0]: forward only, [1]: with ggml's backward and the rewrites of
+// glora_backward.cpp.
+// Observed, backward: a chunk 27 (forward 10); a pair 21-25 (forward 6, 8 on the LM head); dropout 2 a
+// pair (forward 1); a block without pairs or chunks ~75 (qwen3's norms add ~20; forward ~45); chunked
+// attention adds ~46 to a block over one square (forward ~20); the head alone 15 (forward 6).
+struct node_counts {
+    size_t fixed;       // inputs, embedding lookup, loss
+    size_t block;       // a block's norms, projections, rope, residuals, GQA copies, chunking
+    size_t chunk;       // one query chunk of a block's attention
+    size_t pair;        // one LoRA pair on a projection
+    size_t dropout;     // its dropout mask
+    size_t head;        // final norm and LM head
+};
+constexpr node_counts NODES[2] = {
+    // fixed  block  chunk  pair  dropout  head
+    {  8,     56,    10,    8,    2,       8  },
+    {  16,    100,   28,    25,   3,       16 },
+};
+
+}  // namespace
+
+size_t glora_graph_budget(const glora_model * m, const glora_batch * batch, const glora_graph_options & opt,
+                          bool backward) {
+    const node_counts & c = NODES[backward ? 1 : 0];
+    const int64_t T = batch->n_tokens;
+    const int32_t l0 = opt.layer_begin;
+    const int32_t l1 = opt.layer_end < 0 ? m->hp.n_layer : opt.layer_end;
+    const int64_t blocks = std::max(0, l1 - l0);
+    // as glora_build_forward chooses: query chunks, or one square
+    const int64_t chunks = opt.attn_chunk > 0 && !opt.pad_kv && T > opt.attn_chunk
+        ? (T + opt.attn_chunk - 1) / opt.attn_chunk : 1;
+    int64_t pairs = 0;
+    for (const glora_active_adapter & aa : opt.adapters) {
+        for (int32_t il = l0; il < l1; ++il) {
+            const glora_layer & L = m->layers[(size_t) il];
+            for (const ggml_tensor * w : {L.wq, L.wk, L.wv, L.wo, L.ffn_gate, L.ffn_up, L.ffn_down}) {
+                pairs += aa.adapter->find(w) != nullptr;
+            }
+        }
+        if (opt.head) pairs += aa.adapter->find(m->output) != nullptr;
+    }
+    const size_t per_pair = c.pair + (opt.dropout > 0.0f ? c.dropout : 0);
+    const size_t n = c.fixed + (size_t) blocks * (c.block + (size_t) chunks * c.chunk) + (size_t) pairs * per_pair +
+                     (opt.head ? c.head : 0);
+    return n + n / 4;   // a quarter over the counts, for what the grid of shapes did not reach
+}
+
+int32_t glora_check_graph_budget(const glora_model * m, const glora_batch * batch, const glora_graph_options & opt,
+                                 bool backward) {
+    const size_t budget = glora_graph_budget(m, batch, opt, backward);
+    if (budget <= GLORA_MAX_GRAPH_NODES) return GLORA_OK;
+    // the longest sequence whose graph fits, by bisection (the budget grows with the length)
+    glora_batch probe = *batch;
+    int64_t lo = 0, hi = batch->n_tokens;
+    while (hi - lo > 1) {
+        probe.n_tokens = (int32_t) ((lo + hi) / 2);
+        if (glora_graph_budget(m, &probe, opt, backward) <= GLORA_MAX_GRAPH_NODES) lo = probe.n_tokens;
+        else hi = probe.n_tokens;
+    }
+    return glora_fail(GLORA_ERR_INVALID_ARGUMENT,
+                      "sequences of %d tokens need a graph of about %zu nodes%s, more than the %zu this build "
+                      "supports; at most %lld tokens per sequence fit", batch->n_tokens, budget,
+                      backward ? " with its backward" : "", GLORA_MAX_GRAPH_NODES, (long long) lo);
+}
+
 int32_t glora_validate_batch(const glora_model * model, const glora_batch * batch, bool need_loss) {
     GLORA_CHECK_ARG(batch && batch->tokens, "batch: tokens is NULL");
     GLORA_CHECK_ARG(batch->n_seq > 0 && batch->n_tokens > 0, "batch: n_seq=%d and n_tokens=%d must be positive",

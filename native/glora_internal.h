@@ -14,17 +14,54 @@
 // ---- errors ---------------------------------------------------------------------------------------
 
 // Records a printf-style message as this thread's last error and returns `code`.
-int32_t glora_fail(int32_t code, const char * fmt, ...)
+// Neither throws: both run inside the guards' catch blocks.
+int32_t glora_fail(int32_t code, const char * fmt, ...) noexcept
 #if defined(__GNUC__)
     __attribute__((format(printf, 2, 3)))
 #endif
     ;
-void glora_clear_error();
-void glora_log(int32_t level, const char * fmt, ...)
+void glora_clear_error() noexcept;
+void glora_log(int32_t level, const char * fmt, ...) noexcept
 #if defined(__GNUC__)
     __attribute__((format(printf, 2, 3)))
 #endif
     ;
+
+// ---- the C boundary -------------------------------------------------------------------------------
+
+// Every extern "C" function runs its body through one of the guards below: a C++ exception unwinding
+// out of the library (std::bad_alloc from a std::vector, std::length_error, ...) would terminate the
+// Python process that called it. Inside a catch block: records the exception as this thread's error
+// (std::bad_alloc: GLORA_ERR_OUT_OF_MEMORY, anything else: GLORA_ERR_INTERNAL), naming `fn`.
+int32_t glora_exception_status(const char * fn) noexcept;
+
+// For functions that return a status: the body's status, or the exception's.
+template <class F> int32_t glora_guard(const char * fn, F && body) noexcept {
+    try {
+        return body();
+    } catch (...) {
+        return glora_exception_status(fn);
+    }
+}
+
+// For functions without a status (void, a pointer, a count): the exception is logged as an error and
+// `fallback` returned.
+void glora_exception_log(const char * fn) noexcept;
+template <class R, class F> R glora_guard_or(const char * fn, R fallback, F && body) noexcept {
+    try {
+        return body();
+    } catch (...) {
+        glora_exception_log(fn);
+        return fallback;
+    }
+}
+template <class F> void glora_guard_void(const char * fn, F && body) noexcept {
+    try {
+        body();
+    } catch (...) {
+        glora_exception_log(fn);
+    }
+}
 
 #define GLORA_CHECK_ARG(cond, ...) \
     do { if (!(cond)) return glora_fail(GLORA_ERR_INVALID_ARGUMENT, __VA_ARGS__); } while (0)
@@ -44,6 +81,22 @@ struct glora_backends {
 
 int32_t glora_backends_init(const char * device, int32_t n_threads, glora_backends * out);
 void    glora_backends_free(glora_backends * b);
+
+// A scheduler, and how many graph nodes plus leafs its tables hold. ggml sizes those tables when it
+// makes the scheduler and asserts that every graph it is given fits them (ggml_backend_sched_alloc_graph,
+// ggml_backend_sched_reserve_size); glora_sched_fit replaces the scheduler by a larger one first.
+struct glora_sched {
+    ggml_backend_sched_t sched    = nullptr;
+    size_t               capacity = 0;
+    bool                 profile  = false;   // attach glora_profile (the schedulers that run graphs)
+
+    glora_sched() = default;
+    glora_sched(const glora_sched &) = delete;
+    glora_sched & operator=(const glora_sched &) = delete;
+    ~glora_sched() { release(); }
+    void release();
+};
+int32_t glora_sched_fit(const glora_backends & be, glora_sched * s, ggml_cgraph * gf);
 
 // ---- model ----------------------------------------------------------------------------------------
 
@@ -94,11 +147,10 @@ struct glora_model {
     ggml_tensor            * rope_freqs  = nullptr;   // optional, ne = [n_rot/2]
     std::vector<glora_layer> layers;
 
-    ggml_backend_sched_t     sched = nullptr;
-    size_t                   graph_size = 0;          // node budget of the training graph
+    glora_sched              sched;                   // runs every graph of the model
 
     // Transposed working copies for the backward pass: weight ne = [n_in, n_out] -> ne = [n_out, n_in]
-    // (F16, or F32 for F32 weights). dx = Wᵀ·dy then runs as mul_mat, which every backend has and
+    // (F16; F32 and BF16 weights keep their type). dx = Wᵀ·dy then runs as mul_mat, which every backend has and
     // runs fast, instead of out_prod through a quantized W (CPU only, and slow there).
     glora_weight_copies      wt;
     // Optional F16 copies of the quantized weights, same shape, for a training forward that trades
@@ -214,6 +266,18 @@ int32_t glora_validate_batch(const glora_model * model, const glora_batch * batc
 // Build the working copies once per model (no-op when they exist).
 int32_t glora_model_prepare_backward(glora_model * model);
 int32_t glora_model_prepare_f16_forward(glora_model * model);
+
+// Node budget of the graph glora_build_forward builds from (batch, opt), with ggml's backward and the
+// rewrites of glora_backward.cpp when `backward`: an upper bound on its nodes and on its leafs, from the
+// blocks, LoRA pairs and attention chunks it holds. Sizes its context and ggml_new_graph_custom.
+size_t glora_graph_budget(const glora_model * model, const glora_batch * batch, const glora_graph_options & opt,
+                          bool backward);
+// The largest budget this build takes on (the graph's metadata alone is ~1 KiB a node).
+constexpr size_t GLORA_MAX_GRAPH_NODES = (size_t) 1 << 21;
+// GLORA_ERR_INVALID_ARGUMENT, naming the length and the longest that fits, when that graph's budget is
+// over GLORA_MAX_GRAPH_NODES; entry points call it before they build any graph.
+int32_t glora_check_graph_budget(const glora_model * model, const glora_batch * batch, const glora_graph_options & opt,
+                                 bool backward);
 
 // A context for the metadata of a graph of n_nodes (and of two rewrites of it), sized from ggml's own overheads.
 ggml_context * glora_graph_ctx(size_t n_nodes);

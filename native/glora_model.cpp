@@ -21,7 +21,7 @@ ggml_tensor * glora_model::transposed(const ggml_tensor * w) const {
 
 static void model_free(glora_model * m) {
     if (!m) return;
-    if (m->sched) ggml_backend_sched_free(m->sched);
+    m->sched.release();
     m->wt.release();
     m->wf.release();
     if (m->buf_w) ggml_backend_buffer_free(m->buf_w);
@@ -141,96 +141,103 @@ static int32_t read_weights(glora_model * m, gguf_context * gctx) {
 }
 
 extern "C" GLORA_API int32_t glora_model_load(const char * path, const glora_model_params * params, glora_model ** out) {
-    glora_clear_error();
-    GLORA_CHECK_ARG(path && params && out, "glora_model_load: NULL argument");
-    *out = nullptr;
-    const glora_model_params & hp = *params;
-    GLORA_CHECK_ARG(hp.n_layer > 0 && hp.n_head > 0 && hp.n_head_kv > 0 && hp.head_dim > 0,
-                    "%s: invalid hparams n_layer=%d n_head=%d n_head_kv=%d head_dim=%d", path, hp.n_layer, hp.n_head,
-                    hp.n_head_kv, hp.head_dim);
-    GLORA_CHECK_ARG(hp.n_head % hp.n_head_kv == 0, "%s: n_head=%d is not a multiple of n_head_kv=%d", path,
-                    hp.n_head, hp.n_head_kv);
-    GLORA_CHECK_ARG(hp.n_rot > 0 && hp.n_rot <= hp.head_dim && hp.n_rot % 2 == 0,
-                    "%s: n_rot=%d must be even and in (0, head_dim=%d]", path, hp.n_rot, hp.head_dim);
-    GLORA_CHECK_ARG(hp.rope_type == GLORA_ROPE_NORM || hp.rope_type == GLORA_ROPE_NEOX, "%s: unknown rope type %d",
-                    path, hp.rope_type);
+    return glora_guard(__func__, [&]() -> int32_t {
+        glora_clear_error();
+        GLORA_CHECK_ARG(path && params && out, "glora_model_load: NULL argument");
+        *out = nullptr;
+        const glora_model_params & hp = *params;
+        GLORA_CHECK_ARG(hp.n_layer > 0 && hp.n_head > 0 && hp.n_head_kv > 0 && hp.head_dim > 0,
+                        "%s: invalid hparams n_layer=%d n_head=%d n_head_kv=%d head_dim=%d", path, hp.n_layer,
+                        hp.n_head, hp.n_head_kv, hp.head_dim);
+        GLORA_CHECK_ARG(hp.n_head % hp.n_head_kv == 0, "%s: n_head=%d is not a multiple of n_head_kv=%d", path,
+                        hp.n_head, hp.n_head_kv);
+        GLORA_CHECK_ARG(hp.n_rot > 0 && hp.n_rot <= hp.head_dim && hp.n_rot % 2 == 0,
+                        "%s: n_rot=%d must be even and in (0, head_dim=%d]", path, hp.n_rot, hp.head_dim);
+        GLORA_CHECK_ARG(hp.rope_type == GLORA_ROPE_NORM || hp.rope_type == GLORA_ROPE_NEOX, "%s: unknown rope type %d",
+                        path, hp.rope_type);
+        // ggml's CPU backend is built for at most GGML_MAX_N_THREADS threads (ggml.h; its threadpool's
+        // CPU masks have that many entries) and does not check the count it is given
+        GLORA_CHECK_ARG(hp.n_threads <= GGML_MAX_N_THREADS, "n_threads=%d is more than ggml's limit of %d threads",
+                        hp.n_threads, GGML_MAX_N_THREADS);
 
-    auto * m = new glora_model();
-    m->path = path;
-    m->hp   = hp;
+        // both freed on every early return, and when an exception unwinds to the guard
+        std::unique_ptr<glora_model, void (*)(glora_model *)> m(new glora_model(), model_free);
+        m->path = path;
+        m->hp   = hp;
 
-    ggml_context * ctx_meta = nullptr;
-    gguf_init_params gp = { /*.no_alloc =*/ true, /*.ctx =*/ &ctx_meta };
-    gguf_context * gctx = gguf_init_from_file(path, gp);
-    if (!gctx) {
-        model_free(m);
-        return glora_fail(GLORA_ERR_FORMAT, "%s: not a readable GGUF file", path);
-    }
-    m->ctx_w = ctx_meta;
+        ggml_context * ctx_meta = nullptr;
+        gguf_init_params gp = { /*.no_alloc =*/ true, /*.ctx =*/ &ctx_meta };
+        std::unique_ptr<gguf_context, void (*)(gguf_context *)> gctx(gguf_init_from_file(path, gp), gguf_free);
+        if (!gctx) return glora_fail(GLORA_ERR_FORMAT, "%s: not a readable GGUF file", path);
+        m->ctx_w = ctx_meta;
 
-    int32_t rc = glora_backends_init(hp.device, hp.n_threads, &m->be);
-    if (rc == GLORA_OK) {
-        m->hp.device = m->be.device_name.c_str();
-        rc = bind_tensors(m);
-    }
-    if (rc == GLORA_OK) {
-        m->buf_w = ggml_backend_alloc_ctx_tensors_from_buft(m->ctx_w, m->be.bufts[0]);
-        if (!m->buf_w) {
-            rc = glora_fail(GLORA_ERR_OUT_OF_MEMORY, "%s: could not allocate the weights on %s", path,
-                            m->be.device_name.c_str());
-        } else {
-            ggml_backend_buffer_set_usage(m->buf_w, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-            rc = read_weights(m, gctx);
+        int32_t rc = glora_backends_init(hp.device, hp.n_threads, &m->be);
+        if (rc == GLORA_OK) {
+            m->hp.device = m->be.device_name.c_str();
+            rc = bind_tensors(m.get());
         }
-    }
-    gguf_free(gctx);
-    if (rc == GLORA_OK) {
-        // forward ~40 nodes a block, LoRA 6 per pair, backward about three times the forward
-        m->graph_size = 4096 + (size_t) hp.n_layer * 1024;
-        m->sched = ggml_backend_sched_new(m->be.backends.data(), m->be.bufts.data(), (int) m->be.backends.size(),
-                                          m->graph_size, false, true);
-        if (!m->sched) rc = glora_fail(GLORA_ERR_BACKEND, "could not create the backend scheduler");
-        else glora_profile_attach(m->sched);
-    }
-    if (rc != GLORA_OK) {
-        model_free(m);
-        return rc;
-    }
-    *out = m;
-    return GLORA_OK;
+        if (rc == GLORA_OK) {
+            m->buf_w = ggml_backend_alloc_ctx_tensors_from_buft(m->ctx_w, m->be.bufts[0]);
+            if (!m->buf_w) {
+                rc = glora_fail(GLORA_ERR_OUT_OF_MEMORY, "%s: could not allocate the weights on %s", path,
+                                m->be.device_name.c_str());
+            } else {
+                ggml_backend_buffer_set_usage(m->buf_w, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+                rc = read_weights(m.get(), gctx.get());
+            }
+        }
+        if (rc == GLORA_OK) {
+            // the scheduler grows with the graphs it is given (glora_sched_fit); made here so that a backend
+            // that cannot make one fails the load, not the first step
+            m->sched.profile = true;
+            ggml_context * ctx = glora_graph_ctx(1);
+            ggml_cgraph * empty = ggml_new_graph_custom(ctx, 1, false);
+            rc = glora_sched_fit(m->be, &m->sched, empty);
+            ggml_free(ctx);
+        }
+        if (rc != GLORA_OK) return rc;
+        *out = m.release();
+        return GLORA_OK;
+    });
 }
 
-extern "C" GLORA_API void glora_model_free(glora_model * model) { model_free(model); }
+extern "C" GLORA_API void glora_model_free(glora_model * model) {
+    glora_guard_void(__func__, [&] { model_free(model); });
+}
 
 extern "C" GLORA_API const char * glora_model_device(const glora_model * model) {
-    return model ? model->be.device_name.c_str() : "";
+    return glora_guard_or(__func__, "", [&] { return model ? model->be.device_name.c_str() : ""; });
 }
 
 extern "C" GLORA_API int32_t glora_model_n_tensors(const glora_model * model) {
-    return model ? (int32_t) model->tensors.size() : 0;
+    return glora_guard_or(__func__, (int32_t) 0, [&] { return model ? (int32_t) model->tensors.size() : 0; });
 }
 
 extern "C" GLORA_API int32_t glora_model_tensor_info(const glora_model * model, int32_t index, glora_tensor_info * out) {
-    GLORA_CHECK_ARG(model && out, "glora_model_tensor_info: NULL argument");
-    GLORA_CHECK_ARG(index >= 0 && index < (int32_t) model->tensors.size(), "tensor index %d out of range [0, %zu)",
-                    index, model->tensors.size());
-    const ggml_tensor * t = model->tensors[(size_t) index];
-    snprintf(out->name, sizeof(out->name), "%s", t->name);
-    out->type   = (int32_t) t->type;
-    out->n_dims = ggml_n_dims(t);
-    for (int i = 0; i < 4; ++i) out->ne[i] = t->ne[i];
-    out->nbytes = ggml_nbytes(t);
-    return GLORA_OK;
+    return glora_guard(__func__, [&]() -> int32_t {
+        GLORA_CHECK_ARG(model && out, "glora_model_tensor_info: NULL argument");
+        GLORA_CHECK_ARG(index >= 0 && index < (int32_t) model->tensors.size(), "tensor index %d out of range [0, %zu)",
+                        index, model->tensors.size());
+        const ggml_tensor * t = model->tensors[(size_t) index];
+        snprintf(out->name, sizeof(out->name), "%s", t->name);
+        out->type   = (int32_t) t->type;
+        out->n_dims = ggml_n_dims(t);
+        for (int i = 0; i < 4; ++i) out->ne[i] = t->ne[i];
+        out->nbytes = ggml_nbytes(t);
+        return GLORA_OK;
+    });
 }
 
 extern "C" GLORA_API int32_t glora_model_read_tensor(const glora_model * model, const char * name, void * dst, uint64_t size) {
-    GLORA_CHECK_ARG(model && name && dst, "glora_model_read_tensor: NULL argument");
-    const ggml_tensor * t = model->find(name);
-    GLORA_CHECK_ARG(t != nullptr, "%s: no tensor named '%s'", model->path.c_str(), name);
-    GLORA_CHECK_ARG(size == ggml_nbytes(t), "tensor '%s' has %zu bytes, buffer has %llu", name, ggml_nbytes(t),
-                    (unsigned long long) size);
-    ggml_backend_tensor_get(t, dst, 0, size);
-    return GLORA_OK;
+    return glora_guard(__func__, [&]() -> int32_t {
+        GLORA_CHECK_ARG(model && name && dst, "glora_model_read_tensor: NULL argument");
+        const ggml_tensor * t = model->find(name);
+        GLORA_CHECK_ARG(t != nullptr, "%s: no tensor named '%s'", model->path.c_str(), name);
+        GLORA_CHECK_ARG(size == ggml_nbytes(t), "tensor '%s' has %zu bytes, buffer has %llu", name, ggml_nbytes(t),
+                        (unsigned long long) size);
+        ggml_backend_tensor_get(t, dst, 0, size);
+        return GLORA_OK;
+    });
 }
 
 namespace {
@@ -245,14 +252,15 @@ std::vector<ggml_tensor *> copied_weights(const glora_model * m) {
     return weights;
 }
 
-// Copies of `weights`, transposed or not, in one new buffer: F32 for F32 weights, else F16. One small
+// Copies of `weights`, transposed or not, in one new buffer: F32 for F32 weights, BF16 for BF16 weights
+// (the same values: BF16 reaches 3.4e38 where F16 overflows to inf above 65504), else F16. One small
 // graph per weight: dequantize every row (get_rows), then copy (transposed) into the copy.
 int32_t make_copies(glora_model * m, const std::vector<ggml_tensor *> & weights, bool transposed, const char * suffix,
                     glora_weight_copies * out) {
     ggml_init_params ip = { ggml_tensor_overhead() * (weights.size() + 1), nullptr, true };
     out->ctx = ggml_init(ip);
     for (ggml_tensor * w : weights) {
-        const ggml_type type = w->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
+        const ggml_type type = w->type == GGML_TYPE_F32 || w->type == GGML_TYPE_BF16 ? w->type : GGML_TYPE_F16;
         ggml_tensor * t = transposed ? ggml_new_tensor_2d(out->ctx, type, w->ne[1], w->ne[0])    // [n_out, n_in]
                                      : ggml_new_tensor_2d(out->ctx, type, w->ne[0], w->ne[1]);
         ggml_format_name(t, "%s%s", w->name, suffix);
@@ -274,21 +282,19 @@ int32_t make_copies(glora_model * m, const std::vector<ggml_tensor *> & weights,
         ggml_tensor * out_t = ggml_cpy(ctx, transposed ? ggml_transpose(ctx, rows) : rows, out->of[w]);
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, 8, false);
         ggml_build_forward_expand(gf, out_t);
-        ggml_backend_sched_reset(m->sched);
-        if (!ggml_backend_sched_alloc_graph(m->sched, gf)) {
-            rc = glora_fail(GLORA_ERR_OUT_OF_MEMORY, "could not allocate the copy of '%s'", w->name);
-        } else {
+        rc = glora_graph_alloc(m, gf);
+        if (rc == GLORA_OK) {
             std::vector<int32_t> idx((size_t) w->ne[1]);
             for (size_t i = 0; i < idx.size(); ++i) idx[i] = (int32_t) i;
             ggml_backend_tensor_set(ids, idx.data(), 0, idx.size() * sizeof(int32_t));
-            if (ggml_backend_sched_graph_compute(m->sched, gf) != GGML_STATUS_SUCCESS) {
+            if (ggml_backend_sched_graph_compute(m->sched.sched, gf) != GGML_STATUS_SUCCESS) {
                 rc = glora_fail(GLORA_ERR_BACKEND, "copying '%s' failed", w->name);
             }
         }
         ggml_free(ctx);
         if (rc) break;
     }
-    ggml_backend_sched_reset(m->sched);
+    if (m->sched.sched) ggml_backend_sched_reset(m->sched.sched);
     if (rc) out->release();
     return rc;
 }
