@@ -49,7 +49,20 @@ CONFIGS = {c.name: c for c in (
     Config("r16-all-1x512", 16, ALL, 1, 512),
     Config("r8-qv-4x512", 8, ("q_proj", "v_proj"), 4, 512),
     Config("r8-qv-1x2048-gc", 8, ("q_proj", "v_proj"), 1, 2048, checkpointing=True),
+    # the issue-15 reference for models of 1-8B parameters (benchmarks/synthetic.py)
+    Config("r16-qv-1x256-gc", 16, ("q_proj", "v_proj"), 1, 256, checkpointing=True),
 )}
+
+
+def cpu_flags() -> list[str]:
+    """The x86 features that decide which kernels ggml (built with GGML_NATIVE) runs here."""
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    return [f for f in wanted if f in flags]
 
 
 def peak_rss_mib() -> float:
@@ -63,11 +76,13 @@ def default_model() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def run(model: BaseModel, cfg: Config, steps: int, warmup: int, f16: bool = False) -> dict:
+def run(model: BaseModel, cfg: Config, steps: int, warmup: int, f16: bool = False, keep: bool = False) -> dict:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model.n_vocab, (steps + warmup, cfg.batch, cfg.length))
     with Adapter.init(model, LoRAConfig(rank=cfg.rank, alpha=2 * cfg.rank, target_modules=cfg.targets)) as ad:
-        with TrainingContext(ad, gradient_checkpointing=cfg.checkpointing, f16_weights=f16) as ctx:
+        with TrainingContext(ad, gradient_checkpointing=cfg.checkpointing, f16_weights=f16,
+                             keep_transposed_weights=keep) as ctx:
+            plan = ctx.measure(cfg.batch, cfg.length)
             times = []
             for i in range(steps + warmup):
                 t0 = time.perf_counter()
@@ -80,11 +95,12 @@ def run(model: BaseModel, cfg: Config, steps: int, warmup: int, f16: bool = Fals
         eval_s = time.perf_counter() - t0
     step_s = float(np.mean(times[warmup:]))
     n = cfg.batch * cfg.length
-    return {"config": cfg.name, "f16_weights": f16, "rank": cfg.rank, "targets": list(cfg.targets),
+    return {"config": cfg.name, "f16_weights": f16, "keep_transposed_weights": keep, "rank": cfg.rank, "targets": list(cfg.targets),
             "batch": cfg.batch, "length": cfg.length, "gradient_checkpointing": cfg.checkpointing, "steps": steps, "step_s": round(step_s, 3),
             "train_tokens_per_s": round(n / step_s, 1), "eval_tokens_per_s": round(n / eval_s, 1),
             "last_loss": round(res.loss, 4), "peak_rss_mib": round(peak_rss_mib(), 1),
-            "train_peak_rss_mib": round(train_peak, 1)}
+            "train_peak_rss_mib": round(train_peak, 1),
+            "estimate_mib": {k: round(v / 2**20, 1) for k, v in plan.items()} | {"total": round(sum(plan.values()) / 2**20, 1)}}
 
 
 def main() -> None:
@@ -95,14 +111,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--f16-weights", action="store_true", help="train through F16 copies of the quantized weights")
+    ap.add_argument("--keep-transposed-weights", action="store_true",
+                    help="keep transposed F16 copies of the frozen weights between steps (the old default)")
     ap.add_argument("--config", action="append", choices=sorted(CONFIGS))
     args = ap.parse_args()
     path = args.model or default_model()
     model = BaseModel.load(path, device=args.device, n_threads=args.threads, n_ctx=4096)
-    header = {"model": path.name, "device": model.device, "threads": args.threads, "machine": platform.machine(),
+    header = {"model": path.name, "model_mib": round(path.stat().st_size / 2**20, 1), "device": model.device,
+              "threads": args.threads, "machine": platform.machine(), "cpu_flags": cpu_flags(),
               "python": sys.version.split()[0], "ggml_lora": ggml_lora.__version__}
     for name in args.config or sorted(CONFIGS):
-        print(json.dumps(header | run(model, CONFIGS[name], args.steps, args.warmup, args.f16_weights)), flush=True)
+        print(json.dumps(header | run(model, CONFIGS[name], args.steps, args.warmup, args.f16_weights,
+                                           args.keep_transposed_weights)), flush=True)
 
 
 if __name__ == "__main__":

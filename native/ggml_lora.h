@@ -29,7 +29,7 @@
 #  define GLORA_API
 #endif
 
-#define GLORA_ABI_VERSION 5
+#define GLORA_ABI_VERSION 6
 
 #ifdef __cplusplus
 extern "C" {
@@ -191,6 +191,11 @@ typedef struct glora_trainer_params {
                                     weights (made once per model, 2 bytes per weight) instead of their
                                     stored blocks: faster on CPU, but no longer llama.cpp's arithmetic.
                                     Evaluation uses the stored blocks unless glora_loss is asked */
+    int32_t keep_transposed;     /* != 0: keep transposed F16 copies of every frozen matrix for the
+                                    backward (made once per model, 2 bytes per weight; the step skips
+                                    their dequantize-transpose). 0: each step makes them transiently in
+                                    its compute buffer, one at a time where it needs them, so the frozen
+                                    model costs its file size. The gradients are the same either way  */
 } glora_trainer_params;
 
 /* Per optimizer step, from Python's schedule. */

@@ -66,17 +66,76 @@ acc_map accumulators(const glora_trainer * t) {
 // weight we compute the same product as mul_mat(Wᵀ, dy) with the model's transposed working copy.
 // An out_prod through a weight that has a copy and is left as it is means ggml's backward changed
 // shape: the product would fall back to a slow (CPU-only for quantized W) path, so that is an error.
-int32_t use_transposed_weights(const glora_model * model, ggml_cgraph * gf) {
+// dst = wᵀ in dst's type (F16, BF16 or F32), from a weight w of any type with ne = [n_in, n_out]:
+// dst ne = [n_out, n_in]. The CPU op of the transient transposed copies. A tile is 32 rows of w,
+// dequantized into a scratch buffer of 32 x n_in floats (L2-sized for n_in up to a few thousand) and
+// written out as 32 consecutive values of each of dst's n_in rows: one cache line per row.
+void dequantize_transpose(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * w = dst->src[0];
+    constexpr int64_t tile = 32;
+    const int64_t n_in = w->ne[0], n_out = w->ne[1];
+    const auto * traits = ggml_get_type_traits(w->type);
+    std::vector<float> buf((size_t) (tile * n_in));
+    for (int64_t r0 = (int64_t) ith * tile; r0 < n_out; r0 += (int64_t) nth * tile) {
+        const int64_t nr = std::min(tile, n_out - r0);
+        for (int64_t r = 0; r < nr; ++r) {
+            const char * row = (const char *) w->data + (r0 + r) * w->nb[1];
+            float * out = buf.data() + r * n_in;
+            if (w->type == GGML_TYPE_F32) memcpy(out, row, (size_t) n_in * sizeof(float));
+            else traits->to_float(row, out, n_in);
+        }
+        for (int64_t i = 0; i < n_in; ++i) {
+            char * d = (char *) dst->data + i * dst->nb[1] + r0 * dst->nb[0];
+            for (int64_t r = 0; r < nr; ++r) {
+                const float v = buf[(size_t) (r * n_in + i)];
+                switch (dst->type) {
+                    case GGML_TYPE_F16:  ((ggml_fp16_t *) d)[r] = ggml_fp32_to_fp16(v); break;
+                    case GGML_TYPE_BF16: ((ggml_bf16_t *) d)[r] = ggml_fp32_to_bf16(v); break;
+                    default:             ((float *) d)[r] = v; break;
+                }
+            }
+        }
+    }
+}
+
+// A transposed copy of the frozen matrix w (or its F16 forward copy), ne = [n_out, n_in], made inside
+// the step's graph: its memory is the compute buffer's, allocated just before the one product that
+// reads it and reused by the next. The same values as the persistent copy (w dequantized to F32, then
+// rounded to the copy type), so the gradients do not depend on which one ran.
+ggml_tensor * transient_transposed(const glora_model * m, ggml_context * ctx, ggml_tensor * w) {
+    const ggml_type type = glora_copy_type(m->frozen_matrix(w));
+    const ggml_type out_type = w->type == GGML_TYPE_F16 ? GGML_TYPE_F16 : type;   // an F16 forward copy stays F16
+    ggml_tensor * wt;
+    if (ggml_backend_is_cpu(m->be.main)) {
+        ggml_tensor * args[] = {w};
+        wt = ggml_custom_4d(ctx, out_type, w->ne[1], w->ne[0], 1, 1, args, 1, dequantize_transpose,
+                            GGML_N_TASKS_MAX, nullptr);
+    } else {
+        // other backends: ops every backend has (the CPU's custom op runs only on the CPU)
+        ggml_tensor * f32 = ggml_is_quantized(w->type) ? ggml_cast(ctx, w, GGML_TYPE_F32) : w;
+        wt = ggml_cpy(ctx, ggml_transpose(ctx, f32), ggml_new_tensor_2d(ctx, out_type, w->ne[1], w->ne[0]));
+    }
+    ggml_format_name(wt, "%s.T", w->name);
+    return wt;
+}
+
+// ggml's backward of y = mul_mat(W, x) gives dx = out_prod(W, transpose(dy)) = Wᵀ·dy. Through a frozen
+// matrix we compute the same product as mul_mat(Wᵀ, dy): with the model's persistent transposed copy
+// when it has one, else with a transient one made in this graph. An out_prod through a frozen matrix
+// that is not of that form means ggml's backward changed: GLORA_ERR_INTERNAL, not a silent slow path.
+int32_t use_transposed_weights(const glora_model * model, ggml_context * ctx, ggml_cgraph * gf) {
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         ggml_tensor * node = ggml_graph_node(gf, i);
-        if (node->op != GGML_OP_OUT_PROD || !model->transposed(node->src[0])) continue;
-        ggml_tensor * wt = model->transposed(node->src[0]);   // [n_out, n_in]
+        if (node->op != GGML_OP_OUT_PROD || !model->frozen_matrix(node->src[0])) continue;
+        ggml_tensor * w = node->src[0];                                    // [n_in, n_out]
         ggml_tensor * dy = node->src[1]->op == GGML_OP_TRANSPOSE ? node->src[1]->src[0] : nullptr;   // [n_out, T]
-        if (!dy || wt->ne[0] != dy->ne[0] || node->ne[0] != wt->ne[1] || node->ne[1] != dy->ne[1]) {
+        if (!dy || w->ne[1] != dy->ne[0] || node->ne[0] != w->ne[0] || node->ne[1] != dy->ne[1]) {
             return glora_fail(GLORA_ERR_INTERNAL, "backward: out_prod '%s' through weight '%s' %s with %s is not "
-                              "Wᵀ·dy; ggml's backward of mul_mat changed", node->name, node->src[0]->name,
-                              glora_shape_str(node->src[0]).c_str(), glora_shape_str(node->src[1]).c_str());
+                              "Wᵀ·dy; ggml's backward of mul_mat changed", node->name, w->name,
+                              glora_shape_str(w).c_str(), glora_shape_str(node->src[1]).c_str());
         }
+        ggml_tensor * wt = model->transposed(w);                           // [n_out, n_in]
+        if (!wt) wt = transient_transposed(model, ctx, w);
         node->op = GGML_OP_MUL_MAT;                     // -> [n_in, T], the shape out_prod had
         memset(node->op_params, 0, sizeof(node->op_params));
         node->src[0] = wt;
@@ -173,7 +232,7 @@ int32_t build_backward(const glora_model * m, ggml_context * ctx, ggml_cgraph **
         if (it != acc.end()) grad_accs[(size_t) i] = it->second;
     }
     ggml_build_backward_expand(ctx, *gf, grad_accs.data());
-    int32_t rc = use_transposed_weights(m, *gf);
+    int32_t rc = use_transposed_weights(m, ctx, *gf);
     if (rc) return rc;
     *seed = ggml_graph_get_grad(*gf, loss);
     ggml_set_input(*seed);
@@ -493,7 +552,7 @@ extern "C" GLORA_API int32_t glora_selftest(glora_trainer * trainer, const char 
             ggml_tensor * dx = ggml_out_prod(g.ctx, const_cast<ggml_tensor *>(p.weight), y);  // [n_in, T]
             ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, 64, false);
             ggml_build_forward_expand(gf, dx);
-            return use_transposed_weights(m, gf);
+            return use_transposed_weights(m, g.ctx, gf);
         }
         if (strcmp(name, "param_grads") == 0) {
             // without accumulators ggml sets A's gradient in a tensor of its own: no add to scale

@@ -9,6 +9,7 @@
 
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 // ---- errors ---------------------------------------------------------------------------------------
@@ -157,8 +158,13 @@ struct glora_model {
     // memory and llama.cpp's exact arithmetic for speed (glora_trainer_params.f16_weights).
     glora_weight_copies      wf;
 
-    // The transposed copy of w, which is a weight or its F16 forward copy; NULL if none.
+    // The frozen matrices a backward product may run through: every projection and the LM head.
+    std::unordered_set<const ggml_tensor *> matrices;
+
+    // The persistent transposed copy of w, which is a weight or its F16 forward copy; NULL if none.
     ggml_tensor * transposed(const ggml_tensor * w) const;
+    // The base weight of w when w is a frozen matrix or its F16 forward copy; NULL otherwise.
+    const ggml_tensor * frozen_matrix(const ggml_tensor * w) const;
     ggml_tensor * find(const char * name) const;
 };
 
@@ -265,6 +271,8 @@ int32_t glora_validate_batch(const glora_model * model, const glora_batch * batc
 
 // Build the working copies once per model (no-op when they exist).
 int32_t glora_model_prepare_backward(glora_model * model);
+// The type of a working copy of w: F32 for F32, BF16 for BF16 (F16 overflows above 65504), else F16.
+ggml_type glora_copy_type(const ggml_tensor * w);
 int32_t glora_model_prepare_f16_forward(glora_model * model);
 
 // Node budget of the graph glora_build_forward builds from (batch, opt), with ggml's backward and the

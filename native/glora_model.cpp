@@ -19,6 +19,16 @@ ggml_tensor * glora_model::transposed(const ggml_tensor * w) const {
     return it == wt.of.end() ? nullptr : it->second;
 }
 
+const ggml_tensor * glora_model::frozen_matrix(const ggml_tensor * w) const {
+    auto src = wf.source.find(w);
+    if (src != wf.source.end()) w = src->second;
+    return matrices.count(w) ? w : nullptr;
+}
+
+ggml_type glora_copy_type(const ggml_tensor * w) {
+    return w->type == GGML_TYPE_F32 || w->type == GGML_TYPE_BF16 ? w->type : GGML_TYPE_F16;
+}
+
 static void model_free(glora_model * m) {
     if (!m) return;
     m->sched.release();
@@ -184,6 +194,10 @@ extern "C" GLORA_API int32_t glora_model_load(const char * path, const glora_mod
             } else {
                 ggml_backend_buffer_set_usage(m->buf_w, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
                 rc = read_weights(m.get(), gctx.get());
+                for (const glora_layer & L : m->layers) {
+                    for (ggml_tensor * w : {L.wq, L.wk, L.wv, L.wo, L.ffn_gate, L.ffn_up, L.ffn_down}) m->matrices.insert(w);
+                }
+                m->matrices.insert(m->output);
             }
         }
         if (rc == GLORA_OK) {
@@ -260,7 +274,7 @@ int32_t make_copies(glora_model * m, const std::vector<ggml_tensor *> & weights,
     ggml_init_params ip = { ggml_tensor_overhead() * (weights.size() + 1), nullptr, true };
     out->ctx = ggml_init(ip);
     for (ggml_tensor * w : weights) {
-        const ggml_type type = w->type == GGML_TYPE_F32 || w->type == GGML_TYPE_BF16 ? w->type : GGML_TYPE_F16;
+        const ggml_type type = glora_copy_type(w);
         ggml_tensor * t = transposed ? ggml_new_tensor_2d(out->ctx, type, w->ne[1], w->ne[0])    // [n_out, n_in]
                                      : ggml_new_tensor_2d(out->ctx, type, w->ne[0], w->ne[1]);
         ggml_format_name(t, "%s%s", w->name, suffix);

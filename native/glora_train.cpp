@@ -296,6 +296,8 @@ extern "C" GLORA_API int32_t glora_trainer_new(glora_adapter * adapter, const gl
                         (double) params->dropout);
         GLORA_CHECK_ARG(params->gradient_checkpointing == 0 || params->gradient_checkpointing == 1,
                         "gradient_checkpointing=%d must be 0 or 1", params->gradient_checkpointing);
+        GLORA_CHECK_ARG(params->keep_transposed == 0 || params->keep_transposed == 1,
+                        "keep_transposed=%d must be 0 or 1", params->keep_transposed);
         GLORA_CHECK_ARG(params->f16_weights == 0 || params->f16_weights == 1, "f16_weights=%d must be 0 or 1",
                         params->f16_weights);
         *out = nullptr;
@@ -327,7 +329,8 @@ extern "C" GLORA_API int32_t glora_trainer_new(glora_adapter * adapter, const gl
         }
         ggml_backend_buffer_clear(t->buf_grad, 0);
         ggml_backend_buffer_clear(t->buf_opt, 0);
-        int32_t rc = glora_model_prepare_backward(adapter->model);
+        // without keep_transposed the backward makes its transposed copies transiently, step by step
+        int32_t rc = params->keep_transposed ? glora_model_prepare_backward(adapter->model) : GLORA_OK;
         if (rc == GLORA_OK && params->f16_weights) rc = glora_model_prepare_f16_forward(adapter->model);
         if (rc) {
             return rc;

@@ -184,7 +184,8 @@ class LoRATrainer:
         if self._ctx is not None:
             self._ctx.close()
         self._ctx = TrainingContext(self.adapter, optimizer=cfg.optimizer, dropout=self.lora_config.dropout,
-                                    gradient_checkpointing=cfg.gradient_checkpointing, f16_weights=cfg.f16_weights)
+                                    gradient_checkpointing=cfg.gradient_checkpointing, f16_weights=cfg.f16_weights,
+                                    keep_transposed_weights=cfg.keep_transposed_weights)
         history.memory = self._check_memory(max(len(r.tokens) for r in rows))
         start = 0
         if resume_from is not None:
@@ -338,6 +339,8 @@ class LoRATrainer:
                 hints.insert(0, "set gradient_checkpointing=True")
             if cfg.f16_weights:
                 hints.append("set f16_weights=False")
+            if cfg.keep_transposed_weights:
+                hints.append("set keep_transposed_weights=False")
             raise OutOfMemoryError(
                 f"a training step of {cfg.batch_size} x {seq_len} tokens needs about {to_come / 2**30:.2f} GiB more "
                 f"(estimated peak {gib['total']} GiB: {', '.join(f'{k} {v}' for k, v in gib.items() if k != 'total')})"

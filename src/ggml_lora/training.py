@@ -91,7 +91,8 @@ class TrainingContext(NativeHandle):
     """Gradient accumulators and optimizer moments for one adapter, on the model's device."""
 
     def __init__(self, adapter: Adapter, optimizer: str = "adamw", dropout: float | None = None,
-                 gradient_checkpointing: bool = False, f16_weights: bool = False):
+                 gradient_checkpointing: bool = False, f16_weights: bool = False,
+                 keep_transposed_weights: bool = False):
         """``gradient_checkpointing`` keeps only each block's input and recomputes the block in the
         backward: activation memory of one block instead of all, for about one more forward pass of
         compute. The gradients are the same either way (same dropout masks for the same seed).
@@ -99,7 +100,12 @@ class TrainingContext(NativeHandle):
         ``f16_weights`` runs the training forward through F16 copies of the quantized weights, made
         once per model (2 bytes per weight): faster on CPU, at the cost of the memory and of llama.cpp's
         exact arithmetic in the training loss (validation and evaluate() use the stored weights unless
-        evaluate is given f16_weights=True)."""
+        evaluate is given f16_weights=True).
+
+        ``keep_transposed_weights`` keeps transposed F16 copies of every frozen matrix for the backward
+        products (made once per model, 2 bytes per weight). By default each step makes them in its
+        compute buffer where it needs them, so the frozen model costs only its stored size; the gradients
+        are bit-identical either way."""
         if optimizer not in OPTIMIZERS:
             raise InvalidArgumentError(f"optimizer={optimizer!r}: must be one of {', '.join(OPTIMIZERS)}")
         if dropout is None:
@@ -115,6 +121,9 @@ class TrainingContext(NativeHandle):
         if not isinstance(f16_weights, bool):
             raise InvalidArgumentError(f"f16_weights={f16_weights!r}: must be True or False")
         params.f16_weights = int(f16_weights)
+        if not isinstance(keep_transposed_weights, bool):
+            raise InvalidArgumentError(f"keep_transposed_weights={keep_transposed_weights!r}: must be True or False")
+        params.keep_transposed = int(keep_transposed_weights)
         out = ffi.new("glora_trainer **")
         # the first context of a model makes its shared working copies on the model's scheduler
         with adapter._using() as adapter_ptr:
@@ -125,6 +134,7 @@ class TrainingContext(NativeHandle):
         self.dropout = dropout
         self.gradient_checkpointing = gradient_checkpointing
         self.f16_weights = f16_weights
+        self.keep_transposed_weights = keep_transposed_weights
 
     def measure(self, batch_size: int, seq_len: int, n_loss: int | None = None) -> dict[str, int]:
         """Bytes one micro-batch of ``batch_size`` x ``seq_len`` needs (see :func:`estimate_memory`)."""
@@ -255,12 +265,13 @@ class TrainingContext(NativeHandle):
 
 def estimate_memory(model: BaseModel, lora: LoRAConfig | Adapter, batch_size: int, seq_len: int,
                     gradient_checkpointing: bool = False, optimizer: str = "adamw",
-                    f16_weights: bool = False) -> dict[str, int]:
+                    f16_weights: bool = False, keep_transposed_weights: bool = False) -> dict[str, int]:
     """Bytes a training step of ``batch_size`` x ``seq_len`` tokens needs, before any step runs.
 
     Every number comes from the real tensors and from ggml's allocation plan of the very graphs a step
-    builds (nothing is computed): ``weights`` (the base model as stored), ``transposed`` (working copies
-    for the backward), ``f16_weights`` (F16 copies for the forward, when asked for), ``adapter`` (A and B), ``optimizer`` (gradients and AdamW moments),
+    builds (nothing is computed): ``weights`` (the base model as stored), ``transposed`` (persistent
+    transposed copies for the backward, with keep_transposed_weights; without, the transient ones are part
+    of ``compute``), ``f16_weights`` (F16 copies for the forward, when asked for), ``adapter`` (A and B), ``optimizer`` (gradients and AdamW moments),
     ``checkpoints`` (block inputs with gradient checkpointing), ``compute`` (the largest compute buffer,
     holding activations, logits and loss) and ``total``. Host-side overhead of the Python process and
     of the batch itself are not included.
@@ -269,12 +280,12 @@ def estimate_memory(model: BaseModel, lora: LoRAConfig | Adapter, batch_size: in
         if lora.model is not model:
             raise InvalidArgumentError("the adapter was made for another BaseModel")
         with TrainingContext(lora, optimizer, gradient_checkpointing=gradient_checkpointing,
-                             f16_weights=f16_weights) as ctx:
+                             f16_weights=f16_weights, keep_transposed_weights=keep_transposed_weights) as ctx:
             out = ctx.measure(batch_size, seq_len)
     elif isinstance(lora, LoRAConfig):
         with Adapter.init(model, lora) as adapter, \
                 TrainingContext(adapter, optimizer, gradient_checkpointing=gradient_checkpointing,
-                                f16_weights=f16_weights) as ctx:
+                                f16_weights=f16_weights, keep_transposed_weights=keep_transposed_weights) as ctx:
             out = ctx.measure(batch_size, seq_len)
     else:
         raise InvalidArgumentError(f"lora: expected a LoRAConfig or an Adapter, got {type(lora).__name__}")

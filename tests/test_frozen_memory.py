@@ -1,0 +1,62 @@
+"""Issue 15: the frozen base costs its stored size. The backward's transposed copies of the frozen
+matrices are made inside each step's compute buffer by default (keep_transposed_weights=False) instead
+of being kept for the model's lifetime, and the gradients are bit-identical either way: the transient
+copy holds the same values (the weight dequantized to F32, rounded to F16, or BF16/F32 for those types).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import N_THREADS
+
+from ggml_lora import Adapter, BaseModel, LoRAConfig
+from ggml_lora.training import TrainingContext, estimate_memory, loss_batch
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def gradients(path, keep: bool, checkpointing: bool, f16_weights: bool, tokens) -> dict:
+    # a model of its own per run: copies one context kept would otherwise be used by the next
+    with BaseModel.load(path, n_threads=N_THREADS) as model:
+        adapter = Adapter.init(model, LoRAConfig(rank=4, target_modules=ALL))
+        rng = np.random.default_rng(1)
+        for name in adapter.targets:
+            adapter.set(name, lora_b=rng.normal(0, 0.1, adapter.get(name)[1].shape))
+        with TrainingContext(adapter, keep_transposed_weights=keep, gradient_checkpointing=checkpointing,
+                             f16_weights=f16_weights) as ctx:
+            batch = loss_batch(model, tokens)
+            ctx.accumulate(batch, batch.n_loss)
+            return ctx.gradients()
+
+
+@pytest.mark.parametrize("weight_type", ["q8_0", "q4_1", "bf16", "f32"])
+@pytest.mark.parametrize("checkpointing, f16_weights", [(False, False), (True, False), (False, True)])
+def test_transient_copies_give_the_same_gradients(tiny_model_file, weight_type, checkpointing, f16_weights):
+    path = tiny_model_file("llama", weight_type)
+    tokens = np.random.default_rng(0).integers(0, 32000, (2, 300))          # two attention chunks
+    kept = gradients(path, True, checkpointing, f16_weights, tokens)
+    transient = gradients(path, False, checkpointing, f16_weights, tokens)
+    assert any(np.abs(g).max() > 0 for pair in kept.values() for g in pair)
+    for name in kept:
+        for k, t in zip(kept[name], transient[name]):
+            np.testing.assert_array_equal(k, t)            # same values, same products: bit-identical
+
+
+def test_memory_plan_counts_the_copies_where_they_live(tiny_model_file):
+    path = tiny_model_file("llama", "q8_0", n_layers=4)
+    cfg = LoRAConfig(rank=4, target_modules=("q_proj", "v_proj"))
+    with BaseModel.load(path, n_threads=N_THREADS) as model:
+        transient = estimate_memory(model, cfg, 2, 64)
+        assert transient["transposed"] == 0
+    with BaseModel.load(path, n_threads=N_THREADS) as model:
+        kept = estimate_memory(model, cfg, 2, 64, keep_transposed_weights=True)
+        # an F16 copy of every projection and of the (tied) LM head: 2 bytes per weight
+        n = sum(model.weight_shape(w)[0] * model.weight_shape(w)[1] for w in model.tensors
+                if w.startswith("blk.") and w.endswith(".weight") and len(model.tensors[w].shape) == 2)
+        n += model.n_embd * model.n_vocab
+        assert kept["transposed"] >= 2 * n
+    # the step holds one block's copies at a time, not the model's
+    assert transient["compute"] - kept["compute"] < kept["transposed"] / 2
+    assert transient["total"] < kept["total"]
