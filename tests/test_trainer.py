@@ -252,11 +252,26 @@ def test_memory_estimate_refuses_what_cannot_fit(tiny, tmp_path):
     from ggml_lora.errors import OutOfMemoryError
 
     cfg = config(tmp_path, memory_limit_gib=1e-4)
-    with pytest.raises(OutOfMemoryError, match=r"2 x \d+ tokens needs about .*gradient_checkpointing=True.*batch_size"):
+    with pytest.raises(OutOfMemoryError, match=r"2 x \d+ tokens needs about .*even with gradient checkpointing.*batch_size"):
         LoRATrainer(tiny, LORA, cfg).train(texts(4))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()     # refused before anything was written
     hist = LoRATrainer(tiny, LORA, config(tmp_path, "fits", max_steps=1, eval_every=0)).train(texts(4))
     assert hist.memory["total"] > hist.memory["weights"] > 0
+
+
+def test_checkpointing_switched_on_when_only_it_fits(tiny, tmp_path, caplog):
+    one = LoRATrainer(tiny, LORA, config(tmp_path, "one", max_steps=1, eval_every=0)).train(texts(4)).memory
+    ckpt = LoRATrainer(tiny, LORA, config(tmp_path, "ckpt", max_steps=1, eval_every=0,
+                                          gradient_checkpointing=True)).train(texts(4)).memory
+    assert ckpt["compute"] + ckpt["checkpoints"] < one["compute"]      # the premise of the switch
+    # a limit between the two peaks: the one-graph step would not fit, the checkpointed one does
+    limit = (one["total"] + ckpt["total"]) / 2 / 2**30
+    trainer = LoRATrainer(tiny, LORA, config(tmp_path, "auto", max_steps=2, eval_every=0, memory_limit_gib=limit))
+    with caplog.at_level("WARNING", logger="ggml_lora.train"):
+        hist = trainer.train(texts(4))
+    assert trainer._ctx.gradient_checkpointing
+    assert hist.memory == ckpt and len(hist.steps) == 2
+    assert any("gradient checkpointing switched on" in r.message for r in caplog.records)
 
 
 FULL_DISK = r"""

@@ -29,6 +29,7 @@ from .errors import (
     InvalidArgumentError,
     OutOfMemoryError,
     TrainingDivergedError,
+    UnsupportedError,
 )
 from .model import BaseModel
 from .reporting import MetricsLog, Progress, call_hooks, peak_rss_bytes, plot_losses
@@ -118,6 +119,7 @@ class LoRATrainer:
         self.global_step = 0
         self._ctx: TrainingContext | None = None
         self._signal: str | None = None
+        self._notes: list[str] = []          # said on the progress line once it exists
 
     def close(self) -> None:
         """Free the optimizer state, and the adapter if this trainer made it (idempotent)."""
@@ -197,6 +199,9 @@ class LoRATrainer:
         progress = Progress(total, start, cfg.progress)
         for split, report in reports.items():
             progress.message(f"{split}: {report}")
+        for note in self._notes:
+            progress.message(note)
+        self._notes.clear()
         progress.message(f"training {self.adapter.n_parameters:,} LoRA parameters on {len(rows)} rows "
                          f"({reports['train'].n_supervised:,} supervised tokens): {total} steps of "
                          f"{cfg.rows_per_step} rows, {steps_per_epoch} steps per epoch")
@@ -320,23 +325,40 @@ class LoRATrainer:
         call_hooks(callbacks, "on_eval", self, rec)
 
     def _check_memory(self, seq_len: int) -> dict:
-        """Estimate the peak of a step before running one; refuse when it cannot fit."""
+        """Estimate the peak of a step before running one; refuse when it cannot fit. When the one-graph
+        step does not fit (or its graph cannot be built at this length) and gradient checkpointing would,
+        switch checkpointing on and say so: same gradients, about a third more compute."""
         cfg = self.config
-        est = self._ctx.measure(cfg.batch_size, seq_len)
-        est["total"] = sum(est.values())
-        # the weights, the adapter and the working copies exist by now; the rest is still to come
-        to_come = est["total"] - est["weights"] - est["adapter"] - est["transposed"] - est["f16_weights"]
-        if cfg.memory_limit_gib is not None:
-            budget, what = int(cfg.memory_limit_gib * 2**30) - (est["total"] - to_come), "memory_limit_gib"
+        try:
+            est = self._estimate(seq_len)
+            short = self._shortfall(est)
+        except UnsupportedError as e:
+            if self._ctx.gradient_checkpointing:
+                raise
+            est, short, why = None, None, str(e)
         else:
-            budget, what = available_memory(self.model.device), f"available on {self.model.device}"
-        gib = {k: round(v / 2**30, 3) for k, v in est.items()}
-        log.info("estimated peak memory of a step: %.2f GiB (%s)", gib["total"],
-                 ", ".join(f"{k} {v}" for k, v in gib.items() if k != "total"))
-        if budget is not None and to_come > budget:
+            why = None if short is None else f"needs about {short[0] / 2**30:.2f} GiB more than {short[2]}"
+        if why is not None and not self._ctx.gradient_checkpointing:
+            ctx = TrainingContext(self.adapter, optimizer=cfg.optimizer, dropout=self.lora_config.dropout,
+                                  gradient_checkpointing=True, f16_weights=cfg.f16_weights,
+                                  keep_transposed_weights=cfg.keep_transposed_weights)
+            ckpt_est = self._estimate(seq_len, ctx)
+            if self._shortfall(ckpt_est) is None:
+                self._ctx.close()
+                self._ctx = ctx
+                self._notes.append(f"gradient checkpointing switched on: a one-graph step of {cfg.batch_size} x "
+                                   f"{seq_len} tokens {why}; with checkpointing the estimated peak is "
+                                   f"{ckpt_est['total'] / 2**30:.2f} GiB (same gradients, about a third more "
+                                   "compute; set gradient_checkpointing=True to say so yourself)")
+                log.warning("%s", self._notes[-1])
+                return ckpt_est
+            ctx.close()
+        if est is None:
+            raise UnsupportedError(why)
+        if short is not None:
+            to_come, budget, what = short
+            gib = {k: round(v / 2**30, 3) for k, v in est.items()}
             hints = ["lower batch_size (use gradient_accumulation_steps to keep the step size)", "lower max_seq_length"]
-            if not cfg.gradient_checkpointing:
-                hints.insert(0, "set gradient_checkpointing=True")
             if cfg.f16_weights:
                 hints.append("set f16_weights=False")
             if cfg.keep_transposed_weights:
@@ -344,8 +366,31 @@ class LoRATrainer:
             raise OutOfMemoryError(
                 f"a training step of {cfg.batch_size} x {seq_len} tokens needs about {to_come / 2**30:.2f} GiB more "
                 f"(estimated peak {gib['total']} GiB: {', '.join(f'{k} {v}' for k, v in gib.items() if k != 'total')})"
-                f", but only {max(budget, 0) / 2**30:.2f} GiB is {what}. To fit: {'; '.join(hints)}.")
+                f", but only {max(budget, 0) / 2**30:.2f} GiB is {what}"
+                + (" even with gradient checkpointing" if not cfg.gradient_checkpointing else "")
+                + f". To fit: {'; '.join(hints)}.")
         return est
+
+    def _estimate(self, seq_len: int, ctx: TrainingContext | None = None) -> dict:
+        est = (ctx or self._ctx).measure(self.config.batch_size, seq_len)
+        est["total"] = sum(est.values())
+        gib = {k: round(v / 2**30, 3) for k, v in est.items()}
+        log.info("estimated peak memory of a step: %.2f GiB (%s)", gib["total"],
+                 ", ".join(f"{k} {v}" for k, v in gib.items() if k != "total"))
+        return est
+
+    def _shortfall(self, est: dict) -> tuple[int, int, str] | None:
+        """(bytes still to come, bytes available, where) when the step does not fit; None when it does."""
+        cfg = self.config
+        # the weights, the adapter and the working copies exist by now; the rest is still to come
+        to_come = est["total"] - est["weights"] - est["adapter"] - est["transposed"] - est["f16_weights"]
+        if cfg.memory_limit_gib is not None:
+            budget, what = int(cfg.memory_limit_gib * 2**30) - (est["total"] - to_come), "memory_limit_gib"
+        else:
+            budget, what = available_memory(self.model.device), f"available on {self.model.device}"
+        if budget is not None and to_come > budget:
+            return to_come, budget, what
+        return None
 
     # ---- checkpoints ------------------------------------------------------------------------------
 
