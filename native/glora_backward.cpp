@@ -67,31 +67,34 @@ acc_map accumulators(const glora_trainer * t) {
 // An out_prod through a weight that has a copy and is left as it is means ggml's backward changed
 // shape: the product would fall back to a slow (CPU-only for quantized W) path, so that is an error.
 // dst = wᵀ in dst's type (F16, BF16 or F32), from a weight w of any type with ne = [n_in, n_out]:
-// dst ne = [n_out, n_in]. The CPU op of the transient transposed copies. A tile is 32 rows of w,
-// dequantized into a scratch buffer of 32 x n_in floats (L2-sized for n_in up to a few thousand) and
-// written out as 32 consecutive values of each of dst's n_in rows: one cache line per row.
+// dst ne = [n_out, n_in]. The CPU op of the transient transposed copies. A tile is 32 rows of w by 256
+// columns (a multiple of every block size), dequantized into a 32 KiB buffer on the stack (no heap
+// allocation inside ggml's worker threads) and written out as 32 consecutive values of each of dst's
+// 256 rows: one cache line per row.
 void dequantize_transpose(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * w = dst->src[0];
-    constexpr int64_t tile = 32;
+    constexpr int64_t rows = 32, cols = 256;
     const int64_t n_in = w->ne[0], n_out = w->ne[1];
     const auto * traits = ggml_get_type_traits(w->type);
-    std::vector<float> buf((size_t) (tile * n_in));
-    for (int64_t r0 = (int64_t) ith * tile; r0 < n_out; r0 += (int64_t) nth * tile) {
-        const int64_t nr = std::min(tile, n_out - r0);
-        for (int64_t r = 0; r < nr; ++r) {
-            const char * row = (const char *) w->data + (r0 + r) * w->nb[1];
-            float * out = buf.data() + r * n_in;
-            if (w->type == GGML_TYPE_F32) memcpy(out, row, (size_t) n_in * sizeof(float));
-            else traits->to_float(row, out, n_in);
-        }
-        for (int64_t i = 0; i < n_in; ++i) {
-            char * d = (char *) dst->data + i * dst->nb[1] + r0 * dst->nb[0];
+    float buf[rows * cols];
+    for (int64_t r0 = (int64_t) ith * rows; r0 < n_out; r0 += (int64_t) nth * rows) {
+        const int64_t nr = std::min(rows, n_out - r0);
+        for (int64_t c0 = 0; c0 < n_in; c0 += cols) {
+            const int64_t nc = std::min(cols, n_in - c0);    // a whole number of blocks: n_in is
             for (int64_t r = 0; r < nr; ++r) {
-                const float v = buf[(size_t) (r * n_in + i)];
-                switch (dst->type) {
-                    case GGML_TYPE_F16:  ((ggml_fp16_t *) d)[r] = ggml_fp32_to_fp16(v); break;
-                    case GGML_TYPE_BF16: ((ggml_bf16_t *) d)[r] = ggml_fp32_to_bf16(v); break;
-                    default:             ((float *) d)[r] = v; break;
+                const char * src = (const char *) w->data + (r0 + r) * w->nb[1] + c0 / traits->blck_size * traits->type_size;
+                if (w->type == GGML_TYPE_F32) memcpy(buf + r * cols, src, (size_t) nc * sizeof(float));
+                else traits->to_float(src, buf + r * cols, nc);
+            }
+            for (int64_t i = 0; i < nc; ++i) {
+                char * d = (char *) dst->data + (c0 + i) * dst->nb[1] + r0 * dst->nb[0];
+                for (int64_t r = 0; r < nr; ++r) {
+                    const float v = buf[r * cols + i];
+                    switch (dst->type) {
+                        case GGML_TYPE_F16:  ((ggml_fp16_t *) d)[r] = ggml_fp32_to_fp16(v); break;
+                        case GGML_TYPE_BF16: ((ggml_bf16_t *) d)[r] = ggml_fp32_to_bf16(v); break;
+                        default:             ((float *) d)[r] = v; break;
+                    }
                 }
             }
         }

@@ -96,26 +96,26 @@ static int32_t pair_tensor(const glora_adapter * a, int32_t target, int32_t whic
     return GLORA_OK;
 }
 
+// Copies n floats between data and one of the pair tensors (set: into the tensor).
+static int32_t pair_copy(const glora_adapter * adapter, int32_t target, int32_t which, float * data, int64_t n,
+                         bool set) {
+    ggml_tensor * t;
+    int32_t rc = pair_tensor(adapter, target, which, n, &t);
+    if (rc) return rc;
+    GLORA_CHECK_ARG(data != nullptr, "glora_adapter_%s: data is NULL", set ? "set" : "get");
+    if (set) ggml_backend_tensor_set(t, data, 0, ggml_nbytes(t));
+    else     ggml_backend_tensor_get(t, data, 0, ggml_nbytes(t));
+    return GLORA_OK;
+}
+
 extern "C" GLORA_API int32_t glora_adapter_set(glora_adapter * adapter, int32_t target, int32_t which, const float * data, int64_t n) {
     return glora_guard(__func__, [&]() -> int32_t {
-        ggml_tensor * t;
-        int32_t rc = pair_tensor(adapter, target, which, n, &t);
-        if (rc) return rc;
-        GLORA_CHECK_ARG(data != nullptr, "glora_adapter_set: data is NULL");
-        ggml_backend_tensor_set(t, data, 0, ggml_nbytes(t));
-        return GLORA_OK;
+        return pair_copy(adapter, target, which, const_cast<float *>(data), n, true);
     });
 }
 
 extern "C" GLORA_API int32_t glora_adapter_get(const glora_adapter * adapter, int32_t target, int32_t which, float * data, int64_t n) {
-    return glora_guard(__func__, [&]() -> int32_t {
-        ggml_tensor * t;
-        int32_t rc = pair_tensor(adapter, target, which, n, &t);
-        if (rc) return rc;
-        GLORA_CHECK_ARG(data != nullptr, "glora_adapter_get: data is NULL");
-        ggml_backend_tensor_get(t, data, 0, ggml_nbytes(t));
-        return GLORA_OK;
-    });
+    return glora_guard(__func__, [&]() -> int32_t { return pair_copy(adapter, target, which, data, n, false); });
 }
 
 // ---- running a graph ------------------------------------------------------------------------------
