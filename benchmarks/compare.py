@@ -1,11 +1,14 @@
 """ggml-lora (bench_train.py) against PyTorch + PEFT (peft_baseline.py), alternating, plus llama.cpp as an eval reference.
 
     python benchmarks/compare.py [--model PATH] [--threads N] [--steps 4] [--warmup 1] [--repeats 2] [--config NAME ...]
+                                 [--impl ours f16 peft peft-bf16 llama]
     python benchmarks/compare.py --quality [--quality-steps 30] [--threads N]
 
 Every run is a fresh process (one configuration, one implementation), so each peak RSS is that run's.
-ggml-lora runs twice, as configured by default (training through the stored quantized weights) and
-with --f16-weights (training forward through F16 copies). Within a repeat the implementations run back
+By default ggml-lora runs twice, as configured by default (training through the stored quantized weights)
+and with --f16-weights (training forward through F16 copies), against PEFT in float32; --impl picks
+others, e.g. PEFT with bfloat16 weights under CPU autocast (peft-bf16). --model takes any GGUF,
+the synthetic models of real shape (synthetic.py) included. Within a repeat the implementations run back
 to back and the order rotates every repeat, so slow drift of the machine falls on all. Ratios are
 ours / PEFT per repeat (paired), reported as the median and the min-max over repeats; the tokens/s
 columns are medians. "eval vs llama.cpp" divides our eval
@@ -32,7 +35,11 @@ from bench_train import CONFIGS, default_model
 from peft_baseline import bench_tokens
 
 HERE = Path(__file__).resolve().parent
-IMPLS = {"ours": "ggml-lora", "f16": "ggml-lora --f16-weights", "peft": "peft", "llama": "llama-cpp-python"}
+IMPLS = {"ours": "ggml-lora", "f16": "ggml-lora --f16-weights", "peft": "PEFT fp32", "peft-bf16": "PEFT bf16",
+         "llama": "llama.cpp"}
+OURS = ("ours", "f16")
+BASELINES = ("peft", "peft-bf16")
+DEFAULT_IMPLS = ("ours", "f16", "peft", "llama")
 
 
 def run_json(cmd: list[str], impl: str) -> dict:
@@ -69,26 +76,31 @@ def spread(values: list[float]) -> dict:
 
 
 def summarize(name: str, runs: dict[str, list[dict]]) -> dict:
+    """Medians per implementation and paired ratios: each ggml-lora run over each PyTorch run (train tok/s,
+    peak RSS, eval tok/s) and over llama.cpp (eval tok/s). Keys for PEFT fp32 keep their old names
+    (ours_train_ratio); those for the other baselines name them (ours_train_ratio_peft-bf16)."""
+    runs = {impl: r for impl, r in runs.items() if r}
+
     def med(impl: str, key: str) -> float:
         return round(statistics.median(r[key] for r in runs[impl]), 1)
 
     def ratio(a: str, b: str, key: str) -> dict:
         return spread([x[key] / y[key] for x, y in zip(runs[a], runs[b])])
 
-    out = {"config": name, "repeats": len(runs["ours"])}
-    for impl in ("ours", "f16", "peft"):
-        out[f"{impl}_train_tokens_per_s"] = med(impl, "train_tokens_per_s")
-        out[f"{impl}_peak_rss_mib"] = med(impl, "peak_rss_mib")
-    for impl in ("ours", "f16"):
-        out[f"{impl}_train_ratio"] = ratio(impl, "peft", "train_tokens_per_s")
-        out[f"{impl}_peak_rss_ratio"] = ratio(impl, "peft", "peak_rss_mib")
-    out |= {"ours_eval_tokens_per_s": med("ours", "eval_tokens_per_s"),
-            "peft_eval_tokens_per_s": med("peft", "eval_tokens_per_s"),
-            "eval_ratio": ratio("ours", "peft", "eval_tokens_per_s"),
-            "llama_cpp_eval_tokens_per_s": med("llama", "eval_tokens_per_s"),
-            "eval_vs_llama_cpp": ratio("ours", "llama", "eval_tokens_per_s"),
-            "f16_eval_tokens_per_s": med("f16", "eval_tokens_per_s"),
-            "f16_eval_vs_llama_cpp": ratio("f16", "llama", "eval_tokens_per_s")}
+    out = {"config": name, "repeats": max(len(r) for r in runs.values())}
+    for impl in runs:
+        if impl != "llama":
+            out[f"{impl}_train_tokens_per_s"] = med(impl, "train_tokens_per_s")
+            out[f"{impl}_peak_rss_mib"] = med(impl, "peak_rss_mib")
+        out[f"{impl}_eval_tokens_per_s"] = med(impl, "eval_tokens_per_s")
+    for ours in (i for i in OURS if i in runs):
+        for base in (i for i in BASELINES if i in runs):
+            tag = "" if base == "peft" else f"_{base}"
+            out[f"{ours}_train_ratio{tag}"] = ratio(ours, base, "train_tokens_per_s")
+            out[f"{ours}_peak_rss_ratio{tag}"] = ratio(ours, base, "peak_rss_mib")
+            out[f"{ours}_eval_ratio{tag}"] = ratio(ours, base, "eval_tokens_per_s")
+        if "llama" in runs:
+            out[f"{ours}_eval_vs_llama_cpp"] = ratio(ours, "llama", "eval_tokens_per_s")
     return out
 
 
@@ -96,27 +108,32 @@ def markdown(rows: list[dict], threads: int) -> str:
     def r(s: dict) -> str:
         return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
 
-    lines = [f"ggml-lora vs PyTorch + PEFT, {threads} threads; ratios are ggml-lora / other, median (min-max); "
-             "f16: ggml-lora with --f16-weights", "",
-             ("| config | train tok/s ggml-lora / f16 / PEFT | train ratio | train ratio f16 "
-              "| peak RSS MiB ggml-lora / f16 / PEFT | RSS ratio | RSS ratio f16 | eval ratio "
-              "| eval tok/s ggml-lora / f16 / llama.cpp | eval vs llama.cpp | eval f16 vs llama.cpp |"),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    present = [i for i in IMPLS if any(f"{i}_eval_tokens_per_s" in s for s in rows)]
+    ours = [i for i in OURS if i in present]
+    bases = [i for i in BASELINES if i in present]
+    pairs = [(a, b) for a in ours for b in bases]
+    trained = [i for i in present if i != "llama"]
+    head = ["config", "train tok/s " + " / ".join(IMPLS[i] for i in trained),
+            "peak RSS MiB " + " / ".join(IMPLS[i] for i in trained),
+            *(f"train {IMPLS[a]} / {IMPLS[b]}" for a, b in pairs),
+            *(f"RSS {IMPLS[a]} / {IMPLS[b]}" for a, b in pairs),
+            *(f"eval {IMPLS[a]} / {IMPLS[b]}" for a, b in pairs),
+            *(f"eval {IMPLS[a]} / llama.cpp" for a in ours if "llama" in present)]
+    lines = [f"ggml-lora vs PyTorch + PEFT, {threads} threads; ratios median (min-max) over repeats", "",
+             "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for s in rows:
-        lines.append(f"| {s['config']} | {s['ours_train_tokens_per_s']:.0f} / {s['f16_train_tokens_per_s']:.0f} / "
-                     f"{s['peft_train_tokens_per_s']:.0f} | {r(s['ours_train_ratio'])} | {r(s['f16_train_ratio'])} "
-                     f"| {s['ours_peak_rss_mib']:.0f} / {s['f16_peak_rss_mib']:.0f} / {s['peft_peak_rss_mib']:.0f} "
-                     f"| {r(s['ours_peak_rss_ratio'])} | {r(s['f16_peak_rss_ratio'])} | {r(s['eval_ratio'])} "
-                     f"| {s['ours_eval_tokens_per_s']:.0f} / {s['f16_eval_tokens_per_s']:.0f} / "
-                     f"{s['llama_cpp_eval_tokens_per_s']:.0f} "
-                     f"| {r(s['eval_vs_llama_cpp'])} | {r(s['f16_eval_vs_llama_cpp'])} |")
+        cells = [s["config"], " / ".join(f"{s[f'{i}_train_tokens_per_s']:.1f}" for i in trained),
+                 " / ".join(f"{s[f'{i}_peak_rss_mib']:.0f}" for i in trained)]
+        for key in ("train_ratio", "peak_rss_ratio", "eval_ratio"):
+            cells += [r(s[f"{a}_{key}" + ("" if b == "peft" else f"_{b}")]) for a, b in pairs]
+        cells += [r(s[f"{a}_eval_vs_llama_cpp"]) for a in ours if "llama" in present]
+        lines.append("| " + " | ".join(cells) + " |")
     by_name = {s["config"]: s for s in rows}
-    if "r8-qv-1x2048-gc" in by_name and "r8-qv-4x512" in by_name:
+    if "r8-qv-1x2048-gc" in by_name and "r8-qv-4x512" in by_name and "ours" in present:
         long, short = by_name["r8-qv-1x2048-gc"], by_name["r8-qv-4x512"]
         lines += ["", "1x2048 with gradient checkpointing / 4x512 without, train tok/s: "
-                  f"{long['ours_train_tokens_per_s'] / short['ours_train_tokens_per_s']:.2f} "
-                  f"(f16: {long['f16_train_tokens_per_s'] / short['f16_train_tokens_per_s']:.2f}); "
-                  f"1x2048 peak RSS {long['ours_peak_rss_mib']:.0f} MiB (f16: {long['f16_peak_rss_mib']:.0f})"]
+                  f"{long['ours_train_tokens_per_s'] / short['ours_train_tokens_per_s']:.2f}; "
+                  f"1x2048 peak RSS {long['ours_peak_rss_mib']:.0f} MiB"]
     return "\n".join(lines)
 
 
@@ -145,6 +162,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--config", "--configs", dest="config", action="extend", nargs="+", choices=sorted(CONFIGS))
+    ap.add_argument("--impl", action="extend", nargs="+", choices=sorted(IMPLS),
+                    help=f"implementations to run (default: {' '.join(DEFAULT_IMPLS)}); peft-bf16: PEFT with "
+                         "bfloat16 weights and CPU autocast")
     ap.add_argument("--quality", action="store_true", help="the validation-loss check instead of throughput")
     ap.add_argument("--quality-steps", type=int, default=30)
     ap.add_argument("--llama-cpp-eval", metavar="CONFIG", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
@@ -159,16 +179,20 @@ def main() -> None:
     common = ["--model", str(path), "--threads", str(args.threads), "--steps", str(args.steps),
               "--warmup", str(args.warmup)]
     names = args.config or sorted(CONFIGS)
-    runs = {name: {impl: [] for impl in IMPLS} for name in names}
+    impls = [i for i in IMPLS if i in (args.impl or DEFAULT_IMPLS)]
+    if not any(i in impls for i in OURS):
+        ap.error("--impl needs ours or f16: every ratio is ggml-lora over another implementation")
+    runs = {name: {impl: [] for impl in impls} for name in names}
     for repeat in range(args.repeats):
         for name in names:
             ours = [str(HERE / "bench_train.py"), "--device", "CPU", "--config", name, *common]
+            peft = [str(HERE / "peft_baseline.py"), "--in-process", "--config", name, *common]
             cmds = {"ours": ours, "f16": [*ours, "--f16-weights"],
-                    "peft": [str(HERE / "peft_baseline.py"), "--in-process", "--config", name, *common],
+                    "peft": [*peft, "--precision", "fp32"], "peft-bf16": [*peft, "--precision", "bf16"],
                     "llama": [str(HERE / "compare.py"), "--llama-cpp-eval", name, *common]}
-            order = ["ours", "f16", "peft"]
-            order = order[repeat % 3:] + order[:repeat % 3]
-            for impl in (*order, "llama"):
+            order = [i for i in impls if i != "llama"]
+            order = order[repeat % len(order):] + order[:repeat % len(order)]
+            for impl in (*order, *(["llama"] if "llama" in impls else [])):
                 runs[name][impl].append(run_json(cmds[impl], IMPLS[impl]))
     rows = [summarize(name, r) for name, r in runs.items()]
     for row in rows:

@@ -4,7 +4,8 @@
     python benchmarks/peft_baseline.py --quality [--quality-steps 30] [--threads N]
 
 The base model is the same GGUF file, loaded by transformers' GGUF support, which dequantizes every weight
-to float32 (ggml-lora keeps the file's quantized blocks). LoRA is PEFT's (r, lora_alpha = 2r, the same
+to float32 (ggml-lora keeps the file's quantized blocks); --precision bf16 stores them in bfloat16 and runs
+the forward under torch.autocast("cpu", torch.bfloat16), the adapter staying float32 as PEFT keeps it. LoRA is PEFT's (r, lora_alpha = 2r, the same
 target modules, lora_dropout 0); the optimizer is torch.optim.AdamW with ggml-lora's betas, eps and weight
 decay, after clipping the gradient norm to 1.0 as bench_train.py does. The loss is the mean next-token
 cross-entropy over every position but the first of each sequence, as ggml-lora's loss_batch.
@@ -50,21 +51,36 @@ def bench_tokens(n_vocab: int, cfg: Config, n_steps: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, n_vocab, (n_steps, cfg.batch, cfg.length))
 
 
-def load_hf(path: Path):
-    """The GGUF as a float32 transformers model (q/k rows un-permuted back to Hugging Face's order)."""
+PRECISIONS = ("fp32", "bf16")
+
+
+def load_hf(path: Path, precision: str = "fp32"):
+    """The GGUF as a transformers model (q/k rows un-permuted back to Hugging Face's order), its weights
+    float32, or bfloat16 for precision "bf16"."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
 
 
-def train_step(model, optimizer, params, ids, max_grad_norm: float) -> float:
+def autocast(precision: str):
+    """bf16: the forward under torch.autocast("cpu", torch.bfloat16) (PEFT keeps the adapter float32)."""
+    import contextlib
+
+    import torch
+
+    return torch.autocast("cpu", torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def train_step(model, optimizer, params, ids, max_grad_norm: float, precision: str = "fp32") -> float:
     """Forward + backward + clip + AdamW; returns the mean next-token cross-entropy before the update."""
     import torch
 
-    loss = model(input_ids=ids, labels=ids).loss        # HF shifts the labels: mean over B·(T-1) tokens
+    with autocast(precision):
+        loss = model(input_ids=ids, labels=ids).loss    # HF shifts the labels: mean over B·(T-1) tokens
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
@@ -72,10 +88,10 @@ def train_step(model, optimizer, params, ids, max_grad_norm: float) -> float:
     return float(loss.detach())
 
 
-def eval_loss(model, ids) -> float:
+def eval_loss(model, ids, precision: str = "fp32") -> float:
     import torch
 
-    with torch.no_grad():
+    with torch.no_grad(), autocast(precision):
         return float(model(input_ids=ids, labels=ids).loss)
 
 
@@ -102,13 +118,13 @@ def vm_hwm_mib() -> float:
     raise OSError("no VmHWM in /proc/self/status")
 
 
-def run(path: Path, cfg: Config, steps: int, warmup: int) -> dict:
+def run(path: Path, cfg: Config, steps: int, warmup: int, precision: str = "fp32") -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=list(cfg.targets), lora_dropout=0.0,
                       bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(load_hf(path), lora)
+    model = get_peft_model(load_hf(path, precision), lora)
     if cfg.checkpointing:   # transformers' own activation checkpointing, as ggml-lora's run of this config
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -119,14 +135,14 @@ def run(path: Path, cfg: Config, steps: int, warmup: int) -> dict:
     times = []
     for i in range(steps + warmup):
         t0 = time.perf_counter()
-        loss = train_step(model, optimizer, params, tokens[i], MAX_GRAD_NORM)
+        loss = train_step(model, optimizer, params, tokens[i], MAX_GRAD_NORM, precision)
         times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    eval_loss(model, tokens[0])
+    eval_loss(model, tokens[0], precision)
     eval_s = time.perf_counter() - t0
     step_s = float(np.mean(times[warmup:]))
     n = cfg.batch * cfg.length
-    return {"config": cfg.name, "rank": cfg.rank, "targets": list(cfg.targets), "batch": cfg.batch,
+    return {"config": cfg.name, "precision": precision, "rank": cfg.rank, "targets": list(cfg.targets), "batch": cfg.batch,
             "length": cfg.length, "gradient_checkpointing": cfg.checkpointing, "steps": steps, "step_s": round(step_s, 3),
             "train_tokens_per_s": round(n / step_s, 1), "eval_tokens_per_s": round(n / eval_s, 1),
             # clear_refs lowers ru_maxrss too: the process peak is the larger of the two marks
@@ -178,6 +194,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--config", "--configs", dest="config", action="extend", nargs="+", choices=sorted(CONFIGS))
+    ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                    help="bf16: weights in bfloat16 and the forward under CPU autocast (adapter float32)")
     ap.add_argument("--quality", action="store_true", help="the validation-loss check instead of throughput")
     ap.add_argument("--quality-steps", type=int, default=30)
     ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)   # one configuration, here
@@ -192,12 +210,13 @@ def main() -> None:
             print(json.dumps(quality(path, args.quality_steps, args.threads)), flush=True)
         else:
             for name in args.config:
-                print(json.dumps(header(path, args.threads) | run(path, CONFIGS[name], args.steps, args.warmup)),
+                print(json.dumps(header(path, args.threads) | run(path, CONFIGS[name], args.steps, args.warmup,
+                                                                  args.precision)),
                       flush=True)
         return
     for name in args.config or sorted(CONFIGS):
         cmd = [sys.executable, __file__, "--in-process", "--config", name, "--model", str(path),
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         subprocess.run(cmd, check=True)

@@ -59,3 +59,24 @@ def test_smollm2_shape_through_llama_cpps_quantizer(tmp_path):
     # activations stay O(1) through all 30 blocks: logits are finite, with the intended spread (~2.5)
     assert 1.0 < float(std) < 6.0
     assert rep["max_abs_diff"] <= MAX_ABS_DIFF and rep["bad_flips"] == 0, rep
+
+
+def test_q8_0_weights_have_the_intended_spread(tmp_path):
+    """Q8_0 is written as blocks of uniform int8 quants under one scale: the dequantized weights must
+    still have std 1/sqrt(n_in) (projections) and 0.5 (embeddings), the scaling that keeps activations
+    O(1) through every block. 1%: the sampling error of a std over >= 300k draws is ~0.2%, the scale's
+    F16 rounding <= 0.05%."""
+    import gguf
+    import numpy as np
+
+    syn = synthetic()
+    info = syn.make("smollm2-135m", "q8_0", tmp_path / "s.gguf", seed=2)
+    reader = gguf.GGUFReader(info["path"])
+    by_name = {t.name: t for t in reader.tensors}
+    for name, want in (("blk.3.attn_q.weight", 576 ** -0.5), ("blk.3.ffn_down.weight", 1536 ** -0.5),
+                       ("token_embd.weight", 0.5)):
+        t = by_name[name]
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        assert abs(float(w.std()) / want - 1.0) < 0.01, (name, float(w.std()), want)
+        assert abs(float(w.mean())) < 0.01 * want
