@@ -29,7 +29,7 @@
 #  define GLORA_API
 #endif
 
-#define GLORA_ABI_VERSION 6
+#define GLORA_ABI_VERSION 7
 
 #ifdef __cplusplus
 extern "C" {
@@ -111,6 +111,8 @@ typedef struct glora_model_params {
     float        rope_freq_scale;
     float        rms_eps;
     float        kq_scale;       /* attention logit scale, usually 1/sqrt(head_dim)              */
+    int32_t      use_mmap;       /* CPU: map the file instead of reading it (weights cost only the
+                                  * pages touched, shared with the page cache); ignored elsewhere  */
 } glora_model_params;
 
 typedef struct glora_tensor_info {
@@ -242,6 +244,17 @@ GLORA_API int32_t glora_trainer_zero_grad(glora_trainer * trainer);
  * glora_adapter_get. set != 0 writes data into the state instead of reading it. */
 GLORA_API int32_t glora_trainer_state(glora_trainer * trainer, int32_t target, int32_t which, int32_t kind,
                                       float * data, int64_t n, int32_t set);
+
+/* ---------------------------------------------------------------------------------------------- */
+/* tensor data conversion (merging adapters into a base model)                                     */
+/* ---------------------------------------------------------------------------------------------- */
+
+/* ggml's own row conversions, so a merged model is stored exactly as llama.cpp's quantizer (without an
+ * importance matrix) would store it. type: a ggml type id among F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1,
+ * Q8_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS (others: GLORA_ERR_UNSUPPORTED). n_per_row must be a multiple of the
+ * type's block size; data holds n_rows rows of ggml_row_size(type, n_per_row) bytes. */
+GLORA_API int32_t glora_dequantize_rows(int32_t type, const void * data, float * out, int64_t n_rows, int64_t n_per_row);
+GLORA_API int32_t glora_quantize_rows(int32_t type, const float * values, void * out, int64_t n_rows, int64_t n_per_row);
 
 /* ---------------------------------------------------------------------------------------------- */
 /* tests                                                                                           */

@@ -158,6 +158,55 @@ extern "C" GLORA_API int32_t glora_device_get(int32_t index, glora_device_info *
     });
 }
 
+// ---- tensor data conversion ------------------------------------------------------------------------
+
+static int32_t check_row_type(int32_t type, int64_t n_rows, int64_t n_per_row) {
+    switch ((ggml_type) type) {
+        case GGML_TYPE_F32: case GGML_TYPE_F16: case GGML_TYPE_BF16:
+        case GGML_TYPE_Q4_0: case GGML_TYPE_Q4_1: case GGML_TYPE_Q5_0: case GGML_TYPE_Q5_1: case GGML_TYPE_Q8_0:
+        case GGML_TYPE_Q2_K: case GGML_TYPE_Q3_K: case GGML_TYPE_Q4_K: case GGML_TYPE_Q5_K: case GGML_TYPE_Q6_K:
+        case GGML_TYPE_IQ4_NL: case GGML_TYPE_IQ4_XS:
+            break;
+        default:
+            return glora_fail(GLORA_ERR_UNSUPPORTED, "ggml type %d: converting rows of this type is not supported", type);
+    }
+    const int64_t blck = ggml_blck_size((ggml_type) type);
+    GLORA_CHECK_ARG(n_rows >= 0 && n_per_row > 0, "n_rows %lld, n_per_row %lld", (long long) n_rows, (long long) n_per_row);
+    GLORA_CHECK_ARG(n_per_row % blck == 0, "%s: a row of %lld values is not a whole number of %lld-value blocks",
+                    ggml_type_name((ggml_type) type), (long long) n_per_row, (long long) blck);
+    return GLORA_OK;
+}
+
+extern "C" GLORA_API int32_t glora_dequantize_rows(int32_t type, const void * data, float * out, int64_t n_rows,
+                                                   int64_t n_per_row) {
+    return glora_guard(__func__, [&]() -> int32_t {
+        GLORA_CHECK_ARG(data != nullptr && out != nullptr, "glora_dequantize_rows: NULL buffer");
+        if (int32_t st = check_row_type(type, n_rows, n_per_row)) return st;
+        const size_t row = ggml_row_size((ggml_type) type, n_per_row);
+        if (type == GGML_TYPE_F32) {
+            std::memcpy(out, data, row * (size_t) n_rows);
+            return GLORA_OK;
+        }
+        const auto * traits = ggml_get_type_traits((ggml_type) type);
+        GLORA_CHECK_ARG(traits->to_float != nullptr, "%s has no conversion to float", ggml_type_name((ggml_type) type));
+        for (int64_t r = 0; r < n_rows; ++r) {
+            traits->to_float((const char *) data + r * row, out + r * n_per_row, n_per_row);
+        }
+        return GLORA_OK;
+    });
+}
+
+extern "C" GLORA_API int32_t glora_quantize_rows(int32_t type, const float * values, void * out, int64_t n_rows,
+                                                 int64_t n_per_row) {
+    return glora_guard(__func__, [&]() -> int32_t {
+        GLORA_CHECK_ARG(values != nullptr && out != nullptr, "glora_quantize_rows: NULL buffer");
+        if (int32_t st = check_row_type(type, n_rows, n_per_row)) return st;
+        if (n_rows == 0) return GLORA_OK;
+        ggml_quantize_chunk((ggml_type) type, values, out, 0, n_rows, n_per_row, nullptr);
+        return GLORA_OK;
+    });
+}
+
 static std::string device_names() {
     std::string s;
     for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {

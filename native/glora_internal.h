@@ -140,6 +140,8 @@ struct glora_model {
     glora_backends           be;
     ggml_context           * ctx_w   = nullptr;   // tensor metadata of every weight
     ggml_backend_buffer_t    buf_w   = nullptr;   // their data, on the main device
+    void                   * map     = nullptr;   // the mapped file when the weights live in it (CPU)
+    size_t                   map_size = 0;
     std::vector<ggml_tensor *> tensors;           // in file order
 
     ggml_tensor            * tok_embd    = nullptr;   // ne = [n_embd, n_vocab]

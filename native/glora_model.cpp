@@ -8,6 +8,14 @@
 #include <cstring>
 #include <memory>
 
+#if defined(__unix__) || defined(__APPLE__)
+#  include <fcntl.h>
+#  include <sys/mman.h>
+#  include <sys/stat.h>
+#  include <unistd.h>
+#  define GLORA_HAVE_MMAP 1
+#endif
+
 ggml_tensor * glora_model::find(const char * name) const {
     return ggml_get_tensor(ctx_w, name);
 }
@@ -35,6 +43,9 @@ static void model_free(glora_model * m) {
     m->wt.release();
     m->wf.release();
     if (m->buf_w) ggml_backend_buffer_free(m->buf_w);
+#ifdef GLORA_HAVE_MMAP
+    if (m->map) munmap(m->map, m->map_size);
+#endif
     if (m->ctx_w) ggml_free(m->ctx_w);
     glora_backends_free(&m->be);
     delete m;
@@ -150,6 +161,51 @@ static int32_t read_weights(glora_model * m, gguf_context * gctx) {
     return GLORA_OK;
 }
 
+// The weights as views of the mapped file, as llama.cpp's mmap: a page costs memory only once something
+// reads it (an untied model's token_embd: the rows of the tokens seen), and the kernel may drop it
+// again under pressure. The weights are never written, so the mapping is read-only. Returns
+// GLORA_ERR_UNSUPPORTED where the file cannot be mapped; the caller then reads it.
+static int32_t map_weights(glora_model * m, gguf_context * gctx) {
+#ifdef GLORA_HAVE_MMAP
+    const int fd = open(m->path.c_str(), O_RDONLY);
+    if (fd < 0) return glora_fail(GLORA_ERR_IO, "%s: cannot open: %s", m->path.c_str(), strerror(errno));
+    struct stat st;
+    void * addr = MAP_FAILED;
+    if (fstat(fd, &st) == 0 && st.st_size > 0) {
+        addr = mmap(nullptr, (size_t) st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    }
+    close(fd);
+    if (addr == MAP_FAILED) return GLORA_ERR_UNSUPPORTED;
+    m->map = addr;
+    m->map_size = (size_t) st.st_size;
+    const size_t data_offset = gguf_get_data_offset(gctx);
+    for (int64_t i = 0; i < gguf_get_n_tensors(gctx); ++i) {
+        const char * name = gguf_get_tensor_name(gctx, i);
+        ggml_tensor * t = m->find(name);
+        const size_t offset = data_offset + gguf_get_tensor_offset(gctx, i);
+        if (offset + ggml_nbytes(t) > m->map_size || offset % 32) {
+            return glora_fail(GLORA_ERR_FORMAT, "%s: data of tensor '%s' lies outside the file (truncated?)",
+                              m->path.c_str(), name);
+        }
+    }
+    m->buf_w = ggml_backend_cpu_buffer_from_ptr(m->map, m->map_size);
+    if (!m->buf_w) return glora_fail(GLORA_ERR_OUT_OF_MEMORY, "%s: could not wrap the mapped file", m->path.c_str());
+    for (int64_t i = 0; i < gguf_get_n_tensors(gctx); ++i) {
+        ggml_tensor * t = m->find(gguf_get_tensor_name(gctx, i));
+        const ggml_status st_alloc = ggml_backend_tensor_alloc(m->buf_w, t,
+            (char *) m->map + data_offset + gguf_get_tensor_offset(gctx, i));
+        if (st_alloc != GGML_STATUS_SUCCESS) {
+            return glora_fail(GLORA_ERR_INTERNAL, "%s: could not place tensor '%s' in the mapped file", m->path.c_str(), t->name);
+        }
+        m->tensors.push_back(t);
+    }
+    return GLORA_OK;
+#else
+    (void) m; (void) gctx;
+    return GLORA_ERR_UNSUPPORTED;
+#endif
+}
+
 extern "C" GLORA_API int32_t glora_model_load(const char * path, const glora_model_params * params, glora_model ** out) {
     return glora_guard(__func__, [&]() -> int32_t {
         glora_clear_error();
@@ -186,14 +242,20 @@ extern "C" GLORA_API int32_t glora_model_load(const char * path, const glora_mod
             m->hp.device = m->be.device_name.c_str();
             rc = bind_tensors(m.get());
         }
+        bool mapped = false;
+        if (rc == GLORA_OK && hp.use_mmap && m->be.main == m->be.cpu) {
+            rc = map_weights(m.get(), gctx.get());
+            mapped = rc == GLORA_OK;
+            if (rc == GLORA_ERR_UNSUPPORTED) rc = GLORA_OK;          // not mappable here: read it instead
+        }
         if (rc == GLORA_OK) {
-            m->buf_w = ggml_backend_alloc_ctx_tensors_from_buft(m->ctx_w, m->be.bufts[0]);
+            if (!mapped) m->buf_w = ggml_backend_alloc_ctx_tensors_from_buft(m->ctx_w, m->be.bufts[0]);
             if (!m->buf_w) {
                 rc = glora_fail(GLORA_ERR_OUT_OF_MEMORY, "%s: could not allocate the weights on %s", path,
                                 m->be.device_name.c_str());
             } else {
                 ggml_backend_buffer_set_usage(m->buf_w, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-                rc = read_weights(m.get(), gctx.get());
+                if (!mapped) rc = read_weights(m.get(), gctx.get());
                 for (const glora_layer & L : m->layers) {
                     for (ggml_tensor * w : {L.wq, L.wk, L.wv, L.wo, L.ffn_gate, L.ffn_up, L.ffn_down}) m->matrices.insert(w);
                 }

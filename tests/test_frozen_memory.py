@@ -60,3 +60,44 @@ def test_memory_plan_counts_the_copies_where_they_live(tiny_model_file):
     # the step holds one block's copies at a time, not the model's
     assert transient["compute"] - kept["compute"] < kept["transposed"] / 2
     assert transient["total"] < kept["total"]
+
+
+MMAP_CHILD = """
+import sys
+import numpy as np
+from ggml_lora import BaseModel
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+
+before = rss()
+with BaseModel.load(sys.argv[1], n_threads=2, use_mmap=sys.argv[2] == "1") as m:
+    logits = m.logits([1, 5, 9, 33, 2, 70])
+    print(rss() - before)
+    np.save(sys.argv[3], logits)
+"""
+
+
+def test_mapped_weights_cost_the_pages_read(tiny_model_file, tmp_path):
+    """On the CPU the weights are the mapped file: the same logits bit for bit as reading it, and an
+    untied model's embedding table costs only the rows of the tokens seen. Each load runs in a process of
+    its own so its RSS growth is its own; the bounds are halves of the 32.8 MB table, far from both."""
+    import subprocess
+    import sys
+
+    path = tiny_model_file("llama", "f32", n_embd=256, n_ff=512, tied=False)
+    embd = 32000 * 256 * 4
+    size = path.stat().st_size
+    growth = {}
+    for mmap in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", MMAP_CHILD, str(path), mmap, str(tmp_path / f"{mmap}.npy")],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        growth[mmap] = int(out.stdout.split()[-1])
+    print(f"file {size / 1e6:.1f} MB, token_embd {embd / 1e6:.1f} MB; RSS growth mapped "
+          f"{growth['1'] / 1e6:.1f} MB, read {growth['0'] / 1e6:.1f} MB")
+    np.testing.assert_array_equal(np.load(tmp_path / "1.npy"), np.load(tmp_path / "0.npy"))
+    assert growth["0"] > size - embd / 2                     # read: every byte of the file is resident
+    assert growth["1"] < size - embd / 2                     # mapped: the table's untouched rows are not

@@ -30,11 +30,14 @@ class BaseModel(NativeHandle):
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str = "auto", n_threads: int | None = None,
-             n_ctx: int | None = None) -> BaseModel:
+             n_ctx: int | None = None, use_mmap: bool = True) -> BaseModel:
         """Load ``path`` onto ``device`` (a name from :func:`ggml_lora.devices` or ``"auto"``).
 
         ``n_ctx`` is the longest sequence this model will be asked to process (default: the
-        model's training context).
+        model's training context). On the CPU the weights are the memory-mapped file itself
+        (``use_mmap``, as llama.cpp's default): pages cost memory only once read, so an untied model's
+        embedding table costs the rows of the tokens seen. Replace the file atomically (a rename, as
+        every writer of ggml-lora does) rather than rewriting it in place while it is loaded.
         """
         path = Path(path)
         reader = gguf_file.open_reader(path)
@@ -62,6 +65,7 @@ class BaseModel(NativeHandle):
         params.rope_freq_scale = hp.rope_freq_scale
         params.rms_eps = hp.rms_eps
         params.kq_scale = hp.kq_scale
+        params.use_mmap = 1 if use_mmap else 0
         out = ffi.new("glora_model **")
         check(lib.glora_model_load(str(path).encode(), params, out), f"loading {path}")
 
