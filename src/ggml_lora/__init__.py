@@ -21,6 +21,7 @@ from .errors import (
     UnsupportedArchitectureError,
     UnsupportedError,
 )
+from .merge import merge_adapters
 from .model import BaseModel
 from .trainer import LoRATrainer, TrainingHistory
 
@@ -69,4 +70,5 @@ __all__ = [
     "UnsupportedError",
     "__version__",
     "devices",
+    "merge_adapters",
 ]

@@ -1,4 +1,4 @@
-"""The ggml-lora command line: train, eval, generate, info, export-peft, import-peft.
+"""The ggml-lora command line: train, eval, generate, info, merge, export-peft, import-peft.
 
 The flags of ``train`` are derived from the fields of LoRAConfig and TrainingConfig (their help text
 included); ``-c config.yaml`` / ``.toml`` takes the same keys. Precedence: command line > config file >
@@ -80,6 +80,20 @@ def _import_peft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from .cli_train import parse_adapter_arg
+    from .merge import merge_adapters
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            print(f"merged {done}/{total} tensors", flush=True)
+
+    adapters = [parse_adapter_arg(a) for a in args.adapter]
+    out = merge_adapters(args.model, adapters, args.out, type=args.type, n_threads=args.n_threads, progress=progress)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import cli_train
 
@@ -100,6 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, required=True, help="the base GGUF (converted from the PEFT base model)")
     p.add_argument("--out", type=Path, required=True, help="output .gguf")
     p.set_defaults(func=_import_peft)
+    p = sub.add_parser("merge", help="merge GGUF LoRA adapters into the base model's weights, as a new GGUF")
+    p.add_argument("--model", type=Path, required=True, help="the base GGUF")
+    p.add_argument("--adapter", action="append", required=True, metavar="PATH[:SCALE]",
+                   help="a GGUF LoRA adapter, with its scale (default 1); repeat for several")
+    p.add_argument("--out", type=Path, required=True, help="output .gguf (written atomically)")
+    p.add_argument("--type", default="same",
+                   help="same (each tensor keeps its type; default), a ggml type for every matrix (f16, bf16, "
+                        "q8_0, q4_0, q4_k, ...), or a llama.cpp mix (q4_k_m, q5_k_m, ...) made by its quantizer")
+    p.add_argument("--n-threads", type=int, help="threads (default: the CPUs this process may use)")
+    p.set_defaults(func=_merge)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("ggml_lora.ggml").setLevel(logging.WARNING)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ class Header:
     tensors: dict[str, Tensor]
     data_offset: int
     file_size: int
+    # byte range [start, end) of each key-value pair in the file, key included (to copy them verbatim)
+    field_spans: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def get(self, key: str, default: Any = None) -> Any:
         f = self.fields.get(key)
@@ -177,13 +179,16 @@ def _parse(buf, path: Path, size: int, gguf) -> Header:
         raise GGUFFormatError(f"{path}: header claims {n_kv} keys and {n_tensors} tensors, impossible in {size} bytes")
 
     fields: dict[str, Field] = {}
+    spans: dict[str, tuple[int, int]] = {}
     for _ in range(n_kv):
+        start = cur.pos
         key = cur.string("metadata key")
         # a corrupt length can make a "key" megabytes long: messages show its start only
         shown = key if len(key) <= 96 else f"{key[:96]}... ({len(key)} characters)"
         if key in fields:
             raise cur.fail(f"duplicate metadata key '{shown}'")
         fields[key] = _value(cur, cur.scalar("<I"), shown)
+        spans[key] = (start, cur.pos)
 
     alignment = DEFAULT_ALIGNMENT
     if "general.alignment" in fields:
@@ -232,4 +237,4 @@ def _parse(buf, path: Path, size: int, gguf) -> Header:
             raise GGUFFormatError(f"{path}: data of tensor '{name}' ({list(shape)} {qtype.name}, {n_bytes} bytes at "
                                   f"{start}) lies outside the file ({size} bytes); truncated?")
         tensors[name] = Tensor(name, shape, ttype, qtype.name, start, n_bytes)
-    return Header(path, version, fields, tensors, data_offset, size)
+    return Header(path, version, fields, tensors, data_offset, size, spans)
