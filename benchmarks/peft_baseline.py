@@ -150,6 +150,19 @@ def run(path: Path, cfg: Config, steps: int, warmup: int, precision: str = "fp32
             "load_peak_rss_mib": round(load_peak, 1), "run_peak_rss_mib": round(vm_hwm_mib(), 1) if hwm else None}
 
 
+def load_only(path: Path, precision: str) -> dict:
+    """Peak RSS of loading the GGUF into transformers and wrapping it with PEFT, nothing else: what a
+    model too large to train here costs before its first step."""
+    from peft import LoraConfig, get_peft_model
+
+    t0 = time.perf_counter()
+    model = get_peft_model(load_hf(path, precision), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"))
+    n = sum(p.numel() for p in model.parameters())
+    return {"precision": precision, "load_only": True, "parameters": n, "load_s": round(time.perf_counter() - t0, 1),
+            "peak_rss_mib": round(peak_rss_mib(), 1)}
+
+
 def quality(path: Path, steps: int, threads: int | None) -> dict:
     """quality_ours.py's run, on PEFT, from ggml-lora's initial adapter and tokens."""
     import torch
@@ -196,11 +209,16 @@ def main() -> None:
     ap.add_argument("--config", "--configs", dest="config", action="extend", nargs="+", choices=sorted(CONFIGS))
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
                     help="bf16: weights in bfloat16 and the forward under CPU autocast (adapter float32)")
+    ap.add_argument("--load-only", action="store_true",
+                    help="only load the model and wrap it with PEFT (r16 q,k,v,o); print the peak RSS")
     ap.add_argument("--quality", action="store_true", help="the validation-loss check instead of throughput")
     ap.add_argument("--quality-steps", type=int, default=30)
     ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)   # one configuration, here
     args = ap.parse_args()
     path = args.model or default_model()
+    if args.load_only:
+        print(json.dumps(header(path, args.threads) | load_only(path, args.precision)), flush=True)
+        return
     if args.quality or args.in_process:
         import torch
 

@@ -101,3 +101,33 @@ def test_mapped_weights_cost_the_pages_read(tiny_model_file, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "1.npy"), np.load(tmp_path / "0.npy"))
     assert growth["0"] > size - embd / 2                     # read: every byte of the file is resident
     assert growth["1"] < size - embd / 2                     # mapped: the table's untouched rows are not
+
+
+def test_rewriting_the_mapped_file_in_place_raises_instead_of_sigbus(tiny_model_file, tmp_path):
+    """Truncating a mapped file and reading a weight kills the process (SIGBUS): every call checks the
+    file first. A rename over the path is safe (the mapping keeps the old file) and keeps working."""
+    import os
+    import shutil
+
+    from ggml_lora import GGMLLoRAError
+
+    src = tiny_model_file("llama", "q8_0")
+    path = tmp_path / "m.gguf"
+    shutil.copy(src, path)
+    tokens = [1, 5, 9, 33]
+    with BaseModel.load(path, n_threads=N_THREADS) as model:
+        adapter = Adapter.init(model, LoRAConfig(rank=2, target_modules=("q_proj",)))
+        before = model.logits(tokens)
+        shutil.copy(tiny_model_file("llama", "f32"), tmp_path / "new.gguf")
+        os.replace(tmp_path / "new.gguf", path)                       # atomic replace: still the old weights
+        np.testing.assert_array_equal(model.logits(tokens), before)
+    with BaseModel.load(path, n_threads=N_THREADS) as model:
+        adapter = Adapter.init(model, LoRAConfig(rank=2, target_modules=("q_proj",)))
+        with open(path, "r+b") as f:                                   # in place: truncated to the header
+            f.truncate(4096)
+        for call in (lambda: model.logits(tokens), lambda: model.logits(tokens, adapter),
+                     lambda: TrainingContext(adapter)):
+            with pytest.raises(GGMLLoRAError, match="modified in place"):
+                call()
+    with BaseModel.load(src, n_threads=N_THREADS, use_mmap=False) as model:   # read: nothing to check
+        assert model._source is None

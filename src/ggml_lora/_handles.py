@@ -55,7 +55,15 @@ class NativeHandle:
     def _using(self):
         """The native pointer, with the family's lock held for the whole block."""
         with self._lock:
-            yield self._handle()
+            ptr = self._handle()
+            root = self
+            while root._parent is not None:
+                root = root._parent
+            root._check_source()
+            yield ptr
+
+    def _check_source(self) -> None:
+        """Raise instead of letting native code read what is no longer there (the root's hook)."""
 
     def close(self) -> None:
         """Free the native object, and first every object made from it (idempotent)."""

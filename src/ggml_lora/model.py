@@ -13,13 +13,41 @@ from . import gguf_file
 from ._handles import Batch, NativeHandle
 from ._native import check, ffi, lib
 from .arch import LM_HEAD, TARGET_MODULES, HParams
-from .errors import ContextLengthError, InvalidArgumentError
+from .errors import ContextLengthError, GGMLLoRAError, InvalidArgumentError
 
 if TYPE_CHECKING:
     from .adapter import Adapter
 
 # ggml's GGML_MAX_N_THREADS: more threads trip an assert in its CPU backend
 MAX_THREADS = 512
+
+
+class _MappedFile:
+    """The GGUF whose mapping holds a model's weights. Rewriting that file in place (truncating it,
+    copying another over it) would make the next read of a weight kill the process with SIGBUS; an
+    open descriptor sees such a change (size or modification time) and every native call of the
+    model's family checks it first. Replacing the file by a rename is safe: the mapping keeps the old one."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        st = os.fstat(self.fd)
+        self.stamp = (st.st_size, st.st_mtime_ns)
+
+    def check(self) -> None:
+        if self.fd is None:
+            return
+        st = os.fstat(self.fd)
+        if (st.st_size, st.st_mtime_ns) != self.stamp:
+            raise GGMLLoRAError(
+                f"{self.path} was modified in place after the model was loaded from it (its weights are "
+                f"mapped from that file; size {self.stamp[0]} -> {st.st_size} bytes); load the model again, "
+                "and replace model files by renaming a new file over them")
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class BaseModel(NativeHandle):
@@ -79,10 +107,22 @@ class BaseModel(NativeHandle):
         self._vocab = None
         self._name = name if isinstance(name, str) else None
         self._sha256 = None
+        self._source = None
+        if use_mmap and self.device == "CPU":          # the weights are views of the mapped file
+            self._source = _MappedFile(path)
         # self._lock (from _set_handle): one native call at a time for the model and everything made
         # from it, since graphs and the scheduler are per model; trainers or threads sharing the model
         # take turns, and close() waits for a call in progress
         return self
+
+    def _check_source(self) -> None:
+        if self._source is not None:
+            self._source.check()
+
+    def close(self) -> None:
+        super().close()
+        if getattr(self, "_source", None) is not None:
+            self._source.close()
 
     # ---- properties -------------------------------------------------------------------------------
 
