@@ -50,6 +50,7 @@ CONFIGS = {c.name: c for c in (
     Config("r8-qv-4x512", 8, ("q_proj", "v_proj"), 4, 512),
     Config("r8-qv-1x2048-gc", 8, ("q_proj", "v_proj"), 1, 2048, checkpointing=True),
     # the issue-15 reference for models of 1-8B parameters (benchmarks/synthetic.py)
+    Config("r8-qv-4x256-gc", 8, ("q_proj", "v_proj"), 4, 256, checkpointing=True),
     Config("r16-qv-1x256-gc", 16, ("q_proj", "v_proj"), 1, 256, checkpointing=True),
     Config("r16-qkvo-1x256-gc", 16, ("q_proj", "k_proj", "v_proj", "o_proj"), 1, 256, checkpointing=True),
 )}
