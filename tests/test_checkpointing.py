@@ -100,6 +100,7 @@ _RSS_SCRIPT = textwrap.dedent("""
     cfg = LoRAConfig(rank=8, target_modules=("q_proj", "v_proj"))
     tokens = np.random.default_rng(0).integers(0, model.n_vocab, (2, 128))
     batch = loss_batch(model, tokens)
+    model.logits(tokens[0, :16])    # reads every weight once: the mapped file's pages are resident, as loaded
     before = status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:   # resets the peak (VmHWM) to the current RSS
         f.write("5")
