@@ -19,7 +19,8 @@ case "$cuda_major" in
     12) wheel="nvidia-cublas-cu12==12.*" ;;
     *) echo "build_cuda.sh: CUDA $cuda_major: only 12 and 13 are known here" >&2; exit 2 ;;
 esac
-deps="$build/deps"
+mkdir -p "$build"
+deps="$(cd "$build" && pwd)/deps"                       # absolute: compilers run in the build folder
 if ! find "$deps" -name 'libcublas.so*' 2>/dev/null | grep -q .; then
     python3 -m pip install --quiet --no-deps --target "$deps" "$wheel"
 fi
@@ -33,6 +34,6 @@ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_CUDA_COMPILER="$nvcc" \
     -DCUDA_cublas_LIBRARY="$cublas" -DCUDA_cublasLt_LIBRARY="$cublaslt" \
     -DCMAKE_CUDA_FLAGS="-I$inc" -DCMAKE_CXX_FLAGS="-I$inc" -DCMAKE_C_FLAGS="-I$inc" \
-    -DCMAKE_BUILD_RPATH="$(cd "$lib" && pwd)"
+    -DCMAKE_BUILD_RPATH="$lib"
 ninja -C "$build" -j "$jobs" ggml_lora
 echo "$build/libggml_lora.so (cuBLAS from $lib)"

@@ -452,3 +452,31 @@ def test_unknown_file_type_and_missing_folder_split(smollm2, tmp_path):
         load_dataset(tmp_path / "data.csv", smollm2, max_seq_length=64)
     with pytest.raises(DatasetError, match="has no train.jsonl"):
         load_dataset(tmp_path, smollm2, max_seq_length=64)
+
+
+def test_gzip_files_read_as_the_plain_ones(smollm2, tmp_path):
+    """.jsonl.gz and .txt.gz (files and a folder's splits) give the same samples as the plain files;
+    a corrupt .gz is a DatasetError naming the file."""
+    import gzip
+    import shutil
+
+    facts = EXAMPLES / "data" / "facts"
+    folder = tmp_path / "facts"
+    folder.mkdir()
+    for split in ("train", "valid"):
+        with open(facts / f"{split}.jsonl", "rb") as src, gzip.open(folder / f"{split}.jsonl.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    plain = load_splits(facts, smollm2, max_seq_length=256)
+    packed = load_splits(folder, smollm2, max_seq_length=256)
+    assert [s.tokens.tolist() for s in plain[0]] == [s.tokens.tolist() for s in packed[0]]
+    assert [s.tokens.tolist() for s in plain[1]] == [s.tokens.tolist() for s in packed[1]] and plain[1]
+    text = "A plain text file.\nIts second line, and a third.\n" * 40
+    (tmp_path / "t.txt").write_text(text)
+    with gzip.open(tmp_path / "t.txt.gz", "wt") as f:
+        f.write(text)
+    a, _ = load_dataset(tmp_path / "t.txt", smollm2, max_seq_length=64)
+    b, _ = load_dataset(tmp_path / "t.txt.gz", smollm2, max_seq_length=64)
+    assert [s.tokens.tolist() for s in a] == [s.tokens.tolist() for s in b] and a
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
+    with pytest.raises(DatasetError, match="bad.jsonl.gz: not a readable gzip file"):
+        load_dataset(tmp_path / "bad.jsonl.gz", smollm2, max_seq_length=64)

@@ -28,8 +28,10 @@ truncation="drop".
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -95,20 +97,40 @@ class Row:
 
 # ---- reading sources --------------------------------------------------------------------------------
 
+def _read_lines(f, path: Path) -> Iterator[tuple[str, str]]:
+    lineno = 0
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+        lineno += 1
+        where = f"{path}:{lineno}"
+        if len(raw) > MAX_LINE_BYTES:
+            raise DatasetError(f"{where}: the line is longer than {MAX_LINE_BYTES} bytes")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"{where}: not valid UTF-8 (byte {e.start} of the line: {e.reason})") from None
+        yield where, line[1:] if lineno == 1 and line.startswith("\ufeff") else line
+
+
 def _lines(path: Path) -> Iterator[tuple[str, str]]:
-    """(where, line) for each line of a UTF-8 file, checked for size and encoding."""
-    with open(path, "rb") as f:
-        lineno = 0
-        while raw := f.readline(MAX_LINE_BYTES + 1):
-            lineno += 1
-            where = f"{path}:{lineno}"
-            if len(raw) > MAX_LINE_BYTES:
-                raise DatasetError(f"{where}: the line is longer than {MAX_LINE_BYTES} bytes")
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DatasetError(f"{where}: not valid UTF-8 (byte {e.start} of the line: {e.reason})") from None
-            yield where, line[1:] if lineno == 1 and line.startswith("\ufeff") else line
+    """(where, line) for each line of a UTF-8 file, gzip-compressed when its name ends in .gz, checked
+    for size and encoding."""
+    if path.suffix != ".gz":
+        with open(path, "rb") as f:
+            yield from _read_lines(f, path)
+        return
+    try:
+        with gzip.open(path, "rb") as f:
+            yield from _read_lines(f, path)
+    except (OSError, EOFError, zlib.error) as e:           # gzip.BadGzipFile is an OSError
+        raise DatasetError(f"{path}: not a readable gzip file ({e})") from None
+
+
+def split_file(folder: Path, split: str) -> Path | None:
+    """A dataset folder's file for ``split``: {split}.jsonl, else {split}.jsonl.gz; None if neither."""
+    for name in (f"{split}.jsonl", f"{split}.jsonl.gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
@@ -130,16 +152,18 @@ def _open(source, split: str) -> tuple[str, str, Iterator[tuple[str, Any]]]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
-            path = path / f"{split}.jsonl"
-            if not path.is_file():
-                raise DatasetError(f"{source}: the folder has no {split}.jsonl")
+            path = split_file(path, split)
+            if path is None:
+                raise DatasetError(f"{source}: the folder has no {split}.jsonl (or {split}.jsonl.gz)")
         elif not path.exists():
             raise FileNotFoundError(2, "no such dataset file", str(path))
-        if path.suffix == ".txt":
+        kind = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+        if kind in (".txt", ".txt.gz"):
             return str(path), "txt", _lines(path)
-        if path.suffix == ".jsonl":
+        if kind in (".jsonl", ".jsonl.gz"):
             return str(path), "records", _jsonl(path)
-        raise DatasetError(f"{path}: unknown dataset file type '{path.suffix}' (expected .txt, .jsonl or a folder)")
+        raise DatasetError(f"{path}: unknown dataset file type '{kind}' (expected .txt, .jsonl, either "
+                           "gzip-compressed (.gz), or a folder)")
     if isinstance(source, (list, tuple)):
         items = [(f"records[{i}]", {"text": r} if isinstance(r, str) else r) for i, r in enumerate(source)]
         return f"<list of {len(source)} records>", "records", iter(items)
@@ -306,14 +330,15 @@ def load_splits(source, model, *, valid=None, valid_fraction: float = 0.0, seed:
                 **kw) -> tuple[list[Sample], list[Sample], dict[str, DataReport]]:
     """(train samples, validation samples, {"train": report, "valid": report}).
 
-    The validation set is the folder's valid.jsonl, or ``valid`` (any source load_dataset takes), or a
+    The validation set is the folder's valid.jsonl (or .jsonl.gz), or ``valid`` (any source load_dataset takes), or a
     seeded ``valid_fraction`` of the samples (each split keeps the source's order); at most one of
     them. Without any, it is empty and the reports have no "valid". A folder's test.jsonl is not read
     here: load_dataset(folder, split="test").
     """
     if isinstance(valid_fraction, bool) or not isinstance(valid_fraction, (int, float)) or not 0 <= valid_fraction < 1:
         raise InvalidArgumentError(f"valid_fraction={valid_fraction!r}: must be in [0, 1)")
-    folder_valid = isinstance(source, (str, os.PathLike)) and (Path(source) / "valid.jsonl").is_file()
+    folder_valid = isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and \
+        split_file(Path(source), "valid") is not None
     given = [name for name, on in (("the folder's valid.jsonl", folder_valid), ("valid=", valid is not None),
                                    ("valid_fraction=", valid_fraction > 0)) if on]
     if len(given) > 1:
