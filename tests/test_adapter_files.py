@@ -176,3 +176,27 @@ def test_cli_info(tiny_model_file, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "ggml_lora", "info", str(tmp_path / "missing.gguf")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "missing.gguf" in bad.stderr
+
+
+def test_written_files_get_the_umasks_permissions(tiny_model_file, tmp_path):
+    """Files written through a temporary name (adapters, merges, PEFT folders) and checkpoint folders get
+    the mode a plain open()/mkdir() would give them, not tempfile's owner-only 0o600/0o700."""
+    import os
+    import stat
+
+    from ggml_lora.checkpoint import write_checkpoint
+    from ggml_lora.merge import merge_adapters
+
+    old = os.umask(0o022)
+    try:
+        path = tiny_model_file("llama", "f32")
+        with BaseModel.load(path, n_threads=N_THREADS) as model, \
+                Adapter.init(model, LoRAConfig(rank=2, target_modules=("q_proj",))) as ad:
+            saved = ad.save(tmp_path / "a.gguf")
+            merged = merge_adapters(path, [saved], tmp_path / "m.gguf")
+            with TrainingContext(ad) as ctx:
+                ckpt = write_checkpoint(tmp_path / "ckpt", 1, ad, ctx, {"step": 1})
+        for p, want in ((saved, 0o644), (merged, 0o644), (ckpt, 0o755)):
+            assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))
+    finally:
+        os.umask(old)

@@ -16,12 +16,26 @@ from .errors import GGUFFormatError, InvalidArgumentError
 KEY_PREFIX = "ggml_lora."
 
 
+def new_file_mode(directory: bool = False) -> int:
+    """The mode open() (mkdir) would give a new file: 0o666 (0o777) less the umask; mkstemp's files are
+    0o600 and mkdtemp's folders 0o700, which would hide what we write from every other user."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yields a temporary path beside ``path``; renamed over ``path`` only if the block succeeds."""
+    """Yields a temporary path beside ``path``; renamed over ``path`` only if the block succeeds. The
+    file gets the permissions a plain open() would give it, not mkstemp's owner-only ones."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, new_file_mode())
     os.close(fd)
     try:
         yield Path(tmp)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .adapter_file import new_file_mode
 from .errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ def write_checkpoint(root: Path, step: int, adapter: Adapter, ctx: TrainingConte
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", suffix=".tmp", dir=root))
+        os.chmod(tmp, new_file_mode(directory=True))
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {final}: {e}; {_INTACT}") from e
     try:
