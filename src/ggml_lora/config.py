@@ -122,6 +122,7 @@ class LoRAConfig:
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
 NAN_POLICIES = ("stop", "skip")
+REPORT_TO = ("tensorboard", "mlflow")
 TRUNCATION = ("truncate", "drop")
 
 
@@ -186,6 +187,9 @@ class TrainingConfig:
     memory_limit_gib: float | None = _opt(None, "refuse to start when the estimated peak exceeds this "
                                                 "(default: the memory the device has available)")
     progress: bool = _opt(True, "show a progress bar")
+    report_to: tuple[str, ...] = _opt((), "also log the metrics to: tensorboard, mlflow (comma-separated), all or none")
+    logging_dir: str | None = _opt(None, "TensorBoard event folder (default: output_dir/runs)")
+    run_name: str | None = _opt(None, "the MLflow run's name")
 
     def __post_init__(self) -> None:
         c = type(self).__name__
@@ -202,6 +206,16 @@ class TrainingConfig:
             if getattr(self, name) not in options:
                 raise _fail(c, name, getattr(self, name), f"must be one of {', '.join(options)}")
 
+        report = (self.report_to,) if isinstance(self.report_to, str) else self.report_to
+        if not isinstance(report, (tuple, list)) or not all(isinstance(r, str) for r in report):
+            raise _fail(c, "report_to", self.report_to, "must be a list of names")
+        if "all" in report:
+            report = REPORT_TO
+        report = tuple(dict.fromkeys(r for r in report if r != "none"))
+        for r in report:
+            if r not in REPORT_TO:
+                raise _fail(c, "report_to", r, f"unknown; valid: {', '.join(REPORT_TO)}, all, none")
+        object.__setattr__(self, "report_to", report)
         positive_int("epochs")
         positive_int("max_steps", allow_none=True)
         positive_int("batch_size")

@@ -12,6 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from .config import REPORT_TO
+from .errors import InvalidArgumentError
+
 log = logging.getLogger("ggml_lora.train")
 
 
@@ -161,4 +164,191 @@ class Progress:
             self.bar.close()
 
 
-__all__ = ["MetricsLog", "Progress", "TrainerCallback", "call_hooks", "peak_rss_bytes", "plot_losses"]
+# ---- TensorBoard and MLflow: callbacks fed by the records of metrics.jsonl ----------------------------
+
+
+# metrics.jsonl key -> the tag Hugging Face's Trainer uses, so dashboards line up with PEFT runs
+_TAGS = {"train": {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
+                   "tokens_per_s": "train/tokens_per_s", "epoch": "train/epoch",
+                   "peak_rss_bytes": "train/peak_rss_bytes"},
+         "eval": {"val_loss": "eval/loss", "val_ppl": "eval/perplexity", "eval_s": "eval/runtime"}}
+
+
+def _scalars(record: dict) -> dict[str, float]:
+    out = {}
+    for key, tag in _TAGS.get(record.get("type"), {}).items():
+        v = record.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[tag] = float(v)
+    return out
+
+
+class _Reporter:
+    """Common ground: a failed write is reported once and does not stop training (as metrics.jsonl)."""
+
+    name = ""
+
+    def __init__(self) -> None:
+        self._failed = False
+
+    def _guard(self, fn, *args) -> None:
+        if self._failed:
+            return
+        try:
+            fn(*args)
+        except Exception as e:           # a logging backend's error must not end a run
+            self._failed = True
+            log.warning("%s: cannot log (%s: %s); training goes on, metrics.jsonl has every record",
+                        self.name, type(e).__name__, e)
+
+    def on_step(self, trainer: Any, record: dict) -> None:
+        self._guard(self._log, record)
+
+    def on_eval(self, trainer: Any, record: dict) -> None:
+        self._guard(self._log, record)
+
+    def _log(self, record: dict) -> None:
+        raise NotImplementedError
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class TensorBoardReporter(_Reporter):
+    """Event files under ``log_dir`` (TensorBoard's ``--logdir``), written with tensorboardX's
+    SummaryWriter. On a resume from step N the writer purges events after N, so a killed run's
+    tail does not show twice."""
+
+    name = "tensorboard"
+
+    def __init__(self, log_dir: Path, config: dict, resume_step: int | None = None):
+        super().__init__()
+        from tensorboardX import SummaryWriter
+
+        self.log_dir = log_dir
+        self.writer = SummaryWriter(str(log_dir), purge_step=resume_step + 1 if resume_step else None)
+        if not resume_step:
+            self._guard(self.writer.add_text, "config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
+
+    def _log(self, record: dict) -> None:
+        for tag, value in _scalars(record).items():
+            self.writer.add_scalar(tag, value, record["step"])
+        self.writer.flush()
+
+    def close(self, status: str = "FINISHED") -> None:
+        try:
+            self.writer.close()
+        except Exception as e:
+            log.warning("tensorboard: closing the writer failed: %s", e)
+
+
+class MLflowReporter(_Reporter):
+    """One MLflow run: the configuration as parameters, the records as metrics at their step.
+
+    The tracking URI is ``MLFLOW_TRACKING_URI`` when set (a server, a database), else MLflow's local
+    file store in ``output_dir/mlruns`` (``mlflow ui --backend-store-uri output_dir/mlruns``); the
+    experiment is ``MLFLOW_EXPERIMENT_NAME`` or "ggml-lora". The run id is kept in
+    ``output_dir/mlflow_run_id`` and a resumed run continues the same MLflow run."""
+
+    name = "mlflow"
+    RUN_ID_FILE = "mlflow_run_id"
+
+    def __init__(self, output_dir: Path, config: dict, resume_step: int | None = None, run_name: str | None = None):
+        super().__init__()
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            uri = (output_dir / "mlruns").resolve().as_uri()
+            # MLflow 3 keeps the file store in maintenance mode behind this switch; it is the store that
+            # needs no server and no database, which is what a local training run wants
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(uri)
+        self.run_id = None
+        id_file = output_dir / self.RUN_ID_FILE
+        if resume_step is not None and id_file.is_file():
+            old = id_file.read_text().strip()
+            try:
+                self.client.get_run(old)
+                self.run_id = old
+                self.client.update_run(old, status="RUNNING")
+            except Exception:
+                self.run_id = None
+        if self.run_id is None:
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "ggml-lora")
+            exp = self.client.get_experiment_by_name(name)
+            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+            run = self.client.create_run(exp_id, run_name=run_name, tags={"mlflow.source.name": "ggml-lora"})
+            self.run_id = run.info.run_id
+            self._guard(self._params, config)
+            from .adapter_file import atomic_path
+
+            with atomic_path(id_file) as tmp:
+                Path(tmp).write_text(self.run_id + "\n")
+
+    def _params(self, config: dict) -> None:
+        from mlflow.entities import Param
+
+        flat = {}
+        for section, values in config.items():
+            if isinstance(values, dict):
+                for k, v in values.items():
+                    flat[f"{section}.{k}"] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+        items = [Param(k, v[:6000]) for k, v in sorted(flat.items())]
+        for i in range(0, len(items), 100):            # MLflow's batch limit
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def _log(self, record: dict) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(tag, v, now, int(record["step"]))
+                   for tag, v in _scalars(record).items()]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self, status: str = "FINISHED") -> None:
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as e:
+            log.warning("mlflow: cannot end run %s: %s", self.run_id, e)
+
+
+_PACKAGES = {"tensorboard": ("tensorboardX", "tensorboardX", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny", "mlflow")}
+
+
+def check_reporters(report_to: tuple[str, ...]) -> None:
+    """Fail before any data is read when a backend's package is not installed."""
+    import importlib.util
+
+    for name in report_to:
+        module, pkg, extra = _PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise InvalidArgumentError(f"report_to={name!r} needs the {pkg} package, which is not installed: "
+                                       f"pip install 'ggml-lora[{extra}]'")
+
+
+def make_reporters(report_to: tuple[str, ...], output_dir: Path, logging_dir: str | None, config: dict,
+                   resume_step: int | None, run_name: str | None = None) -> list[_Reporter]:
+    """The reporters ``report_to`` names, or an error naming the missing package before training starts."""
+    out: list[_Reporter] = []
+    for name in report_to:
+        try:
+            if name == "tensorboard":
+                out.append(TensorBoardReporter(Path(logging_dir) if logging_dir else output_dir / "runs", config,
+                                               resume_step))
+            elif name == "mlflow":
+                out.append(MLflowReporter(output_dir, config, resume_step, run_name))
+        except ImportError as e:
+            for r in out:
+                r.close("KILLED")
+            _, pkg, extra = _PACKAGES[name]
+            raise InvalidArgumentError(f"report_to={name!r} needs {pkg} ({e}); pip install 'ggml-lora[{extra}]'") from None
+    return out
+
+
+__all__ = ["MLflowReporter", "MetricsLog", "Progress", "REPORT_TO", "TensorBoardReporter", "TrainerCallback",
+           "call_hooks", "check_reporters", "make_reporters", "peak_rss_bytes", "plot_losses"]

@@ -32,7 +32,7 @@ from .errors import (
     UnsupportedError,
 )
 from .model import BaseModel
-from .reporting import MetricsLog, Progress, call_hooks, peak_rss_bytes, plot_losses
+from .reporting import MetricsLog, Progress, call_hooks, check_reporters, make_reporters, peak_rss_bytes, plot_losses
 from .training import TrainingContext, loss_sum
 
 # Config keys that change the trajectory: a resume with other values would not continue the same run.
@@ -167,6 +167,7 @@ class LoRATrainer:
         cfg = self.config
         self._check_open()
         check_writable(self.output_dir)
+        check_reporters(cfg.report_to)
         history = TrainingHistory()
         train_samples, valid_samples, reports = self._load(dataset, valid)
         history.data = {k: r.to_dict() for k, r in reports.items()}
@@ -193,9 +194,13 @@ class LoRATrainer:
         if resume_from is not None:
             start = self._resume(resume_from, fingerprint, total)
         self.global_step = start
-        self._write_config(reports, packing, total, steps_per_epoch)
+        doc = self._write_config(reports, packing, total, steps_per_epoch)
 
+        reporters = make_reporters(cfg.report_to, self.output_dir, cfg.logging_dir, doc,
+                                   start if resume_from is not None else None, cfg.run_name)
         metrics = MetricsLog(self.output_dir / "metrics.jsonl", resume_step=start)
+        callbacks = [*reporters, *callbacks]
+        end_status = "FAILED"
         progress = Progress(total, start, cfg.progress)
         for split, report in reports.items():
             progress.message(f"{split}: {report}")
@@ -261,10 +266,13 @@ class LoRATrainer:
                     history.checkpoint_path = self._save_checkpoint(total, fingerprint, total, callbacks)
                 history.adapter_path = self.save_adapter()
                 progress.message(f"adapter written: {history.adapter_path}")
+            end_status = "KILLED" if history.interrupted else "FINISHED"
         finally:
             restore()
             progress.close()
             metrics.close()
+            for r in reporters:
+                r.close(end_status)
             if metrics.records:
                 plot_losses(metrics.records, self.output_dir / "loss.png")
         history.global_step = self.global_step
@@ -441,7 +449,7 @@ class LoRATrainer:
             self._ctx.set_moments(moments)
         return step
 
-    def _write_config(self, reports, packing: bool, total: int, steps_per_epoch: int) -> None:
+    def _write_config(self, reports, packing: bool, total: int, steps_per_epoch: int) -> dict:
         from . import __version__
         from .adapter_file import atomic_path
 
@@ -454,6 +462,7 @@ class LoRATrainer:
                "data": {k: r.to_dict() for k, r in reports.items()}}
         with atomic_path(self.output_dir / "adapter_config.json") as tmp:
             tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        return doc
 
     # ---- signals ----------------------------------------------------------------------------------
 
