@@ -365,7 +365,7 @@ FILE_ERRORS = [
     ("deep.jsonl", [GOOD, "[" * 100_000 + "]" * 100_000], 2, "nested too deeply"),
     ("deeptext.jsonl", ['{"text": ' + "[" * 100_000 + "]" * 100_000 + "}"], 1, "nested too deeply"),
     ("texttype.jsonl", [json.dumps({"text": 5})], 1, "'text' must be a string"),
-    ("prompttype.jsonl", [json.dumps({"prompt": "a", "completion": None})], 1, "'completion' must be a string"),
+    ("prompttype.jsonl", [json.dumps({"prompt": "a", "completion": None})], 1, "'completion' is null"),
     ("messagestype.jsonl", [json.dumps({"messages": "hello"})], 1, "must be a non-empty list"),
     ("msgtype.jsonl", [json.dumps({"messages": ["hello"]})], 1, "must be an object"),
     ("roletype.jsonl", [json.dumps({"messages": [{"role": 1, "content": "x"}]})], 1, "role must be a string"),
@@ -450,7 +450,7 @@ def test_unknown_file_type_and_missing_folder_split(smollm2, tmp_path):
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(DatasetError, match="unknown dataset file type"):
         load_dataset(tmp_path / "data.csv", smollm2, max_seq_length=64)
-    with pytest.raises(DatasetError, match="has no train.jsonl"):
+    with pytest.raises(DatasetError, match="has no train file"):
         load_dataset(tmp_path, smollm2, max_seq_length=64)
 
 

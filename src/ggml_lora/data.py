@@ -1,5 +1,9 @@
 """Training data: files or lists of records -> tokenized samples with loss masks -> rows -> batches.
 
+Sources: .txt and .jsonl files (either gzip-compressed), Parquet and Arrow files (pyarrow), a folder
+holding {split}.<one of those>, a Hugging Face datasets.Dataset / IterableDataset / DatasetDict (or a
+save_to_disk folder of one), or a list of strings or dicts.
+
 Formats, detected from each record's keys (one format per source; anything else is an error that
 names the file and line, or the list index):
 
@@ -125,12 +129,92 @@ def _lines(path: Path) -> Iterator[tuple[str, str]]:
         raise DatasetError(f"{path}: not a readable gzip file ({e})") from None
 
 
+SPLIT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".arrow")
+RECORD_BATCH_ROWS = 1024       # Parquet and Arrow files are read this many rows at a time
+
+
 def split_file(folder: Path, split: str) -> Path | None:
-    """A dataset folder's file for ``split``: {split}.jsonl, else {split}.jsonl.gz; None if neither."""
-    for name in (f"{split}.jsonl", f"{split}.jsonl.gz"):
-        if (folder / name).is_file():
-            return folder / name
+    """A dataset folder's file for ``split``: {split}.jsonl, .jsonl.gz, .parquet or .arrow, the first
+    that exists; None if none does."""
+    for suffix in SPLIT_SUFFIXES:
+        if (folder / (split + suffix)).is_file():
+            return folder / (split + suffix)
     return None
+
+
+def _pyarrow(path: Path):
+    try:
+        import pyarrow
+        import pyarrow.ipc  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise DatasetError(f"{path}: reading {path.suffix} files needs pyarrow: pip install 'ggml-lora[parquet]'") from None
+    return pyarrow
+
+
+def _table_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, record) per row of a Parquet file or an Arrow IPC file or stream (what Hugging Face
+    datasets' save_to_disk writes), read RECORD_BATCH_ROWS rows at a time."""
+    pa = _pyarrow(path)
+    try:
+        if path.suffix == ".parquet":
+            batches = pa.parquet.ParquetFile(path).iter_batches(batch_size=RECORD_BATCH_ROWS)
+        else:
+            source = pa.memory_map(str(path))
+            try:
+                reader = pa.ipc.open_file(source)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            except pa.ArrowInvalid:
+                source.seek(0)
+                batches = iter(pa.ipc.open_stream(source))
+        row = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                row += 1
+                yield f"{path}: row {row}", record
+    except (pa.ArrowException, OSError) as e:
+        raise DatasetError(f"{path}: not a readable {path.suffix[1:]} file ({e})") from None
+
+
+def _is_hf_dataset(source: Any) -> bool:
+    return type(source).__module__.split(".")[0] == "datasets" and hasattr(source, "__iter__")
+
+
+HF_SPLITS = {"train": ("train",), "valid": ("validation", "valid", "dev"), "test": ("test",)}
+
+
+def _hf_split(source: Any, split: str):
+    """The split of a datasets.DatasetDict / IterableDatasetDict (HF names: train, validation, test),
+    or the Dataset itself; None when a dict has no such split."""
+    if not isinstance(source, dict):
+        return source if split == "train" else None
+    for name in HF_SPLITS[split]:
+        if name in source:
+            return source[name]
+    if split == "train":
+        raise DatasetError(f"the DatasetDict has no train split (it has {', '.join(map(str, source))})")
+    return None
+
+
+def _hf_records(source: Any, label: str) -> Iterator[tuple[str, Any]]:
+    for i, record in enumerate(source):
+        yield f"{label}[{i}]", record
+
+
+def _load_from_disk(path: Path):
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetError(f"{path} is a Hugging Face datasets folder (save_to_disk); reading it needs "
+                           "datasets: pip install 'ggml-lora[datasets]'") from None
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as e:                 # whatever datasets raises for a damaged folder
+        raise DatasetError(f"{path}: cannot load the datasets folder ({type(e).__name__}: {e})") from None
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
@@ -151,39 +235,59 @@ def _open(source, split: str) -> tuple[str, str, Iterator[tuple[str, Any]]]:
     """(label, "txt" | "records", items): items are (where, line) for txt, (where, record) otherwise."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if path.is_dir():
+        if path.is_dir() and is_hf_folder(path):
+            source = _load_from_disk(path)
+        elif path.is_dir():
             path = split_file(path, split)
             if path is None:
-                raise DatasetError(f"{source}: the folder has no {split}.jsonl (or {split}.jsonl.gz)")
+                raise DatasetError(f"{source}: the folder has no {split} file ({', '.join(split + x for x in SPLIT_SUFFIXES)})")
         elif not path.exists():
             raise FileNotFoundError(2, "no such dataset file", str(path))
-        kind = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-        if kind in (".txt", ".txt.gz"):
-            return str(path), "txt", _lines(path)
-        if kind in (".jsonl", ".jsonl.gz"):
-            return str(path), "records", _jsonl(path)
-        raise DatasetError(f"{path}: unknown dataset file type '{kind}' (expected .txt, .jsonl, either "
-                           "gzip-compressed (.gz), or a folder)")
+        if isinstance(source, (str, os.PathLike)):
+            kind = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+            if kind in (".txt", ".txt.gz"):
+                return str(path), "txt", _lines(path)
+            if kind in (".jsonl", ".jsonl.gz"):
+                return str(path), "records", _jsonl(path)
+            if kind in (".parquet", ".arrow"):
+                return str(path), "records", _table_records(path)
+            raise DatasetError(f"{path}: unknown dataset file type '{kind}' (expected .txt, .jsonl, either "
+                               "gzip-compressed (.gz), .parquet, .arrow, or a folder)")
+        label = f"{path} ({split})"
+        chosen = _hf_split(source, split)
+        if chosen is None:
+            raise DatasetError(f"{path}: the datasets folder has no {split} split")
+        return label, "records", _hf_records(chosen, label)
+    if _is_hf_dataset(source):
+        chosen = _hf_split(source, split)
+        if chosen is None:
+            raise DatasetError(f"the DatasetDict has no {' or '.join(HF_SPLITS[split])} split")
+        label = f"<{type(chosen).__name__}>" if split == "train" else f"<{type(chosen).__name__} {split}>"
+        return label, "records", _hf_records(chosen, label)
     if isinstance(source, (list, tuple)):
         items = [(f"records[{i}]", {"text": r} if isinstance(r, str) else r) for i, r in enumerate(source)]
         return f"<list of {len(source)} records>", "records", iter(items)
-    raise InvalidArgumentError(f"source: expected a path, a folder, or a list of strings or dicts, got {_kind(source)}")
+    raise InvalidArgumentError(f"source: expected a path, a folder, a list of strings or dicts, or a Hugging Face "
+                               f"datasets.Dataset, got {_kind(source)}")
 
 
 def _format_of(record: Any, where: str) -> str:
     if not isinstance(record, dict):
         raise DatasetError(f"{where}: expected an object (a dict), got {_kind(record)}")
-    found = [fmt for fmt, keys in _KEYS.items() if any(k in record for k in keys)]
+    # a null value counts as absent: a table (Parquet, Arrow, datasets) has every column in every row
+    keys = sorted(str(k) for k, v in record.items() if v is not None)
+    nulls = sorted(str(k) for k, v in record.items() if v is None)
+    shown = f"keys {keys}" + (f", null {nulls}" if nulls else "")
+    found = [fmt for fmt, names in _KEYS.items() if any(k in keys for k in names)]
     if not found:
-        raise DatasetError(f"{where}: unknown record format, keys {sorted(map(str, record))}; expected 'text', "
+        raise DatasetError(f"{where}: unknown record format, {shown}; expected 'text', "
                            "'prompt' and 'completion', or 'messages'")
     if len(found) > 1:
-        raise DatasetError(f"{where}: the record mixes the {found[0]} and {found[1]} formats "
-                           f"(keys {sorted(map(str, record))})")
+        raise DatasetError(f"{where}: the record mixes the {found[0]} and {found[1]} formats ({shown})")
     for key in _KEYS[found[0]]:
-        if key not in record:
+        if key not in keys:
             raise DatasetError(f"{where}: a {found[0]} record needs {' and '.join(map(repr, _KEYS[found[0]]))}; "
-                               f"{key!r} is missing")
+                               f"{key!r} is {'null' if key in nulls else 'missing'}")
         if found[0] != "chat" and not isinstance(record[key], str):
             raise DatasetError(f"{where}: '{key}' must be a string, got {_kind(record[key])}")
     return found[0]
@@ -283,9 +387,8 @@ def _check_args(max_seq_length: int, truncation: str, model) -> None:
 
 def load_dataset(source, model, *, max_seq_length: int, truncation: str = "truncate", train_on_prompt: bool = False,
                  chat_template: str | None = None, split: str = "train") -> tuple[list[Sample], DataReport]:
-    """Read and tokenize ``source``: a .txt or .jsonl file, a folder (its ``{split}.jsonl``), a list
-    of strings (text documents) or a list of dicts (records). Errors are DatasetError naming the file
-    and line, or the list index."""
+    """Read and tokenize ``source`` (see the module docstring; a folder or a DatasetDict gives its
+    ``split``). Errors are DatasetError naming the file and line or row, or the list index."""
     _check_args(max_seq_length, truncation, model)
     if split not in SPLITS:
         raise InvalidArgumentError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
@@ -326,20 +429,35 @@ def _count(report: DataReport, samples: list[Sample]) -> DataReport:
     return report
 
 
+def _has_valid_split(source) -> bool:
+    """A folder with a valid.* file, a save_to_disk DatasetDict with a validation split, or such a
+    DatasetDict in memory."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        folder = Path(source)
+        if (folder / "dataset_dict.json").is_file():
+            try:
+                splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+            except (ValueError, OSError, AttributeError):
+                return False
+            return any(name in splits for name in HF_SPLITS["valid"])
+        return split_file(folder, "valid") is not None
+    return _is_hf_dataset(source) and isinstance(source, dict) and any(n in source for n in HF_SPLITS["valid"])
+
+
 def load_splits(source, model, *, valid=None, valid_fraction: float = 0.0, seed: int = 0,
                 **kw) -> tuple[list[Sample], list[Sample], dict[str, DataReport]]:
     """(train samples, validation samples, {"train": report, "valid": report}).
 
-    The validation set is the folder's valid.jsonl (or .jsonl.gz), or ``valid`` (any source load_dataset takes), or a
+    The validation set is the folder's valid file (valid.jsonl, .jsonl.gz, .parquet, .arrow) or a
+    DatasetDict's validation split, or ``valid`` (any source load_dataset takes), or a
     seeded ``valid_fraction`` of the samples (each split keeps the source's order); at most one of
     them. Without any, it is empty and the reports have no "valid". A folder's test.jsonl is not read
     here: load_dataset(folder, split="test").
     """
     if isinstance(valid_fraction, bool) or not isinstance(valid_fraction, (int, float)) or not 0 <= valid_fraction < 1:
         raise InvalidArgumentError(f"valid_fraction={valid_fraction!r}: must be in [0, 1)")
-    folder_valid = isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and \
-        split_file(Path(source), "valid") is not None
-    given = [name for name, on in (("the folder's valid.jsonl", folder_valid), ("valid=", valid is not None),
+    folder_valid = _has_valid_split(source)
+    given = [name for name, on in (("the source's own validation split", folder_valid), ("valid=", valid is not None),
                                    ("valid_fraction=", valid_fraction > 0)) if on]
     if len(given) > 1:
         raise InvalidArgumentError(f"validation data is given twice: {' and '.join(given)}; keep one")
