@@ -29,7 +29,7 @@
 #  define GLORA_API
 #endif
 
-#define GLORA_ABI_VERSION 7
+#define GLORA_ABI_VERSION 8
 
 #ifdef __cplusplus
 extern "C" {
@@ -144,6 +144,9 @@ GLORA_API void    glora_adapter_free(glora_adapter * adapter);
 /* which: 0 = lora_a (n = n_in*rank), 1 = lora_b (n = rank*n_out); float32 in ggml (row-major) order */
 GLORA_API int32_t glora_adapter_set(glora_adapter * adapter, int32_t target, int32_t which, const float * data, int64_t n);
 GLORA_API int32_t glora_adapter_get(const glora_adapter * adapter, int32_t target, int32_t which, float * data, int64_t n);
+/* The factor on B·A·x of one pair in place of alpha / rank (PEFT's per-module lora_alpha, rsLoRA's
+ * alpha / sqrt(rank) with mixed ranks); 0 restores alpha / rank. A user scale still multiplies it. */
+GLORA_API int32_t glora_adapter_set_pair_scale(glora_adapter * adapter, int32_t target, float scale);
 
 /* ---------------------------------------------------------------------------------------------- */
 /* forward                                                                                         */

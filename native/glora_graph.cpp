@@ -29,8 +29,10 @@ struct builder {
             const glora_pair * p = aa.adapter->find(w);
             if (!p) continue;
             // llama.cpp: scale = alpha ? user_scale * alpha / rank : user_scale
+            // a pair scale of its own (per-module alpha) replaces alpha / rank
             const float alpha = aa.adapter->alpha;
-            const float scale = alpha != 0.0f ? aa.scale * alpha / (float) p->rank : aa.scale;
+            const float scale = p->scale > 0.0f ? aa.scale * p->scale
+                              : alpha != 0.0f   ? aa.scale * alpha / (float) p->rank : aa.scale;
             ggml_tensor * xin = x;
             if (opt.dropout > 0.0f) {
                 ggml_tensor * mask = ggml_new_tensor(ctx, GGML_TYPE_F32, GGML_MAX_DIMS, x->ne);

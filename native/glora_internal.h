@@ -177,6 +177,7 @@ struct glora_pair {
     ggml_tensor       * a = nullptr;        // ne = [n_in, rank]
     ggml_tensor       * b = nullptr;        // ne = [rank, n_out]
     int32_t             rank = 0;
+    float               scale = 0.0f;       // > 0: the pair's factor in place of alpha / rank
 };
 
 struct glora_adapter {

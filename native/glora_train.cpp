@@ -118,6 +118,17 @@ extern "C" GLORA_API int32_t glora_adapter_get(const glora_adapter * adapter, in
     return glora_guard(__func__, [&]() -> int32_t { return pair_copy(adapter, target, which, data, n, false); });
 }
 
+extern "C" GLORA_API int32_t glora_adapter_set_pair_scale(glora_adapter * adapter, int32_t target, float scale) {
+    return glora_guard(__func__, [&]() -> int32_t {
+        GLORA_CHECK_ARG(adapter != nullptr, "adapter is NULL");
+        GLORA_CHECK_ARG(target >= 0 && target < (int32_t) adapter->pairs.size(),
+                        "LoRA target index %d out of range [0, %zu)", target, adapter->pairs.size());
+        GLORA_CHECK_ARG(std::isfinite(scale) && scale >= 0.0f, "pair scale %g must be finite and >= 0", (double) scale);
+        adapter->pairs[(size_t) target].scale = scale;
+        return GLORA_OK;
+    });
+}
+
 // ---- running a graph ------------------------------------------------------------------------------
 
 namespace {

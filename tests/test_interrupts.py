@@ -44,7 +44,7 @@ def check_outputs(model_path: Path, out: Path) -> int:
     with BaseModel.load(model_path, n_threads=N_THREADS) as model:
         found = list_checkpoints(out / "checkpoints")
         for _, path in found:
-            state, moments = read_checkpoint(path)
+            state, moments, _ = read_checkpoint(path)
             assert state["step"] == int(path.name.split("-")[1])
             with Adapter.load(model, path / "adapter.gguf") as a:
                 assert set(moments) == set(a.targets)

@@ -9,7 +9,7 @@ import numpy as np
 
 from ._handles import NativeHandle, float_buffer
 from ._native import check, ffi, lib
-from .arch import LM_HEAD, TARGET_MODULES
+from .arch import LM_HEAD, TARGET_MODULES, hf_module
 from .config import LoRAConfig
 from .errors import InvalidArgumentError
 from .model import BaseModel
@@ -103,7 +103,20 @@ class Adapter(NativeHandle):
         # name -> (rows r: of lora_a, columns r: of lora_b) that training must leave as they are (PiSSA)
         self.frozen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._index = {t: i for i, t in enumerate(targets)}
+        # name -> the pair's own factor on B·A·x where it is not alpha / rank (rank/alpha patterns)
+        self.pair_scales: dict[str, float] = {}
         return self
+
+    def _set_pair_scale(self, name: str, scale: float) -> None:
+        with self._using() as ptr:
+            check(lib.glora_adapter_set_pair_scale(ptr, self._target(name), float(scale)))
+        self.pair_scales[name] = float(scale)
+
+    def fold(self, name: str) -> float:
+        """What B of ``name`` is multiplied by in a llama.cpp file, whose one alpha gives every pair
+        alpha / rank: the pair's own scale over that (1 for an ordinary pair)."""
+        scale = self.pair_scales.get(name)
+        return 1.0 if scale is None else scale / (self.alpha / self.ranks[name])
 
     @classmethod
     def init(cls, model: BaseModel, config: LoRAConfig) -> Adapter:
@@ -124,16 +137,21 @@ class Adapter(NativeHandle):
         targets = target_weights(model, config)
         if config.init == "pissa":
             return cls._init_pissa(model, config, targets)
-        self = cls._create(model, targets, [config.rank] * len(targets), config.file_alpha, config)
+        ranks = [config.rank_for(hf_module(t)) for t in targets]
+        self = cls._create(model, targets, ranks, config.file_alpha, config)
+        for name, r in zip(targets, ranks):
+            scale = config.scale_for(hf_module(name))
+            if not math.isclose(scale, config.file_alpha / r, rel_tol=1e-12):
+                self._set_pair_scale(name, scale)
         rng = np.random.default_rng(config.seed)
-        for name in targets:
+        for name, r in zip(targets, ranks):
             n_in, _ = model.weight_shape(name)
-            shape = (config.rank, n_in)
+            shape = (r, n_in)
             if config.init == "kaiming":
                 bound = 1.0 / math.sqrt(n_in)
                 a = rng.uniform(-bound, bound, size=shape)
             else:
-                a = rng.normal(0.0, 1.0 / config.rank, size=shape)
+                a = rng.normal(0.0, 1.0 / r, size=shape)
             self.set(name, lora_a=a)
         return self
 
@@ -216,6 +234,16 @@ class Adapter(NativeHandle):
     def tensors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {t: self.get(t) for t in self.targets}
 
+    def file_tensors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The pairs as a llama.cpp file holds them: B times :meth:`fold`, so that the file's one
+        alpha / rank gives each pair its own scale."""
+        out = {}
+        for t in self.targets:
+            a, b = self.get(t)
+            f = self.fold(t)
+            out[t] = (a, b if f == 1.0 else (b.astype(np.float64) * f).astype(np.float32))
+        return out
+
     @property
     def n_parameters(self) -> int:
         """Trainable parameters: the sum of r·(n_in + n_out) over the targets."""
@@ -270,7 +298,7 @@ class Adapter(NativeHandle):
         meta = dict(getattr(self, "metadata", None) or {})
         meta.update(self.describe())
         meta.update(metadata or {})
-        return write_lora_gguf(path, self.model.arch, self.alpha, self.tensors(), meta,
+        return write_lora_gguf(path, self.model.arch, self.alpha, self.file_tensors(), meta,
                                tied_embeddings=self.model.tied_embeddings)
 
     def __repr__(self) -> str:

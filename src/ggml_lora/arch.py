@@ -45,6 +45,15 @@ LM_HEAD = "lm_head"  # output.weight; only when the model has its own (untied) o
 GGUF_TO_PEFT: dict[str, str] = {v: k for k, v in TARGET_MODULES.items()} | {"output": LM_HEAD}
 
 
+def hf_module(gguf_name: str) -> str:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj'; 'output.weight' -> 'lm_head'."""
+    if gguf_name == "output.weight":
+        return LM_HEAD
+    _, layer, stem, _ = gguf_name.split(".")
+    peft = GGUF_TO_PEFT[stem]
+    return f"model.layers.{layer}.{'self_attn' if peft in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{peft}"
+
+
 @dataclass(frozen=True)
 class HParams:
     """The hyperparameters of a base model, from its GGUF metadata and tensor shapes."""

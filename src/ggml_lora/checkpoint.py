@@ -61,6 +61,8 @@ def write_checkpoint(root: Path, step: int, adapter: Adapter, ctx: TrainingConte
             for target, (ma, va, mb, vb) in ctx.moments().items():
                 arrays[f"{target}/m_a"], arrays[f"{target}/v_a"] = ma, va
                 arrays[f"{target}/m_b"], arrays[f"{target}/v_b"] = mb, vb
+        for target in adapter.pair_scales:      # the file holds B folded; resume needs the trained one
+            arrays[f"{target}/b"] = adapter.get(target)[1]
         with open(tmp / OPTIMIZER_FILE, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
@@ -127,14 +129,19 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
                           "folders under it)")
 
 
-def read_checkpoint(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, ...]]]:
-    """(trainer state, {target: (m_a, v_a, m_b, v_b)}) of a checkpoint folder."""
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, ...]], dict[str, np.ndarray]]:
+    """(trainer state, {target: (m_a, v_a, m_b, v_b)}, {target: B as trained}) of a checkpoint folder;
+    the last holds the pairs whose B the adapter file stores folded (rank/alpha patterns)."""
     try:
         state = json.loads((path / STATE_FILE).read_text())
         moments: dict[str, list] = {}
+        trained_b: dict[str, np.ndarray] = {}
         with np.load(path / OPTIMIZER_FILE) as z:
             for key in z.files:
                 target, which = key.rsplit("/", 1)
+                if which == "b":
+                    trained_b[target] = z[key]
+                    continue
                 moments.setdefault(target, [None] * 4)[("m_a", "v_a", "m_b", "v_b").index(which)] = z[key]
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from e
@@ -143,7 +150,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, ...]]
     for target, parts in moments.items():
         if any(m is None for m in parts):
             raise CheckpointError(f"{path / OPTIMIZER_FILE}: incomplete moments for {target}")
-    return state, {t: tuple(v) for t, v in moments.items()}
+    return state, {t: tuple(v) for t, v in moments.items()}, trained_b
 
 
 __all__ = ["list_checkpoints", "prune_checkpoints", "read_checkpoint", "resolve_checkpoint", "write_checkpoint"]

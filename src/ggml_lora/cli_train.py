@@ -58,6 +58,14 @@ def _parser_for(annotation: Any, key: str):
                 if text.lower() in ("0", "false", "no", "off"):
                     return False
                 raise ValueError(text)
+            if typing.get_origin(base) is dict:       # a JSON object, or pattern=value,pattern=value
+                value_type = typing.get_args(base)[1]
+                if text.lstrip().startswith("{"):
+                    return json.loads(text)
+                pairs = [x.rsplit("=", 1) for x in text.split(",") if x.strip()]
+                if any(len(p) != 2 for p in pairs):
+                    raise ValueError(text)
+                return {k.strip(): value_type(v.strip()) for k, v in pairs}
             if typing.get_origin(base) is tuple:
                 item = typing.get_args(base)[0]
                 return tuple(item(x.strip()) for x in text.split(",") if x.strip())

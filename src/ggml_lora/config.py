@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -26,6 +27,15 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
     if unknown:
         raise InvalidArgumentError(f"{cls.__name__}: unknown keys {unknown}; valid: {sorted(known)}")
     return cls(**data)
+
+
+def pattern_value(patterns: dict | None, module: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the end of the module
+    name as ``(.*\\.)?(key)$`` (peft.utils.other.get_pattern_key), else ``default``."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
 
 
 def _fail(cls: str, name: str, value: Any, why: str) -> InvalidArgumentError:
@@ -62,6 +72,9 @@ class LoRAConfig:
     use_rslora: bool = _opt(False, "scale by alpha/sqrt(rank) instead of alpha/rank (rsLoRA)")
     init: str = _opt("kaiming", "initialisation of A: kaiming (PEFT default), gaussian or pissa")
     seed: int = _opt(0, "seed of the initialisation of A")
+    rank_pattern: dict[str, int] | None = _opt(None, "PEFT's rank_pattern: {module pattern: rank}, matched as PEFT "
+                                                     "matches (a regex against the end of model.layers.N.self_attn.q_proj)")
+    alpha_pattern: dict[str, float] | None = _opt(None, "PEFT's alpha_pattern: {module pattern: lora_alpha}")
 
     def __post_init__(self) -> None:
         c = type(self).__name__
@@ -100,11 +113,43 @@ class LoRAConfig:
             raise _fail(c, "init", self.init, f"must be one of {', '.join(INIT_STRATEGIES)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise _fail(c, "seed", self.seed, "must be an integer")
+        for name, kind in (("rank_pattern", "rank"), ("alpha_pattern", "alpha")):
+            pattern = getattr(self, name)
+            if pattern is None:
+                continue
+            if not isinstance(pattern, dict):
+                raise _fail(c, name, pattern, "must be a mapping {module pattern: value}")
+            for key, value in pattern.items():
+                if not isinstance(key, str) or not key:
+                    raise _fail(c, name, pattern, f"key {key!r} must be a non-empty string")
+                try:
+                    re.compile(key)
+                except re.error as e:
+                    raise _fail(c, name, pattern, f"key {key!r} is not a valid regular expression ({e})") from None
+                ok = (_is_int(value) and value > 0) if kind == "rank" else (_is_num(value) and value > 0)
+                if not ok:
+                    raise _fail(c, name, pattern, f"the {kind} for {key!r} must be a positive "
+                                f"{'integer' if kind == 'rank' else 'finite number'}, got {value!r}")
+            object.__setattr__(self, name, dict(pattern) or None)
+        if self.init == "pissa" and (self.rank_pattern or self.alpha_pattern):
+            raise _fail(c, "init", self.init, "cannot be combined with rank_pattern or alpha_pattern")
 
     @property
     def scale(self) -> float:
         """The factor on B·A·x."""
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def rank_for(self, module: str) -> int:
+        """The rank of a module (a Hugging Face name, model.layers.N.self_attn.q_proj): rank_pattern's
+        first matching key, else ``rank``."""
+        return int(pattern_value(self.rank_pattern, module, self.rank))
+
+    def scale_for(self, module: str) -> float:
+        """The factor on B·A·x of one module, as PEFT computes it: its alpha over its rank (or the
+        rank's square root with rsLoRA)."""
+        r = self.rank_for(module)
+        alpha = float(pattern_value(self.alpha_pattern, module, self.alpha))
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
 
     @property
     def file_alpha(self) -> float:

@@ -23,21 +23,12 @@ import numpy as np
 
 from .adapter import Adapter
 from .adapter_file import atomic_path
-from .arch import GGUF_TO_PEFT, LM_HEAD, TARGET_MODULES
+from .arch import LM_HEAD, TARGET_MODULES, hf_module
+from .config import pattern_value
 from .errors import InvalidArgumentError, UnsupportedError
 from .model import BaseModel
 
-_ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
 _META_KEY = "ggml_lora"          # safetensors metadata: our GGUF metadata and target order, as JSON
-
-
-def hf_module(gguf_name: str) -> str:
-    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj'; 'output.weight' -> 'lm_head'."""
-    if gguf_name == "output.weight":
-        return LM_HEAD
-    _, layer, stem, _ = gguf_name.split(".")
-    peft = GGUF_TO_PEFT[stem]
-    return f"model.layers.{layer}.{'self_attn' if peft in _ATTN else 'mlp'}.{peft}"
 
 
 def gguf_weight(module: str) -> str:
@@ -81,7 +72,7 @@ def export_peft(adapter: Adapter, directory: str | os.PathLike[str]) -> Path:
     model = adapter.model
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors, ranks, modules = {}, {}, set()
+    tensors, ranks, alphas, modules = {}, {}, {}, set()
     for name in adapter.targets:
         a, b = adapter.get(name)
         heads = _rope_rows(model, name)
@@ -91,14 +82,17 @@ def export_peft(adapter: Adapter, directory: str | os.PathLike[str]) -> Path:
         tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(a)
         tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(b)
         ranks[module] = adapter.ranks[name]
+        if name in adapter.pair_scales:       # PEFT's scale is lora_alpha / r per module
+            alphas[module] = adapter.pair_scales[name] * adapter.ranks[name]
         modules.add(module.split(".")[-1])
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": adapter.alpha,
         "target_modules": sorted(modules), "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
         "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True,
-        # llama.cpp scales every pair by alpha / its rank: one alpha, ranks per module
-        "rank_pattern": {m: k for m, k in ranks.items() if k != r}, "alpha_pattern": {},
+        # llama.cpp scales every pair by alpha / its rank: one alpha, ranks per module; a pair with a
+        # scale of its own (trained with rank/alpha patterns) gets its alpha in alpha_pattern
+        "rank_pattern": {m: k for m, k in ranks.items() if k != r}, "alpha_pattern": alphas,
         "base_model_name_or_path": model.name,
     }
     meta = {_META_KEY: json.dumps({"targets": adapter.targets, "metadata": adapter.metadata})}
@@ -107,14 +101,6 @@ def export_peft(adapter: Adapter, directory: str | os.PathLike[str]) -> Path:
     with atomic_path(directory / "adapter_config.json") as tmp:
         tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
-
-
-def _pattern(patterns: dict, module: str):
-    """PEFT matches pattern keys against the end of the module name (or a regex); we support suffixes."""
-    for key, value in patterns.items():
-        if module == key or module.endswith("." + key):
-            return value
-    return None
 
 
 def import_peft(directory: str | os.PathLike[str], model: BaseModel) -> Adapter:
@@ -174,8 +160,8 @@ def import_peft(directory: str | os.PathLike[str], model: BaseModel) -> Adapter:
             raise InvalidArgumentError(f"{st_path}: '{hf_module(name)}' lacks one of lora_A/lora_B")
         a, b = halves["lora_A"], halves["lora_B"]
         module = hf_module(name)
-        r = _pattern(cfg.get("rank_pattern") or {}, module) or r0
-        alpha = _pattern(cfg.get("alpha_pattern") or {}, module) or alpha0
+        r = pattern_value(cfg.get("rank_pattern"), module, r0)
+        alpha = pattern_value(cfg.get("alpha_pattern"), module, alpha0)
         if a.shape[0] != r or b.shape[1] != r:
             raise InvalidArgumentError(f"{st_path}: '{module}' has rank {a.shape[0]}, config says {r}")
         fold = scale(r, alpha) * r / file_alpha         # llama.cpp will apply file_alpha / r

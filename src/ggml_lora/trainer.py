@@ -36,6 +36,7 @@ from .reporting import MetricsLog, Progress, call_hooks, check_reporters, make_r
 from .training import TrainingContext, loss_sum
 
 # Config keys that change the trajectory: a resume with other values would not continue the same run.
+_LORA_TRAJECTORY_KEYS = ("rank", "alpha", "use_rslora", "dropout", "rank_pattern", "alpha_pattern")
 _TRAJECTORY_KEYS = ("batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "warmup_steps",
                     "warmup_ratio", "optimizer", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay",
                     "max_grad_norm", "max_seq_length", "truncation", "packing", "train_on_prompt", "seed")
@@ -422,7 +423,7 @@ class LoRATrainer:
 
     def _resume(self, resume_from, fingerprint: str, total: int) -> int:
         path = ckpt.resolve_checkpoint(self.output_dir if resume_from is True else resume_from)
-        state, moments = ckpt.read_checkpoint(path)
+        state, moments, trained_b = ckpt.read_checkpoint(path)
         where = f"checkpoint {path}"
         if state.get("base_model_sha256") != self.model.sha256:
             raise CheckpointError(f"{where} was trained on another base model (sha256 differs)")
@@ -433,6 +434,11 @@ class LoRATrainer:
         if changed:
             raise CheckpointError(f"{where}: resuming with other values of {', '.join(changed)} would not continue "
                                   f"the same run (saved: {', '.join(f'{k}={saved.get(k)!r}' for k in changed)})")
+        saved_lora, lora = state.get("lora_config") or {}, self.lora_config.to_dict()
+        differ = [k for k in _LORA_TRAJECTORY_KEYS if k in saved_lora and saved_lora[k] != lora[k]]
+        if differ:
+            raise CheckpointError(f"{where} was trained with other LoRA settings: "
+                                  + ", ".join(f"{k}={saved_lora[k]!r} (now {lora[k]!r})" for k in differ))
         if state.get("data_fingerprint") != fingerprint:
             raise CheckpointError(f"{where} was trained on other data (the tokenized rows differ)")
         step = int(state["step"])
@@ -442,7 +448,9 @@ class LoRATrainer:
         try:
             for t in self.adapter.targets:
                 a, b = loaded.get(t)
-                self.adapter.set(t, lora_a=a, lora_b=b)
+                if t in self.adapter.pair_scales and t not in trained_b:
+                    raise CheckpointError(f"{where} lacks the trained lora_b of {t} (a pair with its own scale)")
+                self.adapter.set(t, lora_a=a, lora_b=trained_b.get(t, b))
         finally:
             loaded.close()
         if self._ctx.optimizer == "adamw":
