@@ -136,15 +136,26 @@ def test_completion_train_on_prompt(smollm2):
 
 
 @pytest.mark.parametrize("model_name", ["smollm2", "tiny"])
-def test_txt_windows_cover_the_stream_once(request, tmp_path, model_name):
+@pytest.mark.parametrize("lines", [2, 9])
+def test_txt_windows_cover_the_stream_once(request, tmp_path, monkeypatch, model_name, lines):
+    """With 9 lines every line is a block of its own (TXT_BLOCK_BYTES=1): windows are cut as blocks
+    arrive, and still cover the stream once."""
+    import ggml_lora.data as data
+
     model = request.getfixturevalue(model_name)
     text = english_text(40, seed=3)
+    cuts = [len(text) * i // lines for i in range(lines + 1)]
+    parts = [text[a:b] + ("\n" if i < lines - 1 else "") for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
     path = tmp_path / "towns.txt"
-    path.write_text(text[:len(text) // 2] + "\n" + text[len(text) // 2:])
-    stream = model.tokenize(path.read_text(), add_special=False, parse_special=True)
+    path.write_text("".join(parts))
+    if lines == 2:
+        stream = model.tokenize(path.read_text(), add_special=False, parse_special=True)
+    else:
+        monkeypatch.setattr(data, "TXT_BLOCK_BYTES", 1)
+        stream = [t for p in parts for t in model.tokenize(p, add_special=False, parse_special=True)]
     samples, report = load_dataset(path, model, max_seq_length=48)
     bos = model.tokenize("", add_special=True)
-    assert report.n_records == 2 and report.n_samples == len(samples) > 3
+    assert report.n_records == lines and report.n_samples == len(samples) > 3
     assert all(len(s.tokens) <= 48 and s.mask[1:].all() and not s.mask[0] for s in samples)
     if bos:   # SPM: each window is [BOS] + 47 new tokens
         assert all(list(s.tokens[:1]) == bos for s in samples)

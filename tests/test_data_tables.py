@@ -131,3 +131,78 @@ def test_trainer_takes_a_dataset(tmp_path, tiny_model_file):
                                  save_every=0, progress=False, output_dir=str(tmp_path / name))
             return LoRATrainer(model, LoRAConfig(rank=2), cfg).train(data).losses
         assert run(datasets.Dataset.from_list(rows), "ds") == run(rows, "list")
+
+
+# ---- streaming ---------------------------------------------------------------------------------------
+
+def test_stream_reads_the_samples_of_load_dataset(smollm2, reference, tmp_path):
+    from ggml_lora.data import stream_rows, stream_samples
+
+    write_table(tmp_path / "train.parquet", records("train"), "parquet")
+    report, samples = stream_samples(tmp_path / "train.parquet", smollm2, **KW)
+    assert report.n_records == 0                     # nothing read yet
+    assert tokens(samples) == reference[0] and report.n_records == len(reference[0])
+    # one epoch of stream_rows is a permutation of the samples; epochs differ; a window of 1 keeps the order
+    rows = stream_rows(tmp_path / "train.parquet", smollm2, seed=0, shuffle_buffer=16, **KW)
+    n = len(reference[0])
+    first = [next(rows) for _ in range(2 * n)]
+    assert [e for e, _ in first] == [0] * n + [1] * n
+    one = [(r.tokens.tolist(), r.mask.tolist()) for _, r in first[:n]]
+    two = [(r.tokens.tolist(), r.mask.tolist()) for _, r in first[n:]]
+    assert sorted(one) == sorted(reference[0]) == sorted(two) and one != reference[0] and one != two
+    plain = stream_rows(tmp_path / "train.parquet", smollm2, seed=0, shuffle_buffer=1, **KW)
+    assert [(r.tokens.tolist(), r.mask.tolist()) for _, r in (next(plain) for _ in range(n))] == reference[0]
+
+
+def test_streamed_training_resumes_exactly(tmp_path, tiny_model_file):
+    """streaming=True trains from a .txt read block by block (TXT_BLOCK_BYTES small) and a resumed run
+    ends with the same adapter bytes; what is streamed is what the same data gives unstreamed."""
+    import os
+    import signal
+
+    from conftest import N_THREADS
+
+    import ggml_lora.data as data
+    from ggml_lora import BaseModel, LoRAConfig, LoRATrainer, TrainingConfig
+
+    rng = np.random.default_rng(0)
+    words = ["north", "river", "stone", "the", "of", "town", "bell", "mill"]
+    path = tmp_path / "big.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(12)) + "\n")
+    valid = [" ".join(rng.choice(words, 12)) for _ in range(4)]
+    old = data.TXT_BLOCK_BYTES
+    data.TXT_BLOCK_BYTES = 200
+    try:
+        with BaseModel.load(tiny_model_file("llama", "f32"), n_threads=N_THREADS) as model:
+            def cfg(name, **kw):
+                return TrainingConfig(**{**dict(max_steps=8, batch_size=2, learning_rate=1e-2, max_seq_length=24,
+                                                eval_every=4, save_every=3, progress=False, seed=2, streaming=True,
+                                                shuffle_buffer=5, output_dir=str(tmp_path / name)), **kw})
+            lora = LoRAConfig(rank=2, dropout=0.1)
+            straight = LoRATrainer(model, lora, cfg("straight")).train(path, valid=valid)
+            assert straight.global_step == 8 and straight.losses[-1] < straight.losses[0]
+            assert straight.steps[-1]["epoch"] >= 1            # the stream wrapped around at least once
+
+            class InterruptAt:
+                def on_step(self, trainer, rec):
+                    if rec["step"] == 5:
+                        os.kill(os.getpid(), signal.SIGINT)
+
+            first = LoRATrainer(model, lora, cfg("resumed")).train(path, valid=valid, callbacks=[InterruptAt()])
+            second = LoRATrainer(model, lora, cfg("resumed")).train(path, valid=valid, resume_from=True)
+            assert first.losses + second.losses == straight.losses
+            assert second.adapter_path.read_bytes() == straight.adapter_path.read_bytes()
+            # streaming without shuffling sees the rows load_dataset gives, in order
+            unshuffled = LoRATrainer(model, lora, cfg("w1", shuffle_buffer=1, max_steps=2, eval_every=0))
+            rows_seen = []
+
+            class Spy:
+                def on_step(self, trainer, rec):
+                    rows_seen.append(rec["supervised_tokens"])
+            unshuffled.train(path, callbacks=[Spy()])
+            samples, _ = data.load_dataset(path, model, max_seq_length=24)
+            assert rows_seen == [int(sum(s.mask.sum() for s in samples[i:i + 2])) for i in (0, 2)]
+    finally:
+        data.TXT_BLOCK_BYTES = old
+    with pytest.raises(InvalidArgumentError, match="needs max_steps"):
+        TrainingConfig(streaming=True)

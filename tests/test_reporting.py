@@ -42,6 +42,7 @@ def test_tensorboard_events_match_metrics(tiny, tmp_path):
     history = run_twice(tiny, cfg)
     assert history.global_step == 6
     out = tmp_path / "run"
+    assert len(list((out / "runs").glob("events.out.tfevents.*"))) == 2    # one per writer, even in one second
     acc = event_accumulator.EventAccumulator(str(out / "runs"))
     acc.Reload()
     loss = acc.Scalars("train/loss")

@@ -45,8 +45,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_checkpoint(root: Path, step: int, adapter: Adapter, ctx: TrainingContext, state: dict,
-                     metadata: dict | None = None) -> Path:
-    """Write checkpoint ``step`` under ``root`` (the checkpoints folder) atomically; returns its path."""
+                     metadata: dict | None = None, extra: dict[str, np.ndarray] | None = None) -> Path:
+    """Write checkpoint ``step`` under ``root`` (the checkpoints folder) atomically; returns its path.
+    ``extra`` arrays (AdaLoRA's state) go into the optimizer file under their own keys."""
     final = root / f"checkpoint-{step}"
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -63,6 +64,7 @@ def write_checkpoint(root: Path, step: int, adapter: Adapter, ctx: TrainingConte
                 arrays[f"{target}/m_b"], arrays[f"{target}/v_b"] = mb, vb
         for target in adapter.pair_scales:      # the file holds B folded; resume needs the trained one
             arrays[f"{target}/b"] = adapter.get(target)[1]
+        arrays.update(extra or {})
         with open(tmp / OPTIMIZER_FILE, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
@@ -130,19 +132,21 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, ...]], dict[str, np.ndarray]]:
-    """(trainer state, {target: (m_a, v_a, m_b, v_b)}, {target: B as trained}) of a checkpoint folder;
-    the last holds the pairs whose B the adapter file stores folded (rank/alpha patterns)."""
+    """(trainer state, {target: (m_a, v_a, m_b, v_b)}, {key: array} of everything else) of a checkpoint
+    folder; the last holds "<target>/b", the B of pairs whose adapter file stores it folded (rank/alpha
+    patterns), and "adalora/..." AdaLoRA's state."""
+    moment_names = ("m_a", "v_a", "m_b", "v_b")
     try:
         state = json.loads((path / STATE_FILE).read_text())
         moments: dict[str, list] = {}
-        trained_b: dict[str, np.ndarray] = {}
+        extra: dict[str, np.ndarray] = {}
         with np.load(path / OPTIMIZER_FILE) as z:
             for key in z.files:
                 target, which = key.rsplit("/", 1)
-                if which == "b":
-                    trained_b[target] = z[key]
+                if which not in moment_names or key.startswith("adalora/"):
+                    extra[key] = z[key]
                     continue
-                moments.setdefault(target, [None] * 4)[("m_a", "v_a", "m_b", "v_b").index(which)] = z[key]
+                moments.setdefault(target, [None] * 4)[moment_names.index(which)] = z[key]
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from e
     if not isinstance(state, dict) or "step" not in state:
@@ -150,7 +154,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, ...]]
     for target, parts in moments.items():
         if any(m is None for m in parts):
             raise CheckpointError(f"{path / OPTIMIZER_FILE}: incomplete moments for {target}")
-    return state, {t: tuple(v) for t, v in moments.items()}, trained_b
+    return state, {t: tuple(v) for t, v in moments.items()}, extra
 
 
 __all__ = ["list_checkpoints", "prune_checkpoints", "read_checkpoint", "resolve_checkpoint", "write_checkpoint"]

@@ -11,6 +11,7 @@ from .arch import LM_HEAD, TARGET_MODULES
 from .errors import InvalidArgumentError
 
 INIT_STRATEGIES = ("kaiming", "gaussian", "pissa")
+PEFT_TYPES = ("lora", "adalora")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -75,9 +76,45 @@ class LoRAConfig:
     rank_pattern: dict[str, int] | None = _opt(None, "PEFT's rank_pattern: {module pattern: rank}, matched as PEFT "
                                                      "matches (a regex against the end of model.layers.N.self_attn.q_proj)")
     alpha_pattern: dict[str, float] | None = _opt(None, "PEFT's alpha_pattern: {module pattern: lora_alpha}")
+    peft_type: str = _opt("lora", "lora, or adalora (AdaLoRA: SVD-form triplets pruned from init_r to target_r "
+                                  "per module by importance, as PEFT's AdaLoraConfig)")
+    init_r: int = _opt(12, "AdaLoRA: initial rank of every module")
+    target_r: int = _opt(8, "AdaLoRA: average rank per module at the end")
+    tinit: int = _opt(0, "AdaLoRA: steps of warmup before the budget shrinks")
+    tfinal: int = _opt(0, "AdaLoRA: steps at the end with the final ranks fixed")
+    deltaT: int = _opt(1, "AdaLoRA: steps between two budget allocations")
+    beta1: float = _opt(0.85, "AdaLoRA: EMA coefficient of the sensitivity")
+    beta2: float = _opt(0.85, "AdaLoRA: EMA coefficient of the uncertainty")
+    orth_reg_weight: float = _opt(0.5, "AdaLoRA: weight of the orthogonal regulariser")
+    total_step: int | None = _opt(None, "AdaLoRA: the schedule's total steps (default: the training's)")
 
     def __post_init__(self) -> None:
         c = type(self).__name__
+        if self.peft_type not in PEFT_TYPES:
+            raise _fail(c, "peft_type", self.peft_type, f"must be one of {', '.join(PEFT_TYPES)}")
+        for name in ("init_r", "target_r", "deltaT"):
+            v = getattr(self, name)
+            if not _is_int(v) or v <= 0:
+                raise _fail(c, name, v, "must be a positive integer")
+        for name in ("tinit", "tfinal"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise _fail(c, name, v, "must be a non-negative integer")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not _is_num(v) or not 0 < v < 1:
+                raise _fail(c, name, v, "must be in (0, 1)")
+        if not _is_num(self.orth_reg_weight) or self.orth_reg_weight < 0:
+            raise _fail(c, "orth_reg_weight", self.orth_reg_weight, "must be a finite number >= 0")
+        if self.total_step is not None and (not _is_int(self.total_step) or self.total_step <= 0):
+            raise _fail(c, "total_step", self.total_step, "must be a positive integer or None")
+        if self.peft_type == "adalora":
+            if self.target_r > self.init_r:
+                raise _fail(c, "target_r", self.target_r, f"must be at most init_r={self.init_r}")
+            if self.rank_pattern or self.alpha_pattern or self.use_rslora or self.init != "kaiming":
+                raise _fail(c, "peft_type", "adalora", "takes no rank_pattern, alpha_pattern, use_rslora or init "
+                            "(its ranks come from init_r/target_r, its initialisation is PEFT's)")
+            object.__setattr__(self, "rank", self.init_r)      # PEFT ignores r for AdaLoRA
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise _fail(c, "rank", self.rank, "must be a positive integer")
         alpha = 2.0 * self.rank if self.alpha is None else self.alpha
@@ -136,7 +173,9 @@ class LoRAConfig:
 
     @property
     def scale(self) -> float:
-        """The factor on B·A·x."""
+        """The factor on B·A·x (AdaLoRA: PEFT's alpha / (init_r + 1e-5) on B·diag(E)·A·x)."""
+        if self.peft_type == "adalora":
+            return self.alpha / (self.init_r + 1e-5)
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     def rank_for(self, module: str) -> int:
@@ -147,6 +186,8 @@ class LoRAConfig:
     def scale_for(self, module: str) -> float:
         """The factor on B·A·x of one module, as PEFT computes it: its alpha over its rank (or the
         rank's square root with rsLoRA)."""
+        if self.peft_type == "adalora":
+            return self.scale
         r = self.rank_for(module)
         alpha = float(pattern_value(self.alpha_pattern, module, self.alpha))
         return alpha / (math.sqrt(r) if self.use_rslora else r)
@@ -207,6 +248,9 @@ class TrainingConfig:
     truncation: str = _opt("truncate", "what to do with samples longer than max_seq_length: truncate or drop")
     packing: bool | None = _opt(None, "pack short samples into rows, attention kept inside each sample "
                                       "(default: on for text data, off otherwise)")
+    streaming: bool = _opt(False, "read and tokenize the training data as training consumes it, for data larger "
+                                  "than memory (needs max_steps; rows are not packed)")
+    shuffle_buffer: int = _opt(1000, "with streaming: rows are shuffled within a window of this many")
     train_on_prompt: bool = _opt(False, "prompt/completion and chat data: also put loss on the prompt")
     chat_template: str | None = _opt(None, "Jinja chat template (a file path or the template text); "
                                            "default: the GGUF's tokenizer.chat_template")
@@ -271,6 +315,14 @@ class TrainingConfig:
         positive_int("save_every", allow_zero=True)
         positive_int("save_total_limit", allow_none=True)
         positive_int("max_skipped_steps")
+        positive_int("shuffle_buffer")
+        if self.streaming and self.max_steps is None:
+            raise _fail(c, "streaming", True, "needs max_steps: a stream's length is not known in advance")
+        if self.streaming and self.packing:
+            raise _fail(c, "packing", True, "streamed rows are not packed (streaming=True)")
+        if self.streaming and self.valid_fraction:
+            raise _fail(c, "valid_fraction", self.valid_fraction, "needs the whole dataset; with streaming, give "
+                        "validation data (valid=, or a folder's valid file)")
         positive_int("n_threads", allow_none=True)
         if not _is_num(self.learning_rate) or self.learning_rate <= 0:
             raise _fail(c, "learning_rate", self.learning_rate, "must be a positive finite number")

@@ -350,28 +350,69 @@ class _Loader:
             self.report.n_truncated += 1
         self.samples.append(Sample(np.asarray(tokens, dtype=np.int32), mask))
 
-    def text_stream(self, lines: Iterator[tuple[str, str]]) -> None:
-        """Tokenize a .txt file block by block and cut the stream into windows."""
+    def drain(self) -> list[Sample]:
+        out, self.samples = self.samples, []
+        return out
+
+    def text_stream(self, lines: Iterator[tuple[str, str]]) -> Iterator[list[Sample]]:
+        """Tokenize a .txt file block by block and cut the stream into windows; yields each block's
+        windows as soon as they are complete, so a file larger than memory streams."""
         ids: list[int] = []
         block: list[str] = []
         size = 0
         where = ""
+        first = True
+        bos = self.tok.bos_prefix
+        n = self.max_seq_length - 1   # targets per window; windows start every n tokens
+
+        def tokenize() -> None:
+            nonlocal ids, block, size, first
+            new = self.tok.encode("".join(block), None, where, add_bos=False)[0]
+            if first and new[:len(bos)] == bos:
+                new = new[len(bos):]  # the text began with the BOS string; each window gets its own
+            ids += new
+            block, size, first = [], 0, False
+
+        def windows(final: bool) -> None:
+            nonlocal ids
+            extra = 0 if bos else 1   # without a BOS, consecutive windows share one token
+            i = 0
+            while i < len(ids) - extra and (final or i + n + extra <= len(ids)):
+                window = bos + ids[i:i + n] if bos else ids[i:i + n + 1]
+                self.add(window, np.ones(len(window), dtype=bool))
+                i += n
+            ids = ids[i:]
+
         for where, line in lines:
             self.report.n_records += 1
             block.append(line)
             size += len(line)
             if size >= TXT_BLOCK_BYTES:
-                ids += self.tok.encode("".join(block), None, where, add_bos=False)[0]
-                block, size = [], 0
+                tokenize()
+                windows(False)
+                yield self.drain()
         if block:
-            ids += self.tok.encode("".join(block), None, where, add_bos=False)[0]
-        bos = self.tok.bos_prefix
-        if ids[:len(bos)] == bos:
-            ids = ids[len(bos):]      # the text began with the BOS string; each window gets its own
-        n = self.max_seq_length - 1   # targets per window
-        for i in range(0, max(len(ids) - (0 if bos else 1), 0), n):
-            window = bos + ids[i:i + n] if bos else ids[i:i + n + 1]
-            self.add(window, np.ones(len(window), dtype=bool))
+            tokenize()
+        windows(True)
+        yield self.drain()
+
+    def records(self, items: Iterator[tuple[str, Any]]) -> Iterator[list[Sample]]:
+        """Check and tokenize records one at a time; yields each record's sample (or none)."""
+        first = None                  # (format, where) of the first record
+        for where, record in items:
+            if record is None:
+                self.report._skip("blank line")
+                continue
+            fmt = _format_of(record, where)
+            if first is None:
+                first = (fmt, where)
+                self.report.format = fmt
+            elif fmt != first[0]:
+                raise DatasetError(f"{where}: a {fmt} record, but {first[1]} is a {first[0]} record; "
+                                   "a dataset holds one format")
+            self.report.n_records += 1
+            self.record(fmt, record, where)
+            yield self.drain()
 
 
 def _check_args(max_seq_length: int, truncation: str, model) -> None:
@@ -394,32 +435,34 @@ def load_dataset(source, model, *, max_seq_length: int, truncation: str = "trunc
         raise InvalidArgumentError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
     if chat_template is not None and not isinstance(chat_template, str):
         raise InvalidArgumentError(f"chat_template: expected a Jinja template string, got {_kind(chat_template)}")
+    report, chunks = _sample_chunks(source, model, max_seq_length, truncation, train_on_prompt, chat_template, split)
+    samples = [s for chunk in chunks for s in chunk]
+    if not samples:
+        raise _empty(report)
+    _count(report, samples)
+    return samples, report
+
+
+def _empty(report: DataReport) -> DatasetError:
+    why = "no records" if report.n_records == 0 else f"none of its {report.n_records} records gave a sample"
+    return DatasetError(f"{report.source}: empty dataset ({why}; dropped {report.n_dropped}, skipped {report.skipped})")
+
+
+def _sample_chunks(source, model, max_seq_length, truncation, train_on_prompt, chat_template, split):
+    """(report, lazy iterator of sample lists): the report fills in as the iterator is consumed."""
     label, kind, items = _open(source, split)
     report = DataReport(label, "text")
     loader = _Loader(model, report, max_seq_length, truncation, bool(train_on_prompt), chat_template)
-    if kind == "txt":
-        loader.text_stream(items)
-    else:
-        first = None                  # (format, where) of the first record
-        for where, record in items:
-            if record is None:
-                report._skip("blank line")
-                continue
-            fmt = _format_of(record, where)
-            if first is None:
-                first = (fmt, where)
-                report.format = fmt
-            elif fmt != first[0]:
-                raise DatasetError(f"{where}: a {fmt} record, but {first[1]} is a {first[0]} record; "
-                                   "a dataset holds one format")
-            report.n_records += 1
-            loader.record(fmt, record, where)
-    samples = loader.samples
-    if not samples:
-        why = "no records" if report.n_records == 0 else f"none of its {report.n_records} records gave a sample"
-        raise DatasetError(f"{label}: empty dataset ({why}; dropped {report.n_dropped}, skipped {report.skipped})")
-    _count(report, samples)
-    return samples, report
+    return report, (loader.text_stream(items) if kind == "txt" else loader.records(items))
+
+
+def stream_samples(source, model, *, max_seq_length: int, truncation: str = "truncate",
+                   train_on_prompt: bool = False, chat_template: str | None = None) -> tuple[DataReport, Iterator[Sample]]:
+    """``source``'s samples one at a time, read and tokenized as they are consumed (load_dataset's
+    samples, in order, without holding them all); the report counts what has been read so far."""
+    _check_args(max_seq_length, truncation, model)
+    report, chunks = _sample_chunks(source, model, max_seq_length, truncation, train_on_prompt, chat_template, "train")
+    return report, (s for chunk in chunks for s in chunk)
 
 
 def _count(report: DataReport, samples: list[Sample]) -> DataReport:
@@ -483,6 +526,33 @@ def load_splits(source, model, *, valid=None, valid_fraction: float = 0.0, seed:
     else:
         valid_samples = []
     return train, valid_samples, reports
+
+
+def stream_rows(source, model, *, seed: int, shuffle_buffer: int, **kw) -> Iterator[tuple[int, Row]]:
+    """(epoch, row) without end: each epoch reads ``source`` again (stream_samples) and shuffles its
+    rows within a window of ``shuffle_buffer``, seeded by (seed, epoch), as datasets' IterableDataset
+    shuffles. Deterministic, so skipping the rows of finished steps resumes exactly."""
+    epoch = 0
+    while True:
+        report, samples = stream_samples(source, model, **kw)
+        rng = np.random.default_rng([seed, epoch])
+        window: list[Row] = []
+        n = 0
+        for s in samples:
+            row = Row(s.tokens, s.mask, None)
+            if len(window) < shuffle_buffer:
+                window.append(row)
+                continue
+            i = int(rng.integers(len(window)))
+            yield epoch, window[i]
+            window[i] = row
+            n += 1
+        for i in rng.permutation(len(window)):
+            yield epoch, window[i]
+            n += 1
+        if n == 0:
+            raise _empty(report)
+        epoch += 1
 
 
 # ---- samples -> rows -> batches ---------------------------------------------------------------------

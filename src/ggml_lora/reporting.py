@@ -226,7 +226,10 @@ class TensorBoardReporter(_Reporter):
         from tensorboardX import SummaryWriter
 
         self.log_dir = log_dir
-        self.writer = SummaryWriter(str(log_dir), purge_step=resume_step + 1 if resume_step else None)
+        # the file name holds the second it was made in; two writers in one second (a run that fails
+        # fast, then its resume) must not share it, and the resumed one must sort after
+        self.writer = SummaryWriter(str(log_dir), purge_step=resume_step + 1 if resume_step else None,
+                                    filename_suffix=f".from-step-{resume_step or 0:09d}")
         if not resume_step:
             self._guard(self.writer.add_text, "config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
 

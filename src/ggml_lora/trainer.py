@@ -7,6 +7,8 @@ checkpoint therefore needs only the step, the adapter and the optimizer moments 
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import logging
 import math
@@ -36,7 +38,9 @@ from .reporting import MetricsLog, Progress, call_hooks, check_reporters, make_r
 from .training import TrainingContext, loss_sum
 
 # Config keys that change the trajectory: a resume with other values would not continue the same run.
-_LORA_TRAJECTORY_KEYS = ("rank", "alpha", "use_rslora", "dropout", "rank_pattern", "alpha_pattern")
+_LORA_TRAJECTORY_KEYS = ("rank", "alpha", "use_rslora", "dropout", "rank_pattern", "alpha_pattern", "peft_type",
+                         "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
+                         "total_step")
 _TRAJECTORY_KEYS = ("batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "warmup_steps",
                     "warmup_ratio", "optimizer", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay",
                     "max_grad_norm", "max_seq_length", "truncation", "packing", "train_on_prompt", "seed")
@@ -119,6 +123,10 @@ class LoRATrainer:
         self.output_dir = Path(self.config.output_dir)
         self.global_step = 0
         self._ctx: TrainingContext | None = None
+        self.adalora = None                  # the AdaLoRA state (adalora.AdaLoRA) once train() starts
+        if self.lora_config.peft_type == "adalora" and adapter is not None:
+            raise InvalidArgumentError("AdaLoRA trains its own adapter: pass LoRAConfig(peft_type='adalora'), "
+                                       "not adapter=")
         self._signal: str | None = None
         self._notes: list[str] = []          # said on the progress line once it exists
 
@@ -146,10 +154,22 @@ class LoRATrainer:
         path = Path(path) if path is not None else self.output_dir / "adapter.gguf"
         self._check_open()
         try:
+            if self.adalora is not None:
+                return self._save_adalora(path)
             return self.adapter.save(path, metadata=self._adapter_metadata())
         except OSError as e:
             raise CheckpointError(f"cannot write {path}: {e}; the adapter in memory is intact, "
                                   "save it elsewhere with trainer.save_adapter(path)") from e
+
+    def _save_adalora(self, path: Path) -> Path:
+        """The kept triplets as an ordinary llama.cpp LoRA, a rank per tensor (see adalora.py)."""
+        tensors, alpha = self.adalora.file_tensors()
+        if not tensors:
+            raise InvalidArgumentError("AdaLoRA kept no triplet in any module: nothing to save")
+        meta = {**self._adapter_metadata(), "adalora_ranks": json.dumps(self.adalora.ranks(), sort_keys=True)}
+        with Adapter.from_tensors(self.model, tensors, alpha) as final:
+            final.config = self.lora_config
+            return final.save(path, metadata=meta)
 
     def evaluate(self, data, *, batch_size: int | None = None, adapter: bool = True,
                  f16_weights: bool = False) -> dict:
@@ -170,31 +190,51 @@ class LoRATrainer:
         check_writable(self.output_dir)
         check_reporters(cfg.report_to)
         history = TrainingHistory()
-        train_samples, valid_samples, reports = self._load(dataset, valid)
-        history.data = {k: r.to_dict() for k, r in reports.items()}
-        packing = cfg.packing if cfg.packing is not None else reports["train"].format == "text"
         from .data import make_rows
 
-        rows = make_rows(train_samples, max_seq_length=cfg.max_seq_length, packing=packing, seed=cfg.seed)
+        if cfg.streaming:
+            stream, valid_samples, reports = self._load_streaming(dataset, valid)
+            packing, rows, steps_per_epoch = False, None, None
+            fingerprint = _fingerprint(r for _, r in itertools.islice(stream(), 64))
+            total = cfg.max_steps
+        else:
+            train_samples, valid_samples, reports = self._load(dataset, valid)
+            packing = cfg.packing if cfg.packing is not None else reports["train"].format == "text"
+            rows = make_rows(train_samples, max_seq_length=cfg.max_seq_length, packing=packing, seed=cfg.seed)
+            if not rows:
+                raise InvalidArgumentError("the training data holds no usable samples")
+            steps_per_epoch = math.ceil(len(rows) / cfg.rows_per_step)
+            total = cfg.max_steps or cfg.epochs * steps_per_epoch
+            fingerprint = _fingerprint(rows)
+        history.data = {k: r.to_dict() for k, r in reports.items()}
         valid_rows = make_rows(valid_samples, max_seq_length=cfg.max_seq_length, packing=packing,
                                seed=cfg.seed) if valid_samples else []
-        if not rows:
-            raise InvalidArgumentError("the training data holds no usable samples")
-        steps_per_epoch = math.ceil(len(rows) / cfg.rows_per_step)
-        total = cfg.max_steps or cfg.epochs * steps_per_epoch
         history.total_steps = total
-        fingerprint = _fingerprint(rows)
 
         if self._ctx is not None:
             self._ctx.close()
         self._ctx = TrainingContext(self.adapter, optimizer=cfg.optimizer, dropout=self.lora_config.dropout,
                                     gradient_checkpointing=cfg.gradient_checkpointing, f16_weights=cfg.f16_weights,
                                     keep_transposed_weights=cfg.keep_transposed_weights)
-        history.memory = self._check_memory(max(len(r.tokens) for r in rows))
+        if self.lora_config.peft_type == "adalora" and (self.adalora is None or self.adalora.total_step !=
+                                                        (self.lora_config.total_step or total)):
+            from .adalora import AdaLoRA
+
+            self.adalora = AdaLoRA(self.adapter, self.lora_config, total)
+        history.memory = self._check_memory(cfg.max_seq_length if rows is None else max(len(r.tokens) for r in rows))
         start = 0
         if resume_from is not None:
             start = self._resume(resume_from, fingerprint, total)
         self.global_step = start
+        if cfg.streaming:
+            # the rows of the steps already taken are read again and skipped: the stream is deterministic
+            streamed = itertools.islice(stream(), start * cfg.rows_per_step, None)
+
+            def next_batches(step):
+                return self._stream_batches(streamed)
+        else:
+            def next_batches(step):
+                return self._step_batches(rows, step, steps_per_epoch)
         doc = self._write_config(reports, packing, total, steps_per_epoch)
 
         reporters = make_reporters(cfg.report_to, self.output_dir, cfg.logging_dir, doc,
@@ -204,13 +244,18 @@ class LoRATrainer:
         end_status = "FAILED"
         progress = Progress(total, start, cfg.progress)
         for split, report in reports.items():
-            progress.message(f"{split}: {report}")
+            progress.message(f"{split}: {report.source} (read as training goes)" if rows is None and split == "train"
+                             else f"{split}: {report}")
         for note in self._notes:
             progress.message(note)
         self._notes.clear()
-        progress.message(f"training {self.adapter.n_parameters:,} LoRA parameters on {len(rows)} rows "
-                         f"({reports['train'].n_supervised:,} supervised tokens): {total} steps of "
-                         f"{cfg.rows_per_step} rows, {steps_per_epoch} steps per epoch")
+        if rows is None:
+            progress.message(f"training {self.adapter.n_parameters:,} LoRA parameters on a stream: {total} steps of "
+                             f"{cfg.rows_per_step} rows")
+        else:
+            progress.message(f"training {self.adapter.n_parameters:,} LoRA parameters on {len(rows)} rows "
+                             f"({reports['train'].n_supervised:,} supervised tokens): {total} steps of "
+                             f"{cfg.rows_per_step} rows, {steps_per_epoch} steps per epoch")
         ckpt_root = self.output_dir / "checkpoints"
         restore = self._install_signal_handlers()
         t0, tokens_seen, consecutive_skips = time.perf_counter(), 0, 0
@@ -219,15 +264,18 @@ class LoRATrainer:
                 self._eval_and_report(valid_rows, 0, metrics, history, callbacks, progress)
             for step in range(start + 1, total + 1):
                 lr = learning_rate_at(cfg, step, total)
-                batches, n_tokens = self._step_batches(rows, step, steps_per_epoch)
+                batches, n_tokens, epoch = next_batches(step)
                 loss, n_tok, norm, applied = self._train_step(batches, lr, step)
                 self.global_step = step
                 tokens_seen += n_tokens              # tokens of the samples, padding not counted
                 elapsed = time.perf_counter() - t0
-                rec = {"type": "train", "step": step, "epoch": (step - 1) / steps_per_epoch, "loss": loss,
+                rec = {"type": "train", "step": step, "epoch": epoch, "loss": loss,
                        "learning_rate": lr, "grad_norm": norm, "supervised_tokens": n_tok,
                        "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else 0.0,
                        "elapsed_s": elapsed, "peak_rss_bytes": peak_rss_bytes()}
+                if self.adalora is not None:
+                    rec["orth_loss"] = self.adalora.orth_loss
+                    rec["budget"] = int(sum(self.adalora.ranks().values()))
                 if not applied:
                     history.skipped_steps += 1
                     consecutive_skips += 1
@@ -297,16 +345,50 @@ class LoRATrainer:
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(rows))
         chosen = [rows[i] for i in order[j * cfg.rows_per_step:(j + 1) * cfg.rows_per_step]]
         batches = [collate(chosen[i:i + cfg.batch_size], self.model) for i in range(0, len(chosen), cfg.batch_size)]
-        return batches, sum(len(r.tokens) for r in chosen)
+        return batches, sum(len(r.tokens) for r in chosen), (step - 1) / steps_per_epoch
+
+    def _stream_batches(self, streamed):
+        from .data import collate
+
+        cfg = self.config
+        taken = list(itertools.islice(streamed, cfg.rows_per_step))
+        chosen = [row for _, row in taken]
+        batches = [collate(chosen[i:i + cfg.batch_size], self.model) for i in range(0, len(chosen), cfg.batch_size)]
+        return batches, sum(len(r.tokens) for r in chosen), taken[0][0]
+
+    def _load_streaming(self, dataset, valid):
+        """(a function that starts the training stream, validation samples, reports) for streaming=True."""
+        from .data import _has_valid_split, load_dataset, stream_rows, stream_samples
+
+        cfg = self.config
+        kw = dict(max_seq_length=cfg.max_seq_length, truncation=cfg.truncation, train_on_prompt=cfg.train_on_prompt,
+                  chat_template=resolve_chat_template(cfg.chat_template))
+        own = _has_valid_split(dataset)
+        if own and valid is not None:
+            raise InvalidArgumentError("validation data is given twice: the source's own validation split and valid=; "
+                                       "keep one")
+        reports = {}
+        valid_samples = []
+        if own or valid is not None:
+            valid_samples, reports["valid"] = (load_dataset(dataset, self.model, split="valid", **kw) if own
+                                               else load_dataset(valid, self.model, **kw))
+        reports["train"], _ = stream_samples(dataset, self.model, **kw)     # checks the source; read lazily
+        reports = {"train": reports.pop("train"), **reports}
+        reports["train"].source += f" (streamed, shuffled in windows of {cfg.shuffle_buffer} rows)"
+
+        def stream():
+            return stream_rows(dataset, self.model, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, **kw)
+        return stream, valid_samples, reports
 
     # ---- step and evaluation ----------------------------------------------------------------------
 
     def _train_step(self, batches, lr: float, step: int) -> tuple[float, int, float, bool]:
         """Forward + backward over the micro-batches, then clip and update unless anything is not finite."""
         cfg = self.config
-        res = self._ctx.step(batches, lr, step, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                             weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm or None,
-                             dropout_seed=cfg.seed * 1_000_003 + step)
+        run = self._ctx.step if self.adalora is None else functools.partial(self.adalora.step, self._ctx)
+        res = run(batches, lr, step, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                  weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm or None,
+                  dropout_seed=cfg.seed * 1_000_003 + step)
         return res.loss, res.n_tokens, res.grad_norm, not res.skipped
 
     def _evaluate_rows(self, rows, batch_size: int, use_adapter: bool = True, f16_weights: bool = False) -> dict:
@@ -416,14 +498,16 @@ class LoRATrainer:
                  "targets": list(self.adapter.targets), "optimizer": self._ctx.optimizer,
                  "base_model_sha256": self.model.sha256}
         root = self.output_dir / "checkpoints"
-        path = ckpt.write_checkpoint(root, step, self.adapter, self._ctx, state, self._adapter_metadata())
+        path = ckpt.write_checkpoint(root, step, self.adapter, self._ctx, state, self._adapter_metadata(),
+                                     extra=self.adalora.state_arrays() if self.adalora is not None else None)
         ckpt.prune_checkpoints(root, self.config.save_total_limit)
         call_hooks(callbacks, "on_save", self, path)
         return path
 
     def _resume(self, resume_from, fingerprint: str, total: int) -> int:
         path = ckpt.resolve_checkpoint(self.output_dir if resume_from is True else resume_from)
-        state, moments, trained_b = ckpt.read_checkpoint(path)
+        state, moments, extra = ckpt.read_checkpoint(path)
+        trained_b = {k[:-2]: v for k, v in extra.items() if k.endswith("/b") and not k.startswith("adalora/")}
         where = f"checkpoint {path}"
         if state.get("base_model_sha256") != self.model.sha256:
             raise CheckpointError(f"{where} was trained on another base model (sha256 differs)")
@@ -455,6 +539,8 @@ class LoRATrainer:
             loaded.close()
         if self._ctx.optimizer == "adamw":
             self._ctx.set_moments(moments)
+        if self.adalora is not None:
+            self.adalora.load_state_arrays(extra, where)
         return step
 
     def _write_config(self, reports, packing: bool, total: int, steps_per_epoch: int) -> dict:

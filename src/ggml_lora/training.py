@@ -199,6 +199,19 @@ class TrainingContext(NativeHandle):
             self._state(0, name, 0, ga)
             self._state(0, name, 1, gb)
 
+    def accumulate_all(self, micro_batches: Sequence[Batch], dropout_seed: int) -> tuple[float, int]:
+        """(CE sum, supervised tokens) of one optimizer step's micro-batches, their gradient of the mean
+        CE accumulated. Callers hold ``_lock`` across this and the update."""
+        if not micro_batches:
+            raise InvalidArgumentError("step: no micro-batches")
+        n_tokens = sum(b.n_loss for b in micro_batches)
+        if n_tokens <= 0:
+            raise InvalidArgumentError("step: the micro-batches have no supervised tokens")
+        loss_sum = 0.0
+        for i, b in enumerate(micro_batches):
+            loss_sum += self.accumulate(b, n_tokens, dropout_seed=dropout_seed * 1_000_003 + i)
+        return loss_sum, n_tokens
+
     def step(self, micro_batches: Sequence[Batch], learning_rate: float, step: int, *,
              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
              max_grad_norm: float | None = None, dropout_seed: int = 0) -> StepResult:
@@ -208,15 +221,8 @@ class TrainingContext(NativeHandle):
         another thread's step on the same model cannot interleave with this one's accumulation. When
         the loss or the gradient norm is not finite, nothing is updated, the gradient is dropped and
         the result says ``skipped=True``."""
-        if not micro_batches:
-            raise InvalidArgumentError("step: no micro-batches")
-        n_tokens = sum(b.n_loss for b in micro_batches)
-        if n_tokens <= 0:
-            raise InvalidArgumentError("step: the micro-batches have no supervised tokens")
-        loss_sum = 0.0
         with self._lock:
-            for i, b in enumerate(micro_batches):
-                loss_sum += self.accumulate(b, n_tokens, dropout_seed=dropout_seed * 1_000_003 + i)
+            loss_sum, n_tokens = self.accumulate_all(micro_batches, dropout_seed)
             self._drop_frozen_grads()
             norm = self.grad_norm()
             loss = loss_sum / n_tokens
