@@ -122,18 +122,22 @@ def test_peft_round_trip(tiny, tmp_path):
                 np.testing.assert_allclose(b, want[t][1], rtol=1e-6)
 
 
-def test_exported_patterns_load_in_real_peft(tiny_model_file, tmp_path):
-    """PEFT's own LoRA layers built from the exported config give our ΔW = scale·B·A per module."""
+@pytest.mark.parametrize("extra", [{}, dict(use_rslora=True, layers=(1,)), dict(use_rslora=True, rank_pattern=None,
+                                                                             alpha_pattern=None)],
+                         ids=["patterns", "rslora+layers+patterns", "rslora"])
+def test_exported_patterns_load_in_real_peft(tiny_model_file, tmp_path, extra):
+    """PEFT's own LoRA layers built from the exported config give our ΔW = scale·B·A per module; the
+    exported folder imports back to the file's pairs, which llama-cpp-python runs as we do."""
     pytest.importorskip("torch")
     pytest.importorskip("peft")
     from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ggml_lora.peft import export_peft, to_hf_rows
+    from ggml_lora.peft import export_peft, import_peft, to_hf_rows
 
     with BaseModel.load(tiny_model_file("llama", "f32", tied=False), n_threads=N_THREADS) as model:
         hp = model.hparams
-        cfg = LoRAConfig(rank=4, alpha=8, target_modules=TARGETS, **PATTERNS)
+        cfg = LoRAConfig(rank=4, alpha=8, target_modules=TARGETS, **{**PATTERNS, **extra})
         with Adapter.init(model, cfg) as ad:
             rng = np.random.default_rng(1)
             ours = {}
@@ -144,6 +148,12 @@ def test_exported_patterns_load_in_real_peft(tiny_model_file, tmp_path):
                     b = to_hf_rows(b, hp.n_head)
                 ours[hf_module(t)] = cfg.scale_for(hf_module(t)) * (b.astype(np.float64) @ a)
             export_peft(ad, tmp_path)
+            tokens = np.array(model.tokenize("the old mill lies by the river"), dtype=np.int32)
+            ours_logits = model.logits(tokens, ad)
+            with import_peft(tmp_path, model) as back:
+                saved = back.save(tmp_path / "back.gguf")
+                np.testing.assert_allclose(model.logits(tokens, back), ours_logits, rtol=0, atol=1e-4)
+            assert_parity(ours_logits, llama_logits(model.path, tokens, lora=saved, n_threads=N_THREADS), "peft-back")
     config = LlamaConfig(vocab_size=hp.n_vocab, hidden_size=hp.n_embd, intermediate_size=hp.n_ff,
                          num_hidden_layers=hp.n_layers, num_attention_heads=hp.n_head,
                          num_key_value_heads=hp.n_head_kv, tie_word_embeddings=False)

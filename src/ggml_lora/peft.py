@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -86,9 +87,14 @@ def export_peft(adapter: Adapter, directory: str | os.PathLike[str]) -> Path:
             alphas[module] = adapter.pair_scales[name] * adapter.ranks[name]
         modules.add(module.split(".")[-1])
     r = max(set(ranks.values()), key=list(ranks.values()).count)
+    # module stems cover every block's module of that kind; a subset of blocks (layers=, AdaLoRA
+    # pruning a module away) needs the exact names, which PEFT takes as one regex it full-matches
+    every = {hf_module(f"blk.{i}.{TARGET_MODULES[m]}.weight") for i in range(model.n_layers)
+             for m in modules if m != LM_HEAD} | ({LM_HEAD} & modules)
+    targets = sorted(modules) if every == set(ranks) else "|".join(re.escape(m) for m in sorted(ranks))
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": adapter.alpha,
-        "target_modules": sorted(modules), "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+        "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
         "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True,
         # llama.cpp scales every pair by alpha / its rank: one alpha, ranks per module; a pair with a
         # scale of its own (trained with rank/alpha patterns) gets its alpha in alpha_pattern
