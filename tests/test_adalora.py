@@ -4,19 +4,23 @@ validation loss; the saved adapter in llama-cpp-python; exact resume."""
 
 from __future__ import annotations
 
-import math
 import os
 import signal
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import N_THREADS
 from reference import assert_parity, llama_logits
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from adalora_peft import peft_adalora  # noqa: E402
+
 from ggml_lora import Adapter, BaseModel, LoRAConfig, LoRATrainer, TrainingConfig
 from ggml_lora.adalora import AdaLoRA, budget_schedule
 from ggml_lora.arch import hf_module
-from ggml_lora.data import collate, load_dataset
+from ggml_lora.data import load_dataset
 from ggml_lora.errors import InvalidArgumentError
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
@@ -84,12 +88,9 @@ def test_budget_schedule_is_peft_s(kw):
 def test_matches_peft_adalora(tiny, model_file, tmp_path):
     """Same triplets, same rows, same AdamW and clipping: PEFT's AdaLoRA (AdaLoraModel.forward with its
     orthogonal regulariser, update_and_allocate after each step) and ours agree step by step."""
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
-    import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM
-
-    from ggml_lora.peft import to_hf_rows
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
 
     (tmp_path / "train.txt").write_text(corpus(160, 0))
     (tmp_path / "valid.txt").write_text(corpus(60, 1))
@@ -104,65 +105,15 @@ def test_matches_peft_adalora(tiny, model_file, tmp_path):
     history = trainer.train(tmp_path / "train.txt", valid=tmp_path / "valid.txt")
     ours_val = trainer.evaluate(valid)["val_loss"]
 
-    # PEFT on the same weights (transformers reads the GGUF), the same triplets
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_pretrained(str(model_file.parent), gguf_file=model_file.name, dtype=torch.float32)
-    cfg = peft.AdaLoraConfig(init_r=lora.init_r, target_r=lora.target_r, tinit=lora.tinit, tfinal=lora.tfinal,
-                             deltaT=lora.deltaT, beta1=lora.beta1, beta2=lora.beta2, total_step=STEPS,
-                             orth_reg_weight=lora.orth_reg_weight, lora_alpha=lora.alpha, lora_dropout=0.0,
-                             target_modules=list(TARGETS), task_type="CAUSAL_LM")   # AdaLoraModel.forward: with orth_reg
-    pm = peft.get_peft_model(hf, cfg)
-    modules = dict(pm.base_model.model.named_modules())
-    heads = tiny.hparams.n_head
-    with torch.no_grad():
-        for t, p in init.items():
-            layer = modules[hf_module(t)]
-            b = to_hf_rows(p["B"], heads) if "attn_q" in t else p["B"]
-            layer.lora_A["default"].copy_(torch.from_numpy(p["A"]))
-            layer.lora_E["default"].copy_(torch.from_numpy(p["E"][:, None]))
-            layer.lora_B["default"].copy_(torch.from_numpy(np.ascontiguousarray(b)))
-    params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-
-    def tensors(rows):
-        """Right-padded: causal attention keeps the pads out of every real position, and their labels
-        are -100, as in our collate."""
-        n = max(len(r.tokens) for r in rows)
-        ids = np.zeros((len(rows), n), np.int64)
-        mask = np.zeros((len(rows), n), bool)
-        for i, r in enumerate(rows):
-            ids[i, :len(r.tokens)], mask[i, :len(r.mask)] = r.tokens, r.mask
-        ids = torch.from_numpy(ids)
-        return ids, torch.where(torch.from_numpy(mask), ids, torch.tensor(-100))
-
-    def ce(logits, labels):
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
-
-    ids, labels = tensors(train)
-    peft_losses, peft_orth, peft_norms = [], [], []
-    for step in range(1, STEPS + 1):
-        out = pm(input_ids=ids, labels=labels)
-        peft_losses.append(float(ce(out.logits, labels).detach()))
-        out.loss.backward()
-        peft_orth.append(float(out.loss) - peft_losses[-1])
-        peft_norms.append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
-        opt.step()
-        pm.base_model.update_and_allocate(step)
-        opt.zero_grad()
-    with torch.no_grad():
-        vids, vlabels = tensors(valid)
-        peft_val = float(ce(pm(input_ids=vids).logits, vlabels))
+    ref = peft_adalora(model_file, lora, init, tiny.hparams.n_head, train, valid, STEPS, learning_rate=2e-2)
+    peft_losses, peft_orth, peft_norms, peft_val = ref["losses"], ref["orth_losses"], ref["grad_norms"], ref["val_loss"]
 
     # F32 on both sides; differences are summation order, compounded over 10 Adam steps at lr 2e-2
     np.testing.assert_allclose(history.losses, peft_losses, rtol=2e-4)
     np.testing.assert_allclose([r["grad_norm"] for r in history.steps], peft_norms, rtol=1e-3)
     # the regulariser as PEFT adds it to the loss (read back as loss - CE: float32 rounding of ~12)
     np.testing.assert_allclose([r["orth_loss"] for r in history.steps], peft_orth, rtol=0, atol=2e-5)
-    peft_ranks = {}
-    for name, kept in pm.peft_config["default"].rank_pattern.items():
-        module = name.removeprefix("base_model.model.").rsplit(".lora_E", 1)[0]
-        peft_ranks[module] = int(sum(kept))
+    peft_ranks = ref["ranks"]
     ours_ranks = {hf_module(t): r for t, r in trainer.adalora.ranks().items()}
     print("ranks ours", ours_ranks, "peft", peft_ranks, "val", ours_val, peft_val)
     assert ours_ranks == peft_ranks
