@@ -14,7 +14,9 @@ repacked Q4_0 layouts that make llama.cpp faster on AVX2). Our own ggml never us
 
 from __future__ import annotations
 
+import atexit
 import os
+import weakref
 import warnings
 from collections.abc import Mapping
 
@@ -81,11 +83,27 @@ def check_llama(llm) -> None:
                       "ggml_lora.llama.protect_llama_cpp()) before creating the Llama", RuntimeWarning, stacklevel=3)
 
 
+_vocabs: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_vocabs() -> None:
+    """Free the vocab-only Llamas still open while llama_cpp can: left to the interpreter's teardown,
+    their __del__ runs after llama_cpp's functions are gone and prints a TypeError traceback."""
+    for llm in list(_vocabs):
+        try:
+            llm.close()
+        except Exception:
+            pass
+
+
 def load_vocab(path: str | os.PathLike[str]):
     """A vocab-only llama_cpp.Llama for tokenizing with the GGUF's own tokenizer."""
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), vocab_only=True, verbose=False)
+    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    _vocabs.add(llm)
+    return llm
 
 
 def check_adapters(model_path, adapter_paths) -> None:

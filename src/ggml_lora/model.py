@@ -123,6 +123,9 @@ class BaseModel(NativeHandle):
         super().close()
         if getattr(self, "_source", None) is not None:
             self._source.close()
+        if getattr(self, "_vocab", None) is not None:
+            self._vocab.close()
+            self._vocab = None
 
     # ---- properties -------------------------------------------------------------------------------
 
