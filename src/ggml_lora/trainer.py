@@ -338,23 +338,23 @@ class LoRATrainer:
                            train_on_prompt=cfg.train_on_prompt, chat_template=resolve_chat_template(cfg.chat_template))
 
     def _step_batches(self, rows, step: int, steps_per_epoch: int):
-        from .data import collate
-
         cfg = self.config
         epoch, j = divmod(step - 1, steps_per_epoch)
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(rows))
         chosen = [rows[i] for i in order[j * cfg.rows_per_step:(j + 1) * cfg.rows_per_step]]
-        batches = [collate(chosen[i:i + cfg.batch_size], self.model) for i in range(0, len(chosen), cfg.batch_size)]
-        return batches, sum(len(r.tokens) for r in chosen), (step - 1) / steps_per_epoch
+        return (*self._micro_batches(chosen), (step - 1) / steps_per_epoch)
 
     def _stream_batches(self, streamed):
+        taken = list(itertools.islice(streamed, self.config.rows_per_step))
+        return (*self._micro_batches([row for _, row in taken]), taken[0][0])
+
+    def _micro_batches(self, chosen):
+        """(the step's rows collated batch_size at a time, their tokens without padding)."""
         from .data import collate
 
-        cfg = self.config
-        taken = list(itertools.islice(streamed, cfg.rows_per_step))
-        chosen = [row for _, row in taken]
-        batches = [collate(chosen[i:i + cfg.batch_size], self.model) for i in range(0, len(chosen), cfg.batch_size)]
-        return batches, sum(len(r.tokens) for r in chosen), taken[0][0]
+        size = self.config.batch_size
+        return ([collate(chosen[i:i + size], self.model) for i in range(0, len(chosen), size)],
+                sum(len(r.tokens) for r in chosen))
 
     def _load_streaming(self, dataset, valid):
         """(a function that starts the training stream, validation samples, reports) for streaming=True."""
