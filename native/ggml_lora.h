@@ -29,7 +29,7 @@
 #  define GLORA_API
 #endif
 
-#define GLORA_ABI_VERSION 8
+#define GLORA_ABI_VERSION 9
 
 #ifdef __cplusplus
 extern "C" {
@@ -163,6 +163,9 @@ typedef struct glora_batch {
     const int32_t * loss_rows;   /* [n_loss] flattened rows whose logits carry loss, ascending    */
     const int32_t * labels;      /* [n_loss] next-token targets for those rows                    */
     int32_t         n_loss;
+    const float   * loss_weights; /* NULL (every row 1), or [n_loss] finite weights of any sign: the
+                                    training gradient is that of sum_r w_r * CE_r (preference losses
+                                    are such sums); losses reported stay the unweighted CE sums     */
 } glora_batch;
 
 /* logits for every position: out = [n_seq * n_tokens * n_vocab] float32. adapters may be NULL when
@@ -175,6 +178,11 @@ GLORA_API int32_t glora_logits(glora_model * model, const glora_adapter * const 
  * per weight; faster on CPU, close to but not llama.cpp's arithmetic); 0: through the stored blocks. */
 GLORA_API int32_t glora_loss(glora_model * model, const glora_adapter * adapter, float scale, int32_t f16_weights,
                              const glora_batch * batch, double * out_loss_sum);
+/* the next-token cross-entropy (natural log) of each loss row: out_rows = [n_loss] float32, in the order of
+ * batch->loss_rows, computed as glora_loss's graph computes them (the same forward), in double from the
+ * logits; sequence log-probabilities are minus their sums over a sequence's rows. */
+GLORA_API int32_t glora_row_losses(glora_model * model, const glora_adapter * adapter, float scale, int32_t f16_weights,
+                                   const glora_batch * batch, float * out_rows);
 
 /* ---------------------------------------------------------------------------------------------- */
 /* training                                                                                        */

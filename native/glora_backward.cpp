@@ -176,6 +176,36 @@ int32_t scale_param_grads(ggml_context * ctx, ggml_cgraph * gf, const glora_trai
     return GLORA_OK;
 }
 
+// Per-row loss weights: ggml's backward of the cross-entropy gives every logit row the gradient
+// softmax - label (times the loss's seed); multiplying that [n_vocab, n_rows] gradient by w [1, n_rows]
+// before anything reads it makes the parameters' gradient that of sum_r w_r CE_r. (Weighting the labels
+// would not: ggml's backward assumes each label row sums to 1.) The forward's loss stays unweighted.
+int32_t weight_loss_rows(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * w) {
+    ggml_tensor * back = nullptr;
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        if (node->op != GGML_OP_CROSS_ENTROPY_LOSS_BACK) continue;
+        if (back) return glora_fail(GLORA_ERR_INTERNAL, "backward: two cross-entropy gradients to weight by row");
+        back = node;
+    }
+    if (!back || back->ne[1] != w->ne[1]) {
+        return glora_fail(GLORA_ERR_INTERNAL, "backward: no cross-entropy gradient of %lld rows to weight",
+                          (long long) w->ne[1]);
+    }
+    ggml_tensor * weighted = ggml_mul(ctx, back, w);
+    int n = 0;
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        for (ggml_tensor *& src : node->src) {
+            if (src == back) {
+                src = weighted;
+                ++n;
+            }
+        }
+    }
+    if (!n) return glora_fail(GLORA_ERR_INTERNAL, "backward: nothing reads the cross-entropy gradient");
+    return GLORA_OK;
+}
 
 // dst = src with dims 0 and 1 swapped, F32, dst contiguous; src may have any strides. In square tiles,
 // so that reads and writes both stay within a few cache lines (ggml's cont of a transposed view reads
@@ -228,7 +258,7 @@ ggml_cgraph * in_order(ggml_context * ctx, ggml_cgraph * gf, size_t graph_size) 
 // underflow: on SmolLM2 4x256 the LoRA gradients came out 20-30% off PyTorch's, and training lagged.
 int32_t build_backward(const glora_model * m, ggml_context * ctx, ggml_cgraph ** gf, size_t graph_size,
                        ggml_tensor * loss, const acc_map & acc, const glora_trainer * t, float param_scale,
-                       ggml_tensor ** seed) {
+                       ggml_tensor ** seed, ggml_tensor * row_weights = nullptr) {
     std::vector<ggml_tensor *> grad_accs((size_t) ggml_graph_n_nodes(*gf), nullptr);
     for (int i = 0; i < ggml_graph_n_nodes(*gf); ++i) {
         auto it = acc.find(ggml_graph_node(*gf, i));
@@ -237,6 +267,7 @@ int32_t build_backward(const glora_model * m, ggml_context * ctx, ggml_cgraph **
     ggml_build_backward_expand(ctx, *gf, grad_accs.data());
     int32_t rc = use_transposed_weights(m, ctx, *gf);
     if (rc) return rc;
+    if (row_weights && (rc = weight_loss_rows(ctx, *gf, row_weights))) return rc;
     *seed = ggml_graph_get_grad(*gf, loss);
     ggml_set_input(*seed);
     if ((rc = scale_param_grads(ctx, *gf, t, param_scale))) return rc;
@@ -299,12 +330,12 @@ int32_t backward_one_graph(glora_trainer * t, const glora_batch * batch, float l
     graph_ctx g(budget);
     glora_graph_inputs in;
     ggml_tensor * logits = glora_build_forward(g.ctx, m, batch, opt, true, &in);
-    ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in);
+    ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in, batch->loss_weights != nullptr);
     ggml_set_loss(loss);
     ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, budget, true);
     ggml_build_forward_expand(gf, loss);
     ggml_tensor * seed = nullptr;
-    int32_t rc = build_backward(m, g.ctx, &gf, budget, loss, accumulators(t), t, loss_weight, &seed);
+    int32_t rc = build_backward(m, g.ctx, &gf, budget, loss, accumulators(t), t, loss_weight, &seed, in.row_weights);
     if (rc) return rc;
     rc = executor{m, measure, plan}(gf, [&] {
         glora_graph_set_inputs(m, batch, in, dropout_seed);
@@ -386,6 +417,7 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
         glora_batch sub = *batch;
         sub.loss_rows += r0;
         sub.labels    += r0;
+        if (sub.loss_weights) sub.loss_weights += r0;
         sub.n_loss     = (int32_t) std::min<int64_t>(chunk, batch->n_loss - r0);
         glora_graph_options opt = base;
         opt.layer_begin = opt.layer_end = n_layer;
@@ -396,14 +428,14 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
         ggml_set_param(opt.x_in);
         glora_graph_inputs in;
         ggml_tensor * logits = glora_build_forward(g.ctx, m, &sub, opt, true, &in);
-        ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in);
+        ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in, sub.loss_weights != nullptr);
         ggml_set_loss(loss);
         ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, budget, true);
         ggml_build_forward_expand(gf, loss);
         acc_map acc = accumulators(t);
         acc[opt.x_in] = d_top;
         ggml_tensor * seed = nullptr;
-        if ((rc = build_backward(m, g.ctx, &gf, budget, loss, acc, t, loss_weight, &seed))) return rc;
+        if ((rc = build_backward(m, g.ctx, &gf, budget, loss, acc, t, loss_weight, &seed, in.row_weights))) return rc;
         if ((rc = exec(gf, [&] {
                  glora_graph_set_inputs(m, &sub, in, dropout_seed, &host);
                  set_one(seed);

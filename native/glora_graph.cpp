@@ -244,7 +244,13 @@ ggml_tensor * glora_build_forward(ggml_context * ctx, const glora_model * model,
     return b.build(rows_only);
 }
 
-ggml_tensor * glora_build_loss(ggml_context * ctx, ggml_tensor * row_logits, float weight, glora_graph_inputs * in) {
+ggml_tensor * glora_build_loss(ggml_context * ctx, ggml_tensor * row_logits, float weight, glora_graph_inputs * in,
+                               bool row_weights) {
+    if (row_weights) {
+        in->row_weights = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, row_logits->ne[1]);
+        ggml_set_name(in->row_weights, "row_weights");
+        ggml_set_input(in->row_weights);
+    }
     // ggml's cross entropy is the mean over rows; weight·n_rows turns it into weight·sum.
     in->labels = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, row_logits->ne[0], row_logits->ne[1]);
     ggml_set_name(in->labels, "labels");
@@ -349,6 +355,9 @@ int32_t glora_validate_batch(const glora_model * model, const glora_batch * batc
             GLORA_CHECK_ARG(r >= 0 && r < N, "batch: loss row %d is outside [0, %lld)", r, (long long) N);
             GLORA_CHECK_ARG(y >= 0 && y < model->n_vocab, "batch: label %d of loss row %d is outside [0, n_vocab=%lld)",
                             y, r, (long long) model->n_vocab);
+            GLORA_CHECK_ARG(!batch->loss_weights || std::isfinite(batch->loss_weights[i]),
+                            "batch: loss weight %g of loss row %d is not finite", (double) (batch->loss_weights ?
+                            batch->loss_weights[i] : 0.0f), r);
         }
     }
     return GLORA_OK;
@@ -415,6 +424,9 @@ void glora_graph_set_inputs(const glora_model * model, const glora_batch * batch
         for (int32_t i = 0; i < batch->n_loss; ++i) {
             ggml_backend_tensor_set(in.labels, &one, (size_t) (i * V + batch->labels[i]) * sizeof(float), sizeof(float));
         }
+    }
+    if (in.row_weights) {
+        ggml_backend_tensor_set(in.row_weights, batch->loss_weights, 0, (size_t) batch->n_loss * sizeof(float));
     }
     if (!in.dropout.empty()) {
         const float p = in.dropout_p, keep = 1.0f / (1.0f - p);

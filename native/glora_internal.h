@@ -208,6 +208,7 @@ struct glora_graph_inputs {
     std::vector<ggml_tensor *> zeros;       // inputs set to 0
     ggml_tensor * loss_rows = nullptr;      // I32 [n_loss]
     ggml_tensor * labels    = nullptr;      // F32 [n_vocab, n_loss] one-hot
+    ggml_tensor * row_weights = nullptr;    // F32 [1, n_loss] batch->loss_weights (training with them)
     std::vector<ggml_tensor *> dropout;     // F32 masks, one per LoRA pair input when dropout > 0
     std::vector<uint64_t>      dropout_salt;
     std::vector<uint64_t>      dropout_offset;  // of element 0 in the mask of the whole batch
@@ -264,8 +265,10 @@ ggml_tensor * glora_bind(ggml_context * ctx, const ggml_tensor * t);
 // batch->n_loss > 0 and rows_only).
 ggml_tensor * glora_build_forward(ggml_context * ctx, const glora_model * model, const glora_batch * batch,
                                   const glora_graph_options & opt, bool rows_only, glora_graph_inputs * in);
-// Cross-entropy summed over the loss rows, times `weight`: a scalar.
-ggml_tensor * glora_build_loss(ggml_context * ctx, ggml_tensor * row_logits, float weight, glora_graph_inputs * in);
+// Cross-entropy summed over the loss rows, times `weight`: a scalar. With `row_weights`, also an input
+// in->row_weights for the backward's per-row weights (glora_weight_loss_rows).
+ggml_tensor * glora_build_loss(ggml_context * ctx, ggml_tensor * row_logits, float weight, glora_graph_inputs * in,
+                               bool row_weights = false);
 // Uploads tokens, positions, mask, rows, labels and dropout masks (those the graph has); host may be NULL.
 void glora_graph_set_inputs(const glora_model * model, const glora_batch * batch, const glora_graph_inputs & in,
                             uint64_t dropout_seed, const glora_host_inputs * host = nullptr);

@@ -217,11 +217,14 @@ extern "C" GLORA_API int32_t glora_logits(glora_model * model, const glora_adapt
 // output stays in a buffer of its own, then the head and the loss run over chunks of loss rows (as in
 // the checkpointed backward): the logits and one-hot labels of every row never exist at once (for
 // 2048 rows of a 49k vocabulary they are 400 MB each).
-extern "C" GLORA_API int32_t glora_loss(glora_model * model, const glora_adapter * adapter, float scale,
-                                        int32_t f16_weights, const glora_batch * batch, double * out_loss_sum) {
-    return glora_guard(__func__, [&]() -> int32_t {
+//
+// With out_rows, each row's cross-entropy instead: the chunk's logits are read back (at most one LM-head
+// chunk of them, ~64 MiB) and log-softmax is taken in double.
+static int32_t loss_impl(glora_model * model, const glora_adapter * adapter, float scale, int32_t f16_weights,
+                         const glora_batch * batch, double * out_loss_sum, float * out_rows) {
+    return glora_guard(out_rows ? "glora_row_losses" : "glora_loss", [&]() -> int32_t {
         glora_clear_error();
-        GLORA_CHECK_ARG(model && out_loss_sum, "glora_loss: NULL argument");
+        GLORA_CHECK_ARG(model && (out_loss_sum || out_rows), "glora_loss: NULL argument");
         GLORA_CHECK_ARG(f16_weights == 0 || f16_weights == 1, "f16_weights=%d must be 0 or 1", f16_weights);
         int32_t rc = glora_validate_batch(model, batch, true);
         if (rc) return rc;
@@ -259,6 +262,7 @@ extern "C" GLORA_API int32_t glora_loss(glora_model * model, const glora_adapter
             if (chunked) {
                 sub.loss_rows += r0;
                 sub.labels    += r0;
+                if (sub.loss_weights) sub.loss_weights += r0;
                 sub.n_loss     = (int32_t) std::min<int64_t>(chunk, batch->n_loss - r0);
                 head.layer_begin = head.layer_end = model->hp.n_layer;
                 head.loss_row0 = r0;
@@ -269,15 +273,42 @@ extern "C" GLORA_API int32_t glora_loss(glora_model * model, const glora_adapter
             if (chunked) head.x_in = glora_bind(g.ctx, top.t);
             glora_graph_inputs in;
             ggml_tensor * logits = glora_build_forward(g.ctx, model, &sub, head, true, &in);
+            if (out_rows) {
+                ggml_set_output(logits);
+                if ((rc = run_forward(model, g.ctx, budget, logits, &sub, in, true))) return rc;
+                const int64_t V = model->n_vocab;
+                std::vector<float> host((size_t) (V * sub.n_loss));
+                ggml_backend_tensor_get(logits, host.data(), 0, host.size() * sizeof(float));
+                for (int32_t i = 0; i < sub.n_loss; ++i) {
+                    const float * l = host.data() + (size_t) i * V;
+                    const double mx = *std::max_element(l, l + V);
+                    double z = 0.0;
+                    for (int64_t v = 0; v < V; ++v) z += std::exp((double) l[v] - mx);
+                    const double ce = mx + std::log(z) - (double) l[sub.labels[i]];
+                    out_rows[r0 + i] = (float) ce;
+                    sum += ce;
+                }
+                continue;
+            }
             ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in);
             if ((rc = run_forward(model, g.ctx, budget, loss, &sub, in, true))) return rc;
             float v = 0.0f;
             ggml_backend_tensor_get(loss, &v, 0, sizeof(v));
             sum += v;
         }
-        *out_loss_sum = sum;
+        if (out_loss_sum) *out_loss_sum = sum;
         return GLORA_OK;
     });
+}
+
+extern "C" GLORA_API int32_t glora_loss(glora_model * model, const glora_adapter * adapter, float scale,
+                                        int32_t f16_weights, const glora_batch * batch, double * out_loss_sum) {
+    return loss_impl(model, adapter, scale, f16_weights, batch, out_loss_sum, nullptr);
+}
+
+extern "C" GLORA_API int32_t glora_row_losses(glora_model * model, const glora_adapter * adapter, float scale,
+                                              int32_t f16_weights, const glora_batch * batch, float * out_rows) {
+    return loss_impl(model, adapter, scale, f16_weights, batch, nullptr, out_rows);
 }
 
 // ---- trainer --------------------------------------------------------------------------------------

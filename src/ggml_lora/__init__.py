@@ -10,7 +10,7 @@ from ._native import ffi, lib
 from . import llama as _llama  # noqa: F401  (keeps llama-cpp-python off its AMX crash; see ggml_lora.llama)
 from .adapter import Adapter
 from .arch import ARCHITECTURES
-from .config import LoRAConfig, TrainingConfig
+from .config import LoRAConfig, PreferenceConfig, TrainingConfig
 from .errors import (
     BackendError,
     ContextLengthError,
@@ -24,6 +24,7 @@ from .errors import (
 from .merge import merge_adapters
 from .model import BaseModel
 from .trainer import LoRATrainer, TrainingHistory
+from .preference import PreferenceTrainer
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ __all__ = [
     "LoRAConfig",
     "LoRATrainer",
     "OutOfMemoryError",
+    "PreferenceConfig",
+    "PreferenceTrainer",
     "TrainingConfig",
     "TrainingHistory",
     "UnsupportedArchitectureError",

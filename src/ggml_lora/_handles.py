@@ -111,7 +111,8 @@ class Batch:
     ``labels`` gives one label per entry of ``loss_rows`` (native code reads n_loss of each)."""
 
     def __init__(self, tokens: np.ndarray, segments: np.ndarray | None = None,
-                 loss_rows: np.ndarray | None = None, labels: np.ndarray | None = None):
+                 loss_rows: np.ndarray | None = None, labels: np.ndarray | None = None,
+                 loss_weights: np.ndarray | None = None):
         self.tokens = _int_array("tokens", tokens, 2)                   # (n_seq, n_tokens)
         if self.tokens.size == 0:
             raise InvalidArgumentError(f"Batch: tokens is empty (shape {self.tokens.shape})")
@@ -130,6 +131,13 @@ class Batch:
                 raise InvalidArgumentError(f"Batch: loss rows must lie in [0, n_seq*n_tokens={n_rows})")
             if np.any(np.diff(self.loss_rows) <= 0):
                 raise InvalidArgumentError("Batch: loss rows must be strictly ascending")
+        self.loss_weights = None
+        if loss_weights is not None:
+            w = np.ascontiguousarray(loss_weights, dtype=np.float32)
+            if w.shape != (self.n_loss,) or not np.all(np.isfinite(w)):
+                raise InvalidArgumentError(f"Batch: loss_weights must be {self.n_loss} finite numbers, one per loss "
+                                           f"row; got shape {w.shape}")
+            self.loss_weights = w
         c = ffi.new("glora_batch *")
         c.tokens = ffi.cast("const int32_t *", ffi.from_buffer(self.tokens))
         c.n_seq, c.n_tokens = self.tokens.shape
@@ -139,6 +147,8 @@ class Batch:
             c.loss_rows = ffi.cast("const int32_t *", ffi.from_buffer(self.loss_rows))
             c.labels = ffi.cast("const int32_t *", ffi.from_buffer(self.labels))
             c.n_loss = len(self.loss_rows)
+            if self.loss_weights is not None:
+                c.loss_weights = ffi.cast("const float *", ffi.from_buffer(self.loss_weights))
         self.c = c
 
     @property

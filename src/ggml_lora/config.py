@@ -374,6 +374,53 @@ class TrainingConfig:
         return _from_dict(cls, data)
 
 
+PREFERENCE_METHODS = ("sft", "dpo", "orpo", "kto")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    """Preference training (TRL's DPOConfig, ORPOConfig and KTOConfig, by their option names).
+
+    ``method="sft"`` is supervised fine-tuning (LoRATrainer, the command line's default); the others train
+    on preference data with
+    :class:`~ggml_lora.preference.PreferenceTrainer`: DPO and ORPO on ``{"prompt", "chosen", "rejected"}``
+    records, KTO on ``{"prompt", "completion", "label"}``. DPO's and KTO's reference model is the base
+    model with the adapter off (TRL's for a PEFT model), its log-probabilities computed once per sample.
+    """
+
+    method: str = _opt("dpo", "dpo, orpo or kto; sft is supervised training (LoRATrainer)")
+    beta: float = _opt(0.1, "dpo/kto: strength of the KL penalty against the reference; orpo: weight of the "
+                            "odds-ratio term (TRL's beta)")
+    loss_type: str = _opt("sigmoid", "dpo: sigmoid (DPO), ipo, hinge or robust")
+    label_smoothing: float = _opt(0.0, "dpo with loss_type=robust: the assumed rate of flipped labels, in [0, 0.5)")
+    desirable_weight: float = _opt(1.0, "kto: weight of the desirable (label true) samples' losses")
+    undesirable_weight: float = _opt(1.0, "kto: weight of the undesirable (label false) samples' losses")
+
+    def __post_init__(self) -> None:
+        c = "PreferenceConfig"
+        if self.method not in PREFERENCE_METHODS:
+            raise _fail(c, "method", self.method, f"must be one of {', '.join(PREFERENCE_METHODS)}")
+        for name in ("beta", "desirable_weight", "undesirable_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise _fail(c, name, v, "must be a positive number")
+        if self.loss_type not in DPO_LOSS_TYPES:
+            raise _fail(c, "loss_type", self.loss_type, f"must be one of {', '.join(DPO_LOSS_TYPES)}")
+        ls = self.label_smoothing
+        if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not 0.0 <= ls < 0.5:
+            raise _fail(c, "label_smoothing", ls, "must be in [0, 0.5)")
+        if ls and self.loss_type != "robust":
+            raise _fail(c, "label_smoothing", ls, "is used by loss_type='robust' only (as in TRL)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreferenceConfig:
+        return _from_dict(cls, data)
+
+
 def learning_rate_at(config: TrainingConfig, step: int, total_steps: int) -> float:
     """The learning rate of optimizer step ``step`` (1-based) of ``total_steps``.
 
@@ -403,6 +450,7 @@ __all__ = [
     "INIT_STRATEGIES",
     "LR_SCHEDULERS",
     "LoRAConfig",
+    "PreferenceConfig",
     "TrainingConfig",
     "learning_rate_at",
     "normalize_target",

@@ -487,6 +487,28 @@ def _has_valid_split(source) -> bool:
     return _is_hf_dataset(source) and isinstance(source, dict) and any(n in source for n in HF_SPLITS["valid"])
 
 
+def own_validation(source, valid, valid_fraction: float) -> bool:
+    """Whether ``source`` has its own validation split; at most one of that, ``valid`` and
+    ``valid_fraction`` may give validation data."""
+    if isinstance(valid_fraction, bool) or not isinstance(valid_fraction, (int, float)) or not 0 <= valid_fraction < 1:
+        raise InvalidArgumentError(f"valid_fraction={valid_fraction!r}: must be in [0, 1)")
+    own = _has_valid_split(source)
+    given = [name for name, on in (("the source's own validation split", own), ("valid=", valid is not None),
+                                   ("valid_fraction=", valid_fraction > 0)) if on]
+    if len(given) > 1:
+        raise InvalidArgumentError(f"validation data is given twice: {' and '.join(given)}; keep one")
+    return own
+
+
+def hold_out(items: list, fraction: float, seed: int, source: str) -> tuple[list, list]:
+    """(the rest, a seeded ``fraction`` of ``items``), each in the original order."""
+    n_valid = max(1, round(len(items) * fraction))
+    if n_valid >= len(items):
+        raise DatasetError(f"{source}: {len(items)} samples are too few to hold out valid_fraction={fraction}")
+    held = set(np.random.default_rng(seed).permutation(len(items))[:n_valid].tolist())
+    return [s for i, s in enumerate(items) if i not in held], [s for i, s in enumerate(items) if i in held]
+
+
 def load_splits(source, model, *, valid=None, valid_fraction: float = 0.0, seed: int = 0,
                 **kw) -> tuple[list[Sample], list[Sample], dict[str, DataReport]]:
     """(train samples, validation samples, {"train": report, "valid": report}).
@@ -497,13 +519,7 @@ def load_splits(source, model, *, valid=None, valid_fraction: float = 0.0, seed:
     them. Without any, it is empty and the reports have no "valid". A folder's test.jsonl is not read
     here: load_dataset(folder, split="test").
     """
-    if isinstance(valid_fraction, bool) or not isinstance(valid_fraction, (int, float)) or not 0 <= valid_fraction < 1:
-        raise InvalidArgumentError(f"valid_fraction={valid_fraction!r}: must be in [0, 1)")
-    folder_valid = _has_valid_split(source)
-    given = [name for name, on in (("the source's own validation split", folder_valid), ("valid=", valid is not None),
-                                   ("valid_fraction=", valid_fraction > 0)) if on]
-    if len(given) > 1:
-        raise InvalidArgumentError(f"validation data is given twice: {' and '.join(given)}; keep one")
+    folder_valid = own_validation(source, valid, valid_fraction)
     train, report = load_dataset(source, model, **kw)
     reports = {"train": report}
     if folder_valid:
@@ -511,14 +527,7 @@ def load_splits(source, model, *, valid=None, valid_fraction: float = 0.0, seed:
     elif valid is not None:
         valid_samples, reports["valid"] = load_dataset(valid, model, **kw)
     elif valid_fraction > 0:
-        n_valid = max(1, round(len(train) * valid_fraction))
-        if n_valid >= len(train):
-            raise DatasetError(f"{report.source}: {len(train)} samples are too few to hold out "
-                               f"valid_fraction={valid_fraction}")
-        order = np.random.default_rng(seed).permutation(len(train))
-        held = set(order[:n_valid].tolist())
-        valid_samples = [s for i, s in enumerate(train) if i in held]
-        train = [s for i, s in enumerate(train) if i not in held]
+        train, valid_samples = hold_out(train, valid_fraction, seed, report.source)
         note = f" (held out {valid_fraction:g}, seed {seed})"
         reports = {"train": _count(replace(report, source=report.source + note, skipped=dict(report.skipped)), train),
                    "valid": _count(replace(report, source=report.source + note, skipped=dict(report.skipped)),

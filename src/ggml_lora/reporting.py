@@ -174,6 +174,13 @@ _TAGS = {"train": {"loss": "train/loss", "learning_rate": "train/learning_rate",
          "eval": {"val_loss": "eval/loss", "val_ppl": "eval/perplexity", "eval_s": "eval/runtime"}}
 
 
+# TRL's preference metrics, logged as train/<name> and eval/<name> as TRL's trainers log them
+_PREFERENCE = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen", "kl")
+_TAGS["train"].update({k: f"train/{k}" for k in _PREFERENCE})
+_TAGS["eval"].update({f"val_{k}": f"eval/{k}" for k in _PREFERENCE})
+
+
 def _scalars(record: dict) -> dict[str, float]:
     out = {}
     for key, tag in _TAGS.get(record.get("type"), {}).items():

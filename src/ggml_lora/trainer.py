@@ -129,6 +129,7 @@ class LoRATrainer:
                                        "not adapter=")
         self._signal: str | None = None
         self._notes: list[str] = []          # said on the progress line once it exists
+        self._step_metrics: dict = {}        # a subclass's metrics of the last step, logged with it
 
     def close(self) -> None:
         """Free the optimizer state, and the adapter if this trainer made it (idempotent)."""
@@ -190,8 +191,6 @@ class LoRATrainer:
         check_writable(self.output_dir)
         check_reporters(cfg.report_to)
         history = TrainingHistory()
-        from .data import make_rows
-
         if cfg.streaming:
             stream, valid_samples, reports = self._load_streaming(dataset, valid)
             packing, rows, steps_per_epoch = False, None, None
@@ -200,15 +199,14 @@ class LoRATrainer:
         else:
             train_samples, valid_samples, reports = self._load(dataset, valid)
             packing = cfg.packing if cfg.packing is not None else reports["train"].format == "text"
-            rows = make_rows(train_samples, max_seq_length=cfg.max_seq_length, packing=packing, seed=cfg.seed)
+            rows = self._rows(train_samples, packing)
             if not rows:
                 raise InvalidArgumentError("the training data holds no usable samples")
             steps_per_epoch = math.ceil(len(rows) / cfg.rows_per_step)
             total = cfg.max_steps or cfg.epochs * steps_per_epoch
             fingerprint = _fingerprint(rows)
         history.data = {k: r.to_dict() for k, r in reports.items()}
-        valid_rows = make_rows(valid_samples, max_seq_length=cfg.max_seq_length, packing=packing,
-                               seed=cfg.seed) if valid_samples else []
+        valid_rows = self._rows(valid_samples, packing) if valid_samples else []
         history.total_steps = total
 
         if self._ctx is not None:
@@ -221,7 +219,7 @@ class LoRATrainer:
             from .adalora import AdaLoRA
 
             self.adalora = AdaLoRA(self.adapter, self.lora_config, total)
-        history.memory = self._check_memory(cfg.max_seq_length if rows is None else max(len(r.tokens) for r in rows))
+        history.memory = self._check_memory(cfg.max_seq_length if rows is None else self._longest(rows))
         start = 0
         if resume_from is not None:
             start = self._resume(resume_from, fingerprint, total)
@@ -273,6 +271,7 @@ class LoRATrainer:
                        "learning_rate": lr, "grad_norm": norm, "supervised_tokens": n_tok,
                        "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else 0.0,
                        "elapsed_s": elapsed, "peak_rss_bytes": peak_rss_bytes()}
+                rec.update(self._step_metrics)
                 if self.adalora is not None:
                     rec["orth_loss"] = self.adalora.orth_loss
                     rec["budget"] = int(sum(self.adalora.ranks().values()))
@@ -337,6 +336,16 @@ class LoRATrainer:
                            max_seq_length=cfg.max_seq_length, truncation=cfg.truncation,
                            train_on_prompt=cfg.train_on_prompt, chat_template=resolve_chat_template(cfg.chat_template))
 
+    def _rows(self, samples, packing: bool):
+        from .data import make_rows
+
+        cfg = self.config
+        return make_rows(samples, max_seq_length=cfg.max_seq_length, packing=packing, seed=cfg.seed)
+
+    @staticmethod
+    def _longest(rows) -> int:
+        return max(len(r.tokens) for r in rows)
+
     def _step_batches(self, rows, step: int, steps_per_epoch: int):
         cfg = self.config
         epoch, j = divmod(step - 1, steps_per_epoch)
@@ -358,15 +367,12 @@ class LoRATrainer:
 
     def _load_streaming(self, dataset, valid):
         """(a function that starts the training stream, validation samples, reports) for streaming=True."""
-        from .data import _has_valid_split, load_dataset, stream_rows, stream_samples
+        from .data import load_dataset, own_validation, stream_rows, stream_samples
 
         cfg = self.config
         kw = dict(max_seq_length=cfg.max_seq_length, truncation=cfg.truncation, train_on_prompt=cfg.train_on_prompt,
                   chat_template=resolve_chat_template(cfg.chat_template))
-        own = _has_valid_split(dataset)
-        if own and valid is not None:
-            raise InvalidArgumentError("validation data is given twice: the source's own validation split and valid=; "
-                                       "keep one")
+        own = own_validation(dataset, valid, 0.0)
         reports = {}
         valid_samples = []
         if own or valid is not None:
@@ -411,7 +417,8 @@ class LoRATrainer:
                "eval_s": time.perf_counter() - t}
         metrics.write(rec)
         history.evals.append(rec)
-        progress.message(f"step {step}: validation loss {rec['val_loss']:.4f}, perplexity {rec['val_ppl']:.2f}")
+        progress.message(f"step {step}: validation loss {rec['val_loss']:.4f}"
+                         + (f", perplexity {rec['val_ppl']:.2f}" if "val_ppl" in rec else ""))
         plot_losses(metrics.records, self.output_dir / "loss.png")
         call_hooks(callbacks, "on_eval", self, rec)
 
@@ -492,11 +499,15 @@ class LoRATrainer:
         d = self.config.to_dict()
         return {k: d[k] for k in _TRAJECTORY_KEYS}
 
+    def _checkpoint_state(self) -> dict:
+        """What a subclass adds to a checkpoint's state (JSON)."""
+        return {}
+
     def _save_checkpoint(self, step: int, fingerprint: str, total: int, callbacks) -> Path:
         state = {"version": STATE_VERSION, "step": step, "total_steps": total, "data_fingerprint": fingerprint,
                  "training_config": self.config.to_dict(), "lora_config": self.lora_config.to_dict(),
                  "targets": list(self.adapter.targets), "optimizer": self._ctx.optimizer,
-                 "base_model_sha256": self.model.sha256}
+                 "base_model_sha256": self.model.sha256, **self._checkpoint_state()}
         root = self.output_dir / "checkpoints"
         path = ckpt.write_checkpoint(root, step, self.adapter, self._ctx, state, self._adapter_metadata(),
                                      extra=self.adalora.state_arrays() if self.adalora is not None else None)

@@ -78,6 +78,21 @@ def loss_sum(model: BaseModel, adapter: Adapter | None, batch: Batch, scale: flo
     return out[0]
 
 
+def row_losses(model: BaseModel, adapter: Adapter | None, batch: Batch, scale: float = 1.0,
+               f16_weights: bool = False) -> np.ndarray:
+    """The next-token cross-entropy of each of ``batch``'s loss rows (float32, in loss-row order), the same
+    forward as :func:`loss_sum`; minus their sum over a sequence's rows is its log-probability."""
+    if adapter is not None and adapter.model is not model:
+        raise InvalidArgumentError("the adapter was made for another BaseModel")
+    if not isinstance(f16_weights, bool):
+        raise InvalidArgumentError(f"f16_weights={f16_weights!r}: must be True or False")
+    out = np.empty(batch.n_loss, dtype=np.float32)
+    with model._using() as model_ptr:
+        handle = adapter._handle() if adapter is not None else ffi.NULL
+        check(lib.glora_row_losses(model_ptr, handle, float(scale), int(f16_weights), batch.c, float_buffer(out)))
+    return out
+
+
 @dataclass(frozen=True)
 class StepResult:
     loss: float            # mean cross-entropy over the step's supervised tokens (before the update)
