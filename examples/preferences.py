@@ -6,7 +6,13 @@ The adapter is trained on train.jsonl; then, for every held-out prompt of valid.
 answers greedily with the base model alone and with the adapter, and the style win rate is the share of
 answers in the house style. Prints one JSON object: both rates, the number of prompts, and samples.
 
-    python examples/preferences.py [--method dpo|orpo|kto] [--steps 60] [--output-dir prefs-out]
+    python examples/preferences.py [--method orpo|dpo|kto] [--steps 60] [--lr 1e-3] [--output-dir prefs-out]
+
+Measured (SmolLM2-135M-Instruct Q4_1, AVX2 machine, --threads 1 beside another run: 20 minutes): ORPO, the default, 60 steps
+of 4 pairs at lr 1e-3, beta 0.1, r16: 0 of 40 held-out answers in the house style before, 40 of 40 after
+("Ahoy! A tailor makes clothes. Fair winds!"). DPO taught the greeting but not the whole style in 30 steps:
+at lr 5e-4 it over-optimised into "Ahoy! Ahoy! Ahoy!..." (0 of 40 in the style: no sign-off), at lr 1e-4
+it barely moved the answers; ORPO's supervised term on the chosen answers keeps them fluent.
 """
 
 from __future__ import annotations
@@ -102,11 +108,11 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DATA, help="folder of {prompt, chosen, rejected} records: "
                                                             "train.jsonl and valid.jsonl")
     ap.add_argument("--output-dir", type=Path, default=Path("prefs-out"), help="adapter.gguf, metrics, checkpoints")
-    ap.add_argument("--method", choices=("dpo", "orpo", "kto"), default="dpo",
+    ap.add_argument("--method", choices=("dpo", "orpo", "kto"), default="orpo",
                     help="preference objective (kto trains on the pairs unpaired, as TRL does)")
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps")
     ap.add_argument("--beta", type=float, default=0.1, help="the preference loss's beta")
-    ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     ap.add_argument("--batch-size", type=int, default=4, help="preference pairs per step")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (None: ggml's choice)")
     args = ap.parse_args()

@@ -223,12 +223,6 @@ def test_string_and_message_records(tiny):
     assert "ahoy there" in text and "earlier" not in text      # only the completion's turn is trained
 
 
-@pytest.mark.parametrize("records, method, message", [
-    ([{"prompt": "a", "chosen": "b"}], "dpo", "'rejected' missing"),
-    ([{"prompt": "a", "completion": "b", "label": 1}], "kto", "'label' must be true or false"),
-    ([{"prompt": "a", "chosen": [{"role": "assistant", "content": "x"}], "rejected": "y"}], "dpo", "all be strings"),
-    (["just text"], "dpo", "'prompt', 'chosen', 'rejected' missing"),
-])
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -254,6 +248,12 @@ def test_example_data_is_what_its_script_writes(smollm2):
         assert rejected.startswith(rec["rejected"][0]["content"]) and "user" not in rejected
 
 
+@pytest.mark.parametrize("records, method, message", [
+    ([{"prompt": "a", "chosen": "b"}], "dpo", "'rejected' missing"),
+    ([{"prompt": "a", "completion": "b", "label": 1}], "kto", "'label' must be true or false"),
+    ([{"prompt": "a", "chosen": [{"role": "assistant", "content": "x"}], "rejected": "y"}], "dpo", "all be strings"),
+    (["just text"], "dpo", "'prompt', 'chosen', 'rejected' missing"),
+])
 def test_bad_records_name_the_problem(tiny, records, method, message):
     with pytest.raises(DatasetError, match=message):
         load_preferences(records, tiny, method, max_seq_length=64)
