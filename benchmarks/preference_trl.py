@@ -109,7 +109,12 @@ def compare(model_path, pairs: list[dict], *, method: str, f16_weights: bool = F
     names = METRICS + (ORPO_METRICS if method == "orpo" else ())
     steps = [{"step": a["step"], **{f"{n}": [a[n], b[n]] for n in names}} for a, b in zip(mine, theirs)]
     worst = {n: max(abs(a[n] - b[n]) / max(abs(b[n]), 1e-3) for a, b in zip(mine, theirs)) for n in names}
-    return {"method": method, "steps": steps, "max_rel_diff": worst, "ours_s": ours_s, "trl_s": trl_s}
+    # per-step relative differences blow up where a value crosses zero (rewards) or vanishes (DPO's loss):
+    # also against the largest magnitude TRL's run reaches
+    span = {n: max(abs(a[n] - b[n]) for a, b in zip(mine, theirs)) / max(max(abs(b[n]) for b in theirs), 1e-6)
+            for n in names}
+    return {"method": method, "steps": steps, "max_rel_diff": worst, "max_diff_over_range": span,
+            "ours_s": ours_s, "trl_s": trl_s}
 
 
 def main() -> None:

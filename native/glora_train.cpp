@@ -220,95 +220,94 @@ extern "C" GLORA_API int32_t glora_logits(glora_model * model, const glora_adapt
 //
 // With out_rows, each row's cross-entropy instead: the chunk's logits are read back (at most one LM-head
 // chunk of them, ~64 MiB) and log-softmax is taken in double.
+// Runs inside the caller's guard.
 static int32_t loss_impl(glora_model * model, const glora_adapter * adapter, float scale, int32_t f16_weights,
                          const glora_batch * batch, double * out_loss_sum, float * out_rows) {
-    return glora_guard(out_rows ? "glora_row_losses" : "glora_loss", [&]() -> int32_t {
-        glora_clear_error();
-        GLORA_CHECK_ARG(model && (out_loss_sum || out_rows), "glora_loss: NULL argument");
-        GLORA_CHECK_ARG(f16_weights == 0 || f16_weights == 1, "f16_weights=%d must be 0 or 1", f16_weights);
-        int32_t rc = glora_validate_batch(model, batch, true);
-        if (rc) return rc;
-        if (f16_weights && (rc = glora_model_prepare_f16_forward(model))) return rc;
-        glora_graph_options opt;
-        opt.expand_gqa = true;   // the same graph as training, so losses and gradients agree exactly
-        opt.attn_chunk = GLORA_ATTN_CHUNK;
-        opt.f16_weights = f16_weights != 0;
-        if (adapter) {
-            if ((rc = check_adapter_model(model, adapter))) return rc;
-            opt.adapters.push_back({adapter, scale});
-        }
-        if ((rc = glora_check_graph_budget(model, batch, opt, false))) return rc;
-        const int64_t chunk = glora_head_chunk_rows(model);
-        const bool chunked = batch->n_loss > chunk;
+    glora_clear_error();
+    GLORA_CHECK_ARG(model && (out_loss_sum || out_rows), "glora_loss: NULL argument");
+    GLORA_CHECK_ARG(f16_weights == 0 || f16_weights == 1, "f16_weights=%d must be 0 or 1", f16_weights);
+    int32_t rc = glora_validate_batch(model, batch, true);
+    if (rc) return rc;
+    if (f16_weights && (rc = glora_model_prepare_f16_forward(model))) return rc;
+    glora_graph_options opt;
+    opt.expand_gqa = true;   // the same graph as training, so losses and gradients agree exactly
+    opt.attn_chunk = GLORA_ATTN_CHUNK;
+    opt.f16_weights = f16_weights != 0;
+    if (adapter) {
+        if ((rc = check_adapter_model(model, adapter))) return rc;
+        opt.adapters.push_back({adapter, scale});
+    }
+    if ((rc = glora_check_graph_budget(model, batch, opt, false))) return rc;
+    const int64_t chunk = glora_head_chunk_rows(model);
+    const bool chunked = batch->n_loss > chunk;
 
-        held_tensor top;   // the last block's output [n_embd, n_seq * n_tokens], when chunked
+    held_tensor top;   // the last block's output [n_embd, n_seq * n_tokens], when chunked
+    if (chunked) {
+        const int64_t n_rows = (int64_t) batch->n_seq * batch->n_tokens;
+        if ((rc = top.alloc(model, GGML_TYPE_F32, model->n_embd, n_rows, "loss.top"))) return rc;
+        glora_graph_options blocks = opt;
+        blocks.head = false;
+        const size_t budget = glora_graph_budget(model, batch, blocks, false);
+        graph_run g;
+        g.ctx = glora_graph_ctx(budget);
+        glora_graph_inputs in;
+        ggml_tensor * y = glora_build_forward(g.ctx, model, batch, blocks, false, &in);
+        if ((rc = run_forward(model, g.ctx, budget, ggml_cpy(g.ctx, y, top.t), batch, in, true))) return rc;
+    }
+
+    double sum = 0.0;
+    for (int64_t r0 = 0; r0 < batch->n_loss; r0 += chunked ? chunk : batch->n_loss) {
+        glora_batch sub = *batch;
+        glora_graph_options head = opt;
         if (chunked) {
-            const int64_t n_rows = (int64_t) batch->n_seq * batch->n_tokens;
-            if ((rc = top.alloc(model, GGML_TYPE_F32, model->n_embd, n_rows, "loss.top"))) return rc;
-            glora_graph_options blocks = opt;
-            blocks.head = false;
-            const size_t budget = glora_graph_budget(model, batch, blocks, false);
-            graph_run g;
-            g.ctx = glora_graph_ctx(budget);
-            glora_graph_inputs in;
-            ggml_tensor * y = glora_build_forward(g.ctx, model, batch, blocks, false, &in);
-            if ((rc = run_forward(model, g.ctx, budget, ggml_cpy(g.ctx, y, top.t), batch, in, true))) return rc;
+            sub.loss_rows += r0;
+            sub.labels    += r0;
+            if (sub.loss_weights) sub.loss_weights += r0;
+            sub.n_loss     = (int32_t) std::min<int64_t>(chunk, batch->n_loss - r0);
+            head.layer_begin = head.layer_end = model->hp.n_layer;
+            head.loss_row0 = r0;
         }
-
-        double sum = 0.0;
-        for (int64_t r0 = 0; r0 < batch->n_loss; r0 += chunked ? chunk : batch->n_loss) {
-            glora_batch sub = *batch;
-            glora_graph_options head = opt;
-            if (chunked) {
-                sub.loss_rows += r0;
-                sub.labels    += r0;
-                if (sub.loss_weights) sub.loss_weights += r0;
-                sub.n_loss     = (int32_t) std::min<int64_t>(chunk, batch->n_loss - r0);
-                head.layer_begin = head.layer_end = model->hp.n_layer;
-                head.loss_row0 = r0;
+        const size_t budget = glora_graph_budget(model, &sub, head, false);
+        graph_run g;
+        g.ctx = glora_graph_ctx(budget);
+        if (chunked) head.x_in = glora_bind(g.ctx, top.t);
+        glora_graph_inputs in;
+        ggml_tensor * logits = glora_build_forward(g.ctx, model, &sub, head, true, &in);
+        if (out_rows) {
+            ggml_set_output(logits);
+            if ((rc = run_forward(model, g.ctx, budget, logits, &sub, in, true))) return rc;
+            const int64_t V = model->n_vocab;
+            std::vector<float> host((size_t) (V * sub.n_loss));
+            ggml_backend_tensor_get(logits, host.data(), 0, host.size() * sizeof(float));
+            for (int32_t i = 0; i < sub.n_loss; ++i) {
+                const float * l = host.data() + (size_t) i * V;
+                const double mx = *std::max_element(l, l + V);
+                double z = 0.0;
+                for (int64_t v = 0; v < V; ++v) z += std::exp((double) l[v] - mx);
+                const double ce = mx + std::log(z) - (double) l[sub.labels[i]];
+                out_rows[r0 + i] = (float) ce;
+                sum += ce;
             }
-            const size_t budget = glora_graph_budget(model, &sub, head, false);
-            graph_run g;
-            g.ctx = glora_graph_ctx(budget);
-            if (chunked) head.x_in = glora_bind(g.ctx, top.t);
-            glora_graph_inputs in;
-            ggml_tensor * logits = glora_build_forward(g.ctx, model, &sub, head, true, &in);
-            if (out_rows) {
-                ggml_set_output(logits);
-                if ((rc = run_forward(model, g.ctx, budget, logits, &sub, in, true))) return rc;
-                const int64_t V = model->n_vocab;
-                std::vector<float> host((size_t) (V * sub.n_loss));
-                ggml_backend_tensor_get(logits, host.data(), 0, host.size() * sizeof(float));
-                for (int32_t i = 0; i < sub.n_loss; ++i) {
-                    const float * l = host.data() + (size_t) i * V;
-                    const double mx = *std::max_element(l, l + V);
-                    double z = 0.0;
-                    for (int64_t v = 0; v < V; ++v) z += std::exp((double) l[v] - mx);
-                    const double ce = mx + std::log(z) - (double) l[sub.labels[i]];
-                    out_rows[r0 + i] = (float) ce;
-                    sum += ce;
-                }
-                continue;
-            }
-            ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in);
-            if ((rc = run_forward(model, g.ctx, budget, loss, &sub, in, true))) return rc;
-            float v = 0.0f;
-            ggml_backend_tensor_get(loss, &v, 0, sizeof(v));
-            sum += v;
+            continue;
         }
-        if (out_loss_sum) *out_loss_sum = sum;
-        return GLORA_OK;
-    });
+        ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in);
+        if ((rc = run_forward(model, g.ctx, budget, loss, &sub, in, true))) return rc;
+        float v = 0.0f;
+        ggml_backend_tensor_get(loss, &v, 0, sizeof(v));
+        sum += v;
+    }
+    if (out_loss_sum) *out_loss_sum = sum;
+    return GLORA_OK;
 }
 
 extern "C" GLORA_API int32_t glora_loss(glora_model * model, const glora_adapter * adapter, float scale,
                                         int32_t f16_weights, const glora_batch * batch, double * out_loss_sum) {
-    return loss_impl(model, adapter, scale, f16_weights, batch, out_loss_sum, nullptr);
+    return glora_guard(__func__, [&] { return loss_impl(model, adapter, scale, f16_weights, batch, out_loss_sum, nullptr); });
 }
 
 extern "C" GLORA_API int32_t glora_row_losses(glora_model * model, const glora_adapter * adapter, float scale,
                                               int32_t f16_weights, const glora_batch * batch, float * out_rows) {
-    return loss_impl(model, adapter, scale, f16_weights, batch, nullptr, out_rows);
+    return glora_guard(__func__, [&] { return loss_impl(model, adapter, scale, f16_weights, batch, nullptr, out_rows); });
 }
 
 // ---- trainer --------------------------------------------------------------------------------------
