@@ -29,7 +29,7 @@
 #  define GLORA_API
 #endif
 
-#define GLORA_ABI_VERSION 9
+#define GLORA_ABI_VERSION 10
 
 #ifdef __cplusplus
 extern "C" {
@@ -166,6 +166,12 @@ typedef struct glora_batch {
     const float   * loss_weights; /* NULL (every row 1), or [n_loss] finite weights of any sign: the
                                     training gradient is that of sum_r w_r * CE_r (preference losses
                                     are such sums); losses reported stay the unweighted CE sums     */
+    const uint64_t * seq_keys;   /* NULL, or [n_seq] keys of the sequences' dropout masks: the mask of
+                                    token t of sequence s then depends on (dropout seed, LoRA pair,
+                                    seq_keys[s], t) only, not on the batch it sits in nor its padding,
+                                    so one row gets the same mask however the step is split into
+                                    micro-batches or processes. NULL: keyed by the flat position in
+                                    this batch                                                      */
 } glora_batch;
 
 /* logits for every position: out = [n_seq * n_tokens * n_vocab] float32. adapters may be NULL when

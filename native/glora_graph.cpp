@@ -15,6 +15,7 @@ struct builder {
     const glora_graph_options & opt;
     glora_graph_inputs        * in;
     int64_t                     mask_row0 = 0;   // first row of x in the batch, for dropout masks
+    bool                        x_loss_rows = false;   // x's rows are the batch's loss rows (the head)
 
     // y = W·x + Σ_adapters s·(alpha/rank)·B·(A·dropout(x)), in build_lora_mm's op order.
     // w: ne = [n_in, n_out]; x: ne = [n_in, N]; y: ne = [n_out, N]
@@ -41,6 +42,7 @@ struct builder {
                 in->dropout.push_back(mask);
                 in->dropout_salt.push_back((uint64_t) (p - aa.adapter->pairs.data()) + 1);
                 in->dropout_offset.push_back((uint64_t) (mask_row0 * x->ne[0]));
+                in->dropout_loss_rows.push_back(x_loss_rows ? 1 : 0);
                 xin = ggml_mul(ctx, x, mask);
             }
             ggml_tensor * ax = ggml_mul_mat(ctx, p->a, xin);   // [rank, N]
@@ -222,6 +224,7 @@ struct builder {
         }
         x = rms_norm(x, m->output_norm);
         mask_row0 = opt.loss_row0;
+        x_loss_rows = rows_only;
         ggml_tensor * logits = lora_mm(m->output, x);                     // [n_vocab, N or n_loss]
         ggml_set_name(logits, "logits");
         return logits;
@@ -432,12 +435,27 @@ void glora_graph_set_inputs(const glora_model * model, const glora_batch * batch
         const float p = in.dropout_p, keep = 1.0f / (1.0f - p);
         const uint64_t threshold = (uint64_t) ((double) p * 18446744073709551616.0);
         std::vector<float> buf;
+        const int64_t T = batch->n_tokens;
         for (size_t i = 0; i < in.dropout.size(); ++i) {
             ggml_tensor * t = in.dropout[i];
             buf.resize((size_t) ggml_nelements(t));
             const uint64_t base = mix64(dropout_seed ^ mix64(in.dropout_salt[i]));
-            for (size_t e = 0; e < buf.size(); ++e) {
-                buf[e] = mix64(base + in.dropout_offset[i] + e) >= threshold ? keep : 0.0f;
+            if (!batch->seq_keys) {
+                for (size_t e = 0; e < buf.size(); ++e) {
+                    buf[e] = mix64(base + in.dropout_offset[i] + e) >= threshold ? keep : 0.0f;
+                }
+            } else {
+                // row r of x is token t of sequence s: its mask depends on (base, seq_keys[s], t) only
+                const int64_t n_in = t->ne[0], rows = ggml_nelements(t) / n_in;
+                for (int64_t r = 0; r < rows; ++r) {
+                    const int64_t flat = in.dropout_loss_rows[i] ? batch->loss_rows[r] : r;
+                    const uint64_t row_base = mix64(base ^ mix64(~batch->seq_keys[flat / T])) +
+                                              (uint64_t) ((flat % T) * n_in);
+                    float * out = buf.data() + r * n_in;
+                    for (int64_t e = 0; e < n_in; ++e) {
+                        out[e] = mix64(row_base + (uint64_t) e) >= threshold ? keep : 0.0f;
+                    }
+                }
             }
             ggml_backend_tensor_set(t, buf.data(), 0, buf.size() * sizeof(float));
         }

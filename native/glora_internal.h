@@ -212,6 +212,7 @@ struct glora_graph_inputs {
     std::vector<ggml_tensor *> dropout;     // F32 masks, one per LoRA pair input when dropout > 0
     std::vector<uint64_t>      dropout_salt;
     std::vector<uint64_t>      dropout_offset;  // of element 0 in the mask of the whole batch
+    std::vector<uint8_t>       dropout_loss_rows;  // 1: the mask's rows are the batch's loss rows (LM head)
     float                      dropout_p = 0.0f;
 };
 

@@ -14,6 +14,7 @@ from .config import LoRAConfig, PreferenceConfig, TrainingConfig
 from .errors import (
     BackendError,
     ContextLengthError,
+    DistributedError,
     GGMLLoRAError,
     GGUFFormatError,
     InvalidArgumentError,
@@ -59,6 +60,7 @@ __all__ = [
     "BaseModel",
     "ContextLengthError",
     "Device",
+    "DistributedError",
     "GGMLLoRAError",
     "GGUFFormatError",
     "InvalidArgumentError",

@@ -112,7 +112,7 @@ class Batch:
 
     def __init__(self, tokens: np.ndarray, segments: np.ndarray | None = None,
                  loss_rows: np.ndarray | None = None, labels: np.ndarray | None = None,
-                 loss_weights: np.ndarray | None = None):
+                 loss_weights: np.ndarray | None = None, seq_keys: np.ndarray | None = None):
         self.tokens = _int_array("tokens", tokens, 2)                   # (n_seq, n_tokens)
         if self.tokens.size == 0:
             raise InvalidArgumentError(f"Batch: tokens is empty (shape {self.tokens.shape})")
@@ -138,6 +138,14 @@ class Batch:
                 raise InvalidArgumentError(f"Batch: loss_weights must be {self.n_loss} finite numbers, one per loss "
                                            f"row; got shape {w.shape}")
             self.loss_weights = w
+        self.seq_keys = None
+        if seq_keys is not None:
+            k = np.asarray(seq_keys)
+            if k.shape != (self.tokens.shape[0],) or (k.size and not np.issubdtype(k.dtype, np.integer)) \
+                    or (k.size and k.min() < 0):
+                raise InvalidArgumentError(f"Batch: seq_keys must be {self.tokens.shape[0]} non-negative integers, "
+                                           f"one per sequence; got shape {k.shape} of {k.dtype}")
+            self.seq_keys = np.ascontiguousarray(k, dtype=np.uint64)
         c = ffi.new("glora_batch *")
         c.tokens = ffi.cast("const int32_t *", ffi.from_buffer(self.tokens))
         c.n_seq, c.n_tokens = self.tokens.shape
@@ -149,6 +157,8 @@ class Batch:
             c.n_loss = len(self.loss_rows)
             if self.loss_weights is not None:
                 c.loss_weights = ffi.cast("const float *", ffi.from_buffer(self.loss_weights))
+        if self.seq_keys is not None:
+            c.seq_keys = ffi.cast("const uint64_t *", ffi.from_buffer(self.seq_keys))
         self.c = c
 
     @property

@@ -131,13 +131,24 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
                           "folders under it)")
 
 
+def read_state(path: Path) -> dict:
+    """The trainer state (trainer_state.json) of a checkpoint folder."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from e
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path / STATE_FILE}: not a ggml-lora trainer state")
+    return state
+
+
 def read_checkpoint(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, ...]], dict[str, np.ndarray]]:
     """(trainer state, {target: (m_a, v_a, m_b, v_b)}, {key: array} of everything else) of a checkpoint
     folder; the last holds "<target>/b", the B of pairs whose adapter file stores it folded (rank/alpha
     patterns), and "adalora/..." AdaLoRA's state."""
     moment_names = ("m_a", "v_a", "m_b", "v_b")
+    state = read_state(path)
     try:
-        state = json.loads((path / STATE_FILE).read_text())
         moments: dict[str, list] = {}
         extra: dict[str, np.ndarray] = {}
         with np.load(path / OPTIMIZER_FILE) as z:
@@ -149,12 +160,11 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, ...]]
                 moments.setdefault(target, [None] * 4)[moment_names.index(which)] = z[key]
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from e
-    if not isinstance(state, dict) or "step" not in state:
-        raise CheckpointError(f"{path / STATE_FILE}: not a ggml-lora trainer state")
     for target, parts in moments.items():
         if any(m is None for m in parts):
             raise CheckpointError(f"{path / OPTIMIZER_FILE}: incomplete moments for {target}")
     return state, {t: tuple(v) for t, v in moments.items()}, extra
 
 
-__all__ = ["list_checkpoints", "prune_checkpoints", "read_checkpoint", "resolve_checkpoint", "write_checkpoint"]
+__all__ = ["list_checkpoints", "prune_checkpoints", "read_checkpoint", "read_state", "resolve_checkpoint",
+           "write_checkpoint"]

@@ -182,15 +182,20 @@ def _train(args: argparse.Namespace) -> int:
     model_path = _model_path(run["model"])
     with BaseModel.load(model_path, device=training.device, n_threads=training.n_threads,
                         n_ctx=max(training.max_seq_length, 1)) as model:
-        print(f"model: {model_path} ({model.arch}, {model.n_layers} layers, device {model.device})", file=sys.stderr)
         if run["preference"] is None:
             trainer = LoRATrainer(model, lora, training)
         else:
             from .preference import PreferenceTrainer
 
             trainer = PreferenceTrainer(model, lora, training, run["preference"])
+        main = trainer.is_main_process       # under mpiexec, rank 0 alone prints
+        if main:
+            print(f"model: {model_path} ({model.arch}, {model.n_layers} layers, device {model.device})"
+                  + (f"; {trainer.comm.size} processes (MPI)" if trainer.comm.size > 1 else ""), file=sys.stderr)
         history = trainer.train(run["data"], valid=run["valid"], resume_from=args.resume)
         trainer.adapter.close()
+    if not main:
+        return 130 if history.interrupted == "SIGINT" else 143 if history.interrupted else 0
     out = Path(training.output_dir)
     evals = history.evals
     summary = {"steps": history.global_step, "total_steps": history.total_steps,

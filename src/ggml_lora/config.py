@@ -208,6 +208,7 @@ class LoRAConfig:
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
 NAN_POLICIES = ("stop", "skip")
+DISTRIBUTED = ("auto", "mpi", "none")
 REPORT_TO = ("tensorboard", "mlflow")
 TRUNCATION = ("truncate", "drop")
 
@@ -279,6 +280,9 @@ class TrainingConfig:
     report_to: tuple[str, ...] = _opt((), "also log the metrics to: tensorboard, mlflow (comma-separated), all or none")
     logging_dir: str | None = _opt(None, "TensorBoard event folder (default: output_dir/runs)")
     run_name: str | None = _opt(None, "the MLflow run's name")
+    distributed: str = _opt("auto", "data-parallel training over MPI: auto (when an MPI launcher such as mpiexec "
+                                    "or srun started more than one process), mpi, or none; batch_size is then "
+                                    "per process")
 
     def __post_init__(self) -> None:
         c = type(self).__name__
@@ -350,6 +354,7 @@ class TrainingConfig:
         choice("optimizer", OPTIMIZERS)
         choice("nan_policy", NAN_POLICIES)
         choice("truncation", TRUNCATION)
+        choice("distributed", DISTRIBUTED)
         for name in ("train_on_prompt", "gradient_checkpointing", "f16_weights", "keep_transposed_weights", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(c, name, getattr(self, name), "must be true or false")

@@ -597,8 +597,19 @@ def _pack(group: list[Sample]) -> Row:
     return Row(np.concatenate([s.tokens for s in group]), np.concatenate([s.mask for s in group]), segments)
 
 
-def collate(rows: Sequence[Row], model=None) -> Batch:
+def n_targets(row: Row) -> int:
+    """The supervised tokens ``collate`` makes of ``row`` (whatever it is batched with): masked tokens that
+    are not the first of their segment."""
+    keep = np.asarray(row.mask[1:], dtype=bool)
+    if row.segments is not None:
+        keep = keep & (row.segments[1:] == row.segments[:-1])
+    return int(keep.sum())
+
+
+def collate(rows: Sequence[Row], model=None, seq_keys=None) -> Batch:
     """A Batch of ``rows`` padded to the longest, with the model's EOS (token 0 without a model).
+    ``seq_keys``: one dropout key per row (see Batch), so a row's dropout mask does not depend on
+    which micro-batch or process it lands in.
 
     Padding is a segment of its own and never a target, nor is the first token of any segment.
     loss_rows are the flattened positions (row * T + t - 1) that predict the targets t, ascending.
@@ -627,4 +638,4 @@ def collate(rows: Sequence[Row], model=None) -> Batch:
     seq, pos = np.nonzero(mask)
     if len(seq) == 0:
         raise InvalidArgumentError("collate: the rows have no supervised token")
-    return Batch(tokens, segments, loss_rows=seq * T + pos - 1, labels=tokens[seq, pos])
+    return Batch(tokens, segments, loss_rows=seq * T + pos - 1, labels=tokens[seq, pos], seq_keys=seq_keys)

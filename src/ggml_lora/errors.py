@@ -85,3 +85,7 @@ class CheckpointError(GGMLLoRAError, OSError):
 
 class DatasetError(GGMLLoRAError, ValueError):
     """A training data file or record is malformed; the message names the file and line (or list index)."""
+
+
+class DistributedError(GGMLLoRAError, RuntimeError):
+    """The processes of a distributed run disagree (data, base model, settings, or their adapters)."""

@@ -81,6 +81,10 @@ class BaseModel(NativeHandle):
         params = ffi.new("glora_model_params *")
         device_c = ffi.new("char[]", device.encode())
         params.device = device_c
+        if n_threads is None:       # under an MPI launch: the machine's cores shared among its ranks
+            from .distributed import default_threads
+
+            n_threads = default_threads()
         params.n_threads = n_threads or 0
         params.n_layer = hp.n_layers
         params.n_head = hp.n_head

@@ -23,7 +23,6 @@ supervised term, which TRL takes over the whole chosen sequence, prompt included
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -32,7 +31,6 @@ import numpy as np
 
 from ._handles import Batch
 from .adapter import Adapter
-from .adapter_file import atomic_path
 from .config import LoRAConfig, PreferenceConfig, TrainingConfig
 from .data import DataReport, Row, Sample, _Loader, _open, collate, hold_out, own_validation
 from .chat import _kind, check_messages, render_with_spans
@@ -295,6 +293,8 @@ class PreferenceTrainer(LoRATrainer):
     >>> trainer.train("prefs/")         # train.jsonl and valid.jsonl of {"prompt", "chosen", "rejected"}
     """
 
+    _distributable = False      # one process: the objective of a step's records is not yet split over ranks
+
     def __init__(self, model: BaseModel, lora_config: LoRAConfig | None = None,
                  training_config: TrainingConfig | None = None, preference_config: PreferenceConfig | None = None,
                  adapter: Adapter | None = None, ref_adapter: Adapter | None = None):
@@ -381,7 +381,7 @@ class PreferenceTrainer(LoRATrainer):
         est["total"] += extra
         return est
 
-    def _micro_batches(self, chosen):
+    def _micro_batches(self, chosen, first_key: int = 0):
         return chosen, int(sum(len(s.tokens) for r in chosen for s in r.seqs))
 
     # ---- the objective -------------------------------------------------------------------------------
@@ -426,21 +426,15 @@ class PreferenceTrainer(LoRATrainer):
             ctx.accumulate(Batch(b.tokens, b.segments, b.loss_rows, b.labels, loss_weights=w.astype(np.float32)), 1)
         return obj, n_tokens
 
-    def _train_step(self, batches, lr: float, step: int) -> tuple[float, int, float, bool]:
+    def _train_step(self, batches, lr: float, step: int, n_step_tokens=None) -> tuple[float, int, float, bool]:
         cfg, ctx = self.config, self._ctx
         with ctx._lock:
             obj, n_tokens = self._accumulate(batches)
             self._step_metrics = obj.metrics
-            norm = ctx.grad_norm()
-            if not (math.isfinite(obj.loss) and math.isfinite(norm)):
-                ctx.zero_grad()
-                return obj.loss, n_tokens, norm, False
-            clip = 1.0
-            if cfg.max_grad_norm and norm > cfg.max_grad_norm:
-                clip = cfg.max_grad_norm / (norm + 1e-6)
-            ctx.apply(lr, step, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                      weight_decay=cfg.weight_decay, grad_scale=clip)
-        return obj.loss, n_tokens, norm, True
+            res = ctx.finish_step(obj.loss, n_tokens, lr, step, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
+                                  max_grad_norm=cfg.max_grad_norm or None)
+        return res.loss, res.n_tokens, res.grad_norm, not res.skipped
 
     def _evaluate_rows(self, rows, batch_size: int, use_adapter: bool = True, f16_weights: bool = False) -> dict:
         if not use_adapter:
@@ -469,18 +463,14 @@ class PreferenceTrainer(LoRATrainer):
         from . import checkpoint as ckpt
 
         path = ckpt.resolve_checkpoint(self.output_dir if resume_from is True else resume_from)
-        saved = ckpt.read_checkpoint(path)[0].get("preference_config")
+        saved = ckpt.read_state(path).get("preference_config")
         if saved != self.preference.to_dict():
             raise CheckpointError(f"checkpoint {path} was trained with preference settings {saved}, not "
                                   f"{self.preference.to_dict()}; resuming would not continue the same run")
         return super()._resume(path, fingerprint, total)
 
-    def _write_config(self, reports, packing: bool, total: int, steps_per_epoch: int) -> dict:
-        doc = super()._write_config(reports, packing, total, steps_per_epoch)
-        doc["preference"] = self.preference.to_dict()
-        with atomic_path(self.output_dir / "adapter_config.json") as tmp:
-            tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-        return doc
+    def _config_extra(self) -> dict:
+        return {"preference": self.preference.to_dict()}
 
 
 __all__ = ["Objective", "PreferenceRow", "PreferenceTrainer", "load_preferences", "objective"]

@@ -46,9 +46,12 @@ def peak_rss_bytes() -> int:
 class MetricsLog:
     """output_dir/metrics.jsonl: one JSON object per line, flushed as written."""
 
-    def __init__(self, path: Path, resume_step: int | None):
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True):
         self.path = path
         self.records: list[dict] = []
+        self._f = None
+        if not enabled:      # another rank than 0 of a distributed run: records kept, nothing written
+            return
         if resume_step is not None and path.exists():
             # keep what happened up to the checkpoint; a half-written last line (killed run) is dropped
             for line in path.read_text(errors="replace").splitlines():
@@ -70,6 +73,8 @@ class MetricsLog:
         """Append a record; a failed write (disk full) is reported once and does not stop training:
         the next checkpoint save reports the disk as an error."""
         self.records.append(record)
+        if self._f is None:
+            return
         try:
             self._f.write(json.dumps(record) + "\n")
             self._f.flush()
@@ -80,7 +85,8 @@ class MetricsLog:
 
     def close(self) -> None:
         try:
-            self._f.close()
+            if self._f is not None:
+                self._f.close()
         except OSError:
             pass
 
@@ -138,8 +144,9 @@ def _plot(records: list[dict], path: Path) -> Path | None:
 class Progress:
     """One line that updates each step: loss, lr, grad norm, tokens/s, elapsed and remaining, peak memory."""
 
-    def __init__(self, total: int, initial: int, enabled: bool):
+    def __init__(self, total: int, initial: int, enabled: bool, quiet: bool = False):
         self.bar = None
+        self.quiet = quiet          # ranks other than 0 of a distributed run say nothing
         if enabled:
             from tqdm.auto import tqdm
 
@@ -154,6 +161,8 @@ class Progress:
         self.bar.update(1)
 
     def message(self, text: str) -> None:
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.write(text)
         else:

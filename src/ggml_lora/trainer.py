@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import dataclasses
 import signal
 import threading
 import time
@@ -24,10 +25,12 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint as ckpt
+from . import distributed
 from .adapter import Adapter
 from .config import LoRAConfig, TrainingConfig, learning_rate_at, warmup_steps
 from .errors import (
     CheckpointError,
+    DistributedError,
     InvalidArgumentError,
     OutOfMemoryError,
     TrainingDivergedError,
@@ -44,6 +47,9 @@ _LORA_TRAJECTORY_KEYS = ("rank", "alpha", "use_rslora", "dropout", "rank_pattern
 _TRAJECTORY_KEYS = ("batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "warmup_steps",
                     "warmup_ratio", "optimizer", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay",
                     "max_grad_norm", "max_seq_length", "truncation", "packing", "train_on_prompt", "seed")
+# batch_size and gradient_accumulation_steps may change on resume as long as the rows per optimizer step
+# (times the processes) stay the same: the same data, order and update (see _match_global_batch)
+_BATCH_KEYS = ("batch_size", "gradient_accumulation_steps")
 STATE_VERSION = 1
 log = logging.getLogger("ggml_lora.train")
 
@@ -109,6 +115,8 @@ class LoRATrainer:
     >>> trainer.save_adapter("adapter.gguf")
     """
 
+    _distributable = True                    # trains over several MPI processes (see distributed.py)
+
     def __init__(self, model: BaseModel, lora_config: LoRAConfig | None = None,
                  training_config: TrainingConfig | None = None, adapter: Adapter | None = None):
         self.model = model
@@ -128,7 +136,11 @@ class LoRATrainer:
             raise InvalidArgumentError("AdaLoRA trains its own adapter: pass LoRAConfig(peft_type='adalora'), "
                                        "not adapter=")
         self._signal: str | None = None
+        self._pending_signal: str | None = None   # data parallel: a signal this rank got, not yet agreed on
         self._notes: list[str] = []          # said on the progress line once it exists
+        # data parallelism over MPI (distributed.py): every rank runs this same loop on its share of the rows
+        self.comm = distributed.communicator(self.config.distributed)
+        self.reduced_bytes = 0               # bytes all-reduced by the last step (0 in one process)
         self._step_metrics: dict = {}        # a subclass's metrics of the last step, logged with it
 
     def close(self) -> None:
@@ -184,11 +196,35 @@ class LoRATrainer:
         rows = make_rows(samples, max_seq_length=self.config.max_seq_length, packing=False, seed=self.config.seed)
         return self._evaluate_rows(rows, batch_size or self.config.batch_size, adapter, f16_weights)
 
+    @property
+    def is_main_process(self) -> bool:
+        """Rank 0 of a distributed run (or the only process): the one that writes files and reports."""
+        return self.comm.rank == 0
+
     def train(self, dataset, valid=None, callbacks: Sequence[Any] = (), resume_from=None) -> TrainingHistory:
-        """Train on ``dataset`` (a path, a list of strings or a list of dicts); see TrainingConfig."""
-        cfg = self.config
+        """Train on ``dataset`` (a path, a list of strings or a list of dicts); see TrainingConfig.
+
+        Launched by MPI (``mpiexec -n N``), every rank calls this with the same arguments; an error on any
+        rank ends every rank with its message (MPI_Abort) instead of leaving the others waiting."""
+        if self.comm.size == 1:
+            return self._train(dataset, valid, callbacks, resume_from)
+        try:
+            return self._train(dataset, valid, callbacks, resume_from)
+        except BaseException as e:     # noqa: BLE001 - any failure must end every rank, not hang them
+            self.comm.abort(f"{type(e).__name__}: {e}")
+
+    def _train(self, dataset, valid, callbacks, resume_from) -> TrainingHistory:
         self._check_open()
-        check_writable(self.output_dir)
+        if self.comm.size > 1 and (self.lora_config.peft_type == "adalora" or not self._distributable):
+            raise UnsupportedError(f"{'AdaLoRA' if self.lora_config.peft_type == 'adalora' else type(self).__name__}"
+                                   f" does not train over several processes yet ({self.comm.size} were launched); "
+                                   "run one process, or set distributed='none'")
+        if resume_from is not None:
+            self._match_global_batch(resume_from)
+        cfg = self.config
+        self._global_rows = cfg.rows_per_step * self.comm.size
+        if self.is_main_process:
+            check_writable(self.output_dir)
         check_reporters(cfg.report_to)
         history = TrainingHistory()
         if cfg.streaming:
@@ -202,11 +238,12 @@ class LoRATrainer:
             rows = self._rows(train_samples, packing)
             if not rows:
                 raise InvalidArgumentError("the training data holds no usable samples")
-            steps_per_epoch = math.ceil(len(rows) / cfg.rows_per_step)
+            steps_per_epoch = math.ceil(len(rows) / self._global_rows)
             total = cfg.max_steps or cfg.epochs * steps_per_epoch
             fingerprint = _fingerprint(rows)
         history.data = {k: r.to_dict() for k, r in reports.items()}
         valid_rows = self._rows(valid_samples, packing) if valid_samples else []
+        self._check_agreement(fingerprint, _fingerprint(valid_rows) if valid_rows else "")
         history.total_steps = total
 
         if self._ctx is not None:
@@ -226,34 +263,40 @@ class LoRATrainer:
         self.global_step = start
         if cfg.streaming:
             # the rows of the steps already taken are read again and skipped: the stream is deterministic
-            streamed = itertools.islice(stream(), start * cfg.rows_per_step, None)
+            streamed = itertools.islice(stream(), start * self._global_rows, None)
 
             def next_batches(step):
                 return self._stream_batches(streamed)
         else:
             def next_batches(step):
                 return self._step_batches(rows, step, steps_per_epoch)
-        doc = self._write_config(reports, packing, total, steps_per_epoch)
-
-        reporters = make_reporters(cfg.report_to, self.output_dir, cfg.logging_dir, doc,
-                                   start if resume_from is not None else None, cfg.run_name)
-        metrics = MetricsLog(self.output_dir / "metrics.jsonl", resume_step=start)
+        main = self.is_main_process
+        reporters = []
+        if main:        # rank 0 alone writes files and reports
+            doc = self._write_config(reports, packing, total, steps_per_epoch)
+            reporters = make_reporters(cfg.report_to, self.output_dir, cfg.logging_dir, doc,
+                                       start if resume_from is not None else None, cfg.run_name)
+        metrics = MetricsLog(self.output_dir / "metrics.jsonl", resume_step=start, enabled=main)
         callbacks = [*reporters, *callbacks]
         end_status = "FAILED"
-        progress = Progress(total, start, cfg.progress)
+        progress = Progress(total, start, cfg.progress and main, quiet=not main)
         for split, report in reports.items():
             progress.message(f"{split}: {report.source} (read as training goes)" if rows is None and split == "train"
                              else f"{split}: {report}")
         for note in self._notes:
             progress.message(note)
         self._notes.clear()
+        per_step = f"{self._global_rows} rows"
+        if self.comm.size > 1:
+            per_step += (f" ({self.comm.size} processes x {cfg.rows_per_step}, {self.model.n_threads or 'default'} "
+                         "threads each)")
         if rows is None:
             progress.message(f"training {self.adapter.n_parameters:,} LoRA parameters on a stream: {total} steps of "
-                             f"{cfg.rows_per_step} rows")
+                             f"{per_step}")
         else:
             progress.message(f"training {self.adapter.n_parameters:,} LoRA parameters on {len(rows)} rows "
                              f"({reports['train'].n_supervised:,} supervised tokens): {total} steps of "
-                             f"{cfg.rows_per_step} rows, {steps_per_epoch} steps per epoch")
+                             f"{per_step}, {steps_per_epoch} steps per epoch")
         ckpt_root = self.output_dir / "checkpoints"
         restore = self._install_signal_handlers()
         t0, tokens_seen, consecutive_skips = time.perf_counter(), 0, 0
@@ -262,8 +305,8 @@ class LoRATrainer:
                 self._eval_and_report(valid_rows, 0, metrics, history, callbacks, progress)
             for step in range(start + 1, total + 1):
                 lr = learning_rate_at(cfg, step, total)
-                batches, n_tokens, epoch = next_batches(step)
-                loss, n_tok, norm, applied = self._train_step(batches, lr, step)
+                batches, n_tokens, n_step_tokens, epoch = next_batches(step)
+                loss, n_tok, norm, applied = self._train_step(batches, lr, step, n_step_tokens)
                 self.global_step = step
                 tokens_seen += n_tokens              # tokens of the samples, padding not counted
                 elapsed = time.perf_counter() - t0
@@ -272,6 +315,8 @@ class LoRATrainer:
                        "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else 0.0,
                        "elapsed_s": elapsed, "peak_rss_bytes": peak_rss_bytes()}
                 rec.update(self._step_metrics)
+                if self.comm.size > 1:
+                    rec["processes"], rec["allreduce_bytes"] = self.comm.size, self.reduced_bytes
                 if self.adalora is not None:
                     rec["orth_loss"] = self.adalora.orth_loss
                     rec["budget"] = int(sum(self.adalora.ranks().values()))
@@ -312,7 +357,8 @@ class LoRATrainer:
             else:
                 if cfg.save_every:
                     history.checkpoint_path = self._save_checkpoint(total, fingerprint, total, callbacks)
-                history.adapter_path = self.save_adapter()
+                self._check_replicas(f"step {total}")
+                history.adapter_path = self.save_adapter() if main else self.output_dir / "adapter.gguf"
                 progress.message(f"adapter written: {history.adapter_path}")
             end_status = "KILLED" if history.interrupted else "FINISHED"
         finally:
@@ -321,7 +367,7 @@ class LoRATrainer:
             metrics.close()
             for r in reporters:
                 r.close(end_status)
-            if metrics.records:
+            if metrics.records and main:
                 plot_losses(metrics.records, self.output_dir / "loss.png")
         history.global_step = self.global_step
         return history
@@ -347,22 +393,38 @@ class LoRATrainer:
         return max(len(r.tokens) for r in rows)
 
     def _step_batches(self, rows, step: int, steps_per_epoch: int):
-        cfg = self.config
+        cfg, n = self.config, self._global_rows
         epoch, j = divmod(step - 1, steps_per_epoch)
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(rows))
-        chosen = [rows[i] for i in order[j * cfg.rows_per_step:(j + 1) * cfg.rows_per_step]]
-        return (*self._micro_batches(chosen), (step - 1) / steps_per_epoch)
+        chosen = [rows[i] for i in order[j * n:(j + 1) * n]]
+        return (*self._shard(chosen), (step - 1) / steps_per_epoch)
 
     def _stream_batches(self, streamed):
-        taken = list(itertools.islice(streamed, self.config.rows_per_step))
-        return (*self._micro_batches([row for _, row in taken]), taken[0][0])
+        taken = list(itertools.islice(streamed, self._global_rows))
+        return (*self._shard([row for _, row in taken]), taken[0][0])
 
-    def _micro_batches(self, chosen):
-        """(the step's rows collated batch_size at a time, their tokens without padding)."""
+    def _shard(self, chosen):
+        """(this process's micro-batches of the step's rows, the tokens of all of them, the supervised tokens
+        of all of them or None in one process). Rank r takes the r-th run of batch_size ×
+        gradient_accumulation_steps rows: its micro-batches are those one process would make there."""
+        if self.comm.size == 1:
+            return (*self._micro_batches(chosen), None)
+        from .data import n_targets
+
+        per = self.config.rows_per_step
+        first = self.comm.rank * per
+        mine = self._micro_batches(chosen[first:first + per], first_key=first)[0]
+        return mine, sum(len(r.tokens) for r in chosen), sum(n_targets(r) for r in chosen)
+
+    def _micro_batches(self, chosen, first_key: int = 0):
+        """(the rows collated batch_size at a time, their tokens without padding). Each row's dropout masks
+        are keyed by its place in the step (first_key + i), not by its micro-batch or padding."""
         from .data import collate
 
         size = self.config.batch_size
-        return ([collate(chosen[i:i + size], self.model) for i in range(0, len(chosen), size)],
+        return ([collate(chosen[i:i + size], self.model, seq_keys=np.arange(first_key + i, first_key + i +
+                                                                            len(chosen[i:i + size])))
+                 for i in range(0, len(chosen), size)],
                 sum(len(r.tokens) for r in chosen))
 
     def _load_streaming(self, dataset, valid):
@@ -388,26 +450,45 @@ class LoRATrainer:
 
     # ---- step and evaluation ----------------------------------------------------------------------
 
-    def _train_step(self, batches, lr: float, step: int) -> tuple[float, int, float, bool]:
-        """Forward + backward over the micro-batches, then clip and update unless anything is not finite."""
+    def _train_step(self, batches, lr: float, step: int,
+                    n_step_tokens: int | None = None) -> tuple[float, int, float, bool]:
+        """Forward + backward over the micro-batches, then clip and update unless anything is not finite.
+        Data parallel: ``n_step_tokens`` supervised tokens in every process's micro-batches together."""
         cfg = self.config
         run = self._ctx.step if self.adalora is None else functools.partial(self.adalora.step, self._ctx)
+        kw = {} if self.comm.size == 1 else {"n_step_tokens": n_step_tokens, "reduce": self._reduce}
         res = run(batches, lr, step, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                   weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm or None,
-                  dropout_seed=cfg.seed * 1_000_003 + step)
+                  dropout_seed=cfg.seed * 1_000_003 + step, **kw)
         return res.loss, res.n_tokens, res.grad_norm, not res.skipped
+
+    def _reduce(self, loss_sum: float) -> float:
+        """Sum the gradient (float32) and the loss over the ranks; a signal any rank got stops them all
+        after this same step."""
+        self.reduced_bytes = self._ctx.allreduce_gradients(self.comm.allreduce)
+        scalars = np.array([loss_sum, 1.0 if self._pending_signal else 0.0])
+        self.comm.allreduce(scalars)
+        self.reduced_bytes += scalars.nbytes
+        if scalars[1] > 0 and self._signal is None:
+            self._signal = self._pending_signal or "SIGTERM"
+        return float(scalars[0])
 
     def _evaluate_rows(self, rows, batch_size: int, use_adapter: bool = True, f16_weights: bool = False) -> dict:
         from .data import collate
 
         total, count = 0.0, 0
         adapter = self.adapter if use_adapter else None
-        for i in range(0, len(rows), batch_size):
+        starts = range(0, len(rows), batch_size)[self.comm.rank::self.comm.size]   # ranks share the batches
+        for i in starts:
             batch = collate(rows[i:i + batch_size], self.model)
             total += loss_sum(self.model, adapter, batch, f16_weights=f16_weights)
             count += batch.n_loss
             if self._signal is not None:
                 break
+        if self.comm.size > 1:
+            sums = np.array([total, count], dtype=np.float64)
+            self.comm.allreduce(sums)
+            total, count = float(sums[0]), int(sums[1])
         loss = total / count if count else math.nan
         return {"val_loss": loss, "val_ppl": math.exp(loss) if loss < 700 else math.inf, "val_tokens": count}
 
@@ -419,7 +500,8 @@ class LoRATrainer:
         history.evals.append(rec)
         progress.message(f"step {step}: validation loss {rec['val_loss']:.4f}"
                          + (f", perplexity {rec['val_ppl']:.2f}" if "val_ppl" in rec else ""))
-        plot_losses(metrics.records, self.output_dir / "loss.png")
+        if self.is_main_process:
+            plot_losses(metrics.records, self.output_dir / "loss.png")
         call_hooks(callbacks, "on_eval", self, rec)
 
     def _check_memory(self, seq_len: int) -> dict:
@@ -504,16 +586,78 @@ class LoRATrainer:
         return {}
 
     def _save_checkpoint(self, step: int, fingerprint: str, total: int, callbacks) -> Path:
-        state = {"version": STATE_VERSION, "step": step, "total_steps": total, "data_fingerprint": fingerprint,
-                 "training_config": self.config.to_dict(), "lora_config": self.lora_config.to_dict(),
-                 "targets": list(self.adapter.targets), "optimizer": self._ctx.optimizer,
-                 "base_model_sha256": self.model.sha256, **self._checkpoint_state()}
         root = self.output_dir / "checkpoints"
-        path = ckpt.write_checkpoint(root, step, self.adapter, self._ctx, state, self._adapter_metadata(),
-                                     extra=self.adalora.state_arrays() if self.adalora is not None else None)
-        ckpt.prune_checkpoints(root, self.config.save_total_limit)
+        self._check_replicas(f"step {step}")
+        if self.is_main_process:
+            state = {"version": STATE_VERSION, "step": step, "total_steps": total, "data_fingerprint": fingerprint,
+                     "training_config": self.config.to_dict(), "lora_config": self.lora_config.to_dict(),
+                     "targets": list(self.adapter.targets), "optimizer": self._ctx.optimizer,
+                     "base_model_sha256": self.model.sha256, "world_size": self.comm.size,
+                     "global_batch_size": self._global_rows, **self._checkpoint_state()}
+            path = ckpt.write_checkpoint(root, step, self.adapter, self._ctx, state, self._adapter_metadata(),
+                                         extra=self.adalora.state_arrays() if self.adalora is not None else None)
+            ckpt.prune_checkpoints(root, self.config.save_total_limit)
+        else:
+            path = root / f"checkpoint-{step}"
         call_hooks(callbacks, "on_save", self, path)
         return path
+
+    # ---- data parallelism -------------------------------------------------------------------------
+
+    def _check_agreement(self, fingerprint: str, valid_fingerprint: str) -> None:
+        """Every rank must train the same base model on the same data with the same settings."""
+        if self.comm.size == 1:
+            return
+        local = ("n_threads", "device", "progress", "report_to", "logging_dir", "run_name")   # may differ per host
+        settings = [{k: v for k, v in self.config.to_dict().items() if k not in local}, self.lora_config.to_dict()]
+        mine = {"data": fingerprint, "validation data": valid_fingerprint, "base model": self.model.sha256,
+                "settings": distributed.digest([np.frombuffer(json.dumps(settings, sort_keys=True, default=str)
+                                                              .encode(), np.uint8)])}
+        everyone = self.comm.allgather(mine)
+        differ = [k for k in mine if len({e[k] for e in everyone}) > 1]
+        if differ:
+            raise DistributedError(f"the {self.comm.size} processes disagree on their {', '.join(differ)}: "
+                                   + "; ".join(f"rank {r}: " + ", ".join(f"{k} {e[k][:12]}" for k in differ)
+                                               for r, e in enumerate(everyone))
+                                   + ". Launch every rank with the same model, data and options")
+
+    def _check_replicas(self, where: str) -> None:
+        """Every rank must hold the same adapter, bit for bit (a hash of each rank's A and B, gathered)."""
+        if self.comm.size == 1:
+            return
+        h = distributed.digest(x for t in self.adapter.targets for x in self.adapter.get(t))
+        everyone = self.comm.allgather(h)
+        if len(set(everyone)) > 1:
+            raise DistributedError(f"{where}: the ranks' adapters differ ("
+                                   + ", ".join(f"rank {r} {d[:12]}" for r, d in enumerate(everyone))
+                                   + "); their steps no longer agree, training stopped. The last checkpoint is "
+                                   "loadable; report this with the launch command")
+
+    def _match_global_batch(self, resume_from) -> None:
+        """A resume continues the checkpoint's run: the same rows per optimizer step. With another number
+        of processes, gradient_accumulation_steps is chosen to keep them (the step's rows, their order and
+        the update are then the same), or the resume is refused naming what would fit."""
+        path = ckpt.resolve_checkpoint(self.output_dir if resume_from is True else resume_from)
+        state = ckpt.read_state(path)
+        saved_cfg = state.get("training_config") or {}
+        saved_world = int(state.get("world_size", 1))
+        saved = int(state.get("global_batch_size") or saved_cfg.get("batch_size", 0) *
+                    saved_cfg.get("gradient_accumulation_steps", 0))
+        cfg, size = self.config, self.comm.size
+        if saved == cfg.rows_per_step * size:
+            return
+        per = cfg.batch_size * size
+        if saved_world != size and saved % per == 0:
+            accum = saved // per
+            self._notes.append(f"resuming a {saved_world}-process run on {size}: gradient_accumulation_steps "
+                               f"{cfg.gradient_accumulation_steps} -> {accum} keeps its {saved} rows per step")
+            self.config = dataclasses.replace(cfg, gradient_accumulation_steps=accum)
+            return
+        raise CheckpointError(f"checkpoint {path} was trained with {saved} rows per optimizer step ({saved_world} "
+                              f"process(es) x batch_size x gradient_accumulation_steps); this run has "
+                              f"{cfg.rows_per_step * size} ({size} x {cfg.batch_size} x "
+                              f"{cfg.gradient_accumulation_steps}); resuming needs processes x batch_size x "
+                              f"gradient_accumulation_steps = {saved}")
 
     def _resume(self, resume_from, fingerprint: str, total: int) -> int:
         path = ckpt.resolve_checkpoint(self.output_dir if resume_from is True else resume_from)
@@ -525,7 +669,7 @@ class LoRATrainer:
         if sorted(state.get("targets", [])) != sorted(self.adapter.targets):
             raise CheckpointError(f"{where} adapts other modules than this LoRAConfig")
         saved = state.get("training_config", {})
-        changed = [k for k in _TRAJECTORY_KEYS if saved.get(k) != getattr(self.config, k)]
+        changed = [k for k in _TRAJECTORY_KEYS if k not in _BATCH_KEYS and saved.get(k) != getattr(self.config, k)]
         if changed:
             raise CheckpointError(f"{where}: resuming with other values of {', '.join(changed)} would not continue "
                                   f"the same run (saved: {', '.join(f'{k}={saved.get(k)!r}' for k in changed)})")
@@ -554,6 +698,10 @@ class LoRATrainer:
             self.adalora.load_state_arrays(extra, where)
         return step
 
+    def _config_extra(self) -> dict:
+        """What a subclass adds to adapter_config.json."""
+        return {}
+
     def _write_config(self, reports, packing: bool, total: int, steps_per_epoch: int) -> dict:
         from . import __version__
         from .adapter_file import atomic_path
@@ -563,8 +711,10 @@ class LoRATrainer:
                "training": self.config.to_dict(), "resolved": {"packing": packing, "total_steps": total,
                                                                "steps_per_epoch": steps_per_epoch,
                                                                "warmup_steps": warmup_steps(self.config, total),
-                                                               "file_alpha": self.adapter.alpha},
-               "data": {k: r.to_dict() for k, r in reports.items()}}
+                                                               "file_alpha": self.adapter.alpha,
+                                                               "processes": self.comm.size,
+                                                               "global_batch_size": self._global_rows},
+               "data": {k: r.to_dict() for k, r in reports.items()}, **self._config_extra()}
         with atomic_path(self.output_dir / "adapter_config.json") as tmp:
             tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
         return doc
@@ -578,11 +728,16 @@ class LoRATrainer:
             return lambda: None
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
+        self._pending_signal = None
+
         def handler(signum, frame):
             name = signal.Signals(signum).name
-            if self._signal is not None and signum == signal.SIGINT:
+            if (self._signal is not None or self._pending_signal is not None) and signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            self._signal = name
+            if self.comm.size > 1:
+                self._pending_signal = name      # the ranks agree on it at the end of the step (_reduce)
+            else:
+                self._signal = name
 
         for s in previous:
             signal.signal(s, handler)

@@ -9,7 +9,7 @@ the loss, never masked with zero labels).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -214,40 +214,58 @@ class TrainingContext(NativeHandle):
             self._state(0, name, 0, ga)
             self._state(0, name, 1, gb)
 
-    def accumulate_all(self, micro_batches: Sequence[Batch], dropout_seed: int) -> tuple[float, int]:
+    def accumulate_all(self, micro_batches: Sequence[Batch], dropout_seed: int,
+                       n_step_tokens: int | None = None) -> tuple[float, int]:
         """(CE sum, supervised tokens) of one optimizer step's micro-batches, their gradient of the mean
-        CE accumulated. Callers hold ``_lock`` across this and the update."""
-        if not micro_batches:
+        CE accumulated. ``n_step_tokens``: the supervised tokens of the whole step when these micro-batches
+        are only a part of it (data parallelism: the other processes hold the rest; this share may then be
+        empty). Callers hold ``_lock`` across this and the update."""
+        if not micro_batches and n_step_tokens is None:
             raise InvalidArgumentError("step: no micro-batches")
-        n_tokens = sum(b.n_loss for b in micro_batches)
+        n_tokens = sum(b.n_loss for b in micro_batches) if n_step_tokens is None else n_step_tokens
         if n_tokens <= 0:
             raise InvalidArgumentError("step: the micro-batches have no supervised tokens")
         loss_sum = 0.0
         for i, b in enumerate(micro_batches):
-            loss_sum += self.accumulate(b, n_tokens, dropout_seed=dropout_seed * 1_000_003 + i)
+            # batches with seq_keys key each row's masks by its own key; the others by micro-batch
+            seed = dropout_seed if b.seq_keys is not None else dropout_seed * 1_000_003 + i
+            loss_sum += self.accumulate(b, n_tokens, dropout_seed=seed)
         return loss_sum, n_tokens
 
     def step(self, micro_batches: Sequence[Batch], learning_rate: float, step: int, *,
              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-             max_grad_norm: float | None = None, dropout_seed: int = 0) -> StepResult:
+             max_grad_norm: float | None = None, dropout_seed: int = 0, n_step_tokens: int | None = None,
+             reduce: Callable[[float], float] | None = None) -> StepResult:
         """Forward + backward over every micro-batch, then clip and update: one optimizer step.
 
         The one step algorithm (the trainer uses it too). The whole step holds the model's lock, so
         another thread's step on the same model cannot interleave with this one's accumulation. When
         the loss or the gradient norm is not finite, nothing is updated, the gradient is dropped and
-        the result says ``skipped=True``."""
+        the result says ``skipped=True``. Data parallelism: ``n_step_tokens`` counts the supervised
+        tokens of every process's micro-batches, and ``reduce(loss_sum)`` (after the accumulation) sums
+        the gradients and the loss over the processes and returns the step's loss sum."""
         with self._lock:
-            loss_sum, n_tokens = self.accumulate_all(micro_batches, dropout_seed)
-            self._drop_frozen_grads()
-            norm = self.grad_norm()
-            loss = loss_sum / n_tokens
-            if not (math.isfinite(loss) and math.isfinite(norm)):
-                self.zero_grad()
-                return StepResult(loss, n_tokens, norm, 0.0, skipped=True)
-            clip = 1.0
-            if max_grad_norm is not None and max_grad_norm > 0 and norm > max_grad_norm:
-                clip = max_grad_norm / (norm + 1e-6)
-            self.apply(learning_rate, step, betas=betas, eps=eps, weight_decay=weight_decay, grad_scale=clip)
+            loss_sum, n_tokens = self.accumulate_all(micro_batches, dropout_seed, n_step_tokens)
+            if reduce is not None:
+                loss_sum = reduce(loss_sum)
+            return self.finish_step(loss_sum / n_tokens, n_tokens, learning_rate, step, betas=betas, eps=eps,
+                                    weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+
+    def finish_step(self, loss: float, n_tokens: int, learning_rate: float, step: int, *,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                    max_grad_norm: float | None = None) -> StepResult:
+        """The second half of a step, after the gradient of ``loss`` has been accumulated (by
+        :meth:`step`, or by another objective's own passes): skip it when the loss or the gradient norm
+        is not finite, else clip and update. Callers hold ``_lock`` since the accumulation."""
+        self._drop_frozen_grads()
+        norm = self.grad_norm()
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            self.zero_grad()
+            return StepResult(loss, n_tokens, norm, 0.0, skipped=True)
+        clip = 1.0
+        if max_grad_norm is not None and max_grad_norm > 0 and norm > max_grad_norm:
+            clip = max_grad_norm / (norm + 1e-6)
+        self.apply(learning_rate, step, betas=betas, eps=eps, weight_decay=weight_decay, grad_scale=clip)
         return StepResult(loss, n_tokens, norm, clip)
 
     # ---- state --------------------------------------------------------------------------------------
@@ -270,6 +288,19 @@ class TrainingContext(NativeHandle):
     def gradients(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """The accumulated gradient of every (lora_a, lora_b)."""
         return {t: (self._state(0, t, 0), self._state(0, t, 1)) for t in self.adapter.targets}
+
+    def allreduce_gradients(self, allreduce: Callable[[np.ndarray], None]) -> int:
+        """Replace the accumulated gradient by ``allreduce`` of it (one float32 buffer of every lora_a and
+        lora_b, summed in place across processes); returns the bytes reduced."""
+        grads = self.gradients()
+        flat = np.concatenate([g.ravel() for pair in grads.values() for g in pair])
+        allreduce(flat)
+        at = 0
+        for name, pair in grads.items():
+            for which, g in enumerate(pair):
+                self._state(0, name, which, flat[at:at + g.size].reshape(g.shape))
+                at += g.size
+        return flat.nbytes
 
     def moments(self) -> dict[str, tuple[np.ndarray, ...]]:
         """AdamW moments (m_a, v_a, m_b, v_b) of every target."""
