@@ -459,10 +459,9 @@ class PreferenceTrainer(LoRATrainer):
     def _checkpoint_state(self) -> dict:
         return {"preference_config": self.preference.to_dict()}
 
-    def _resume(self, resume_from, fingerprint: str, total: int) -> int:
+    def _resume(self, path, fingerprint: str, total: int) -> int:
         from . import checkpoint as ckpt
 
-        path = ckpt.resolve_checkpoint(self.output_dir if resume_from is True else resume_from)
         saved = ckpt.read_state(path).get("preference_config")
         if saved != self.preference.to_dict():
             raise CheckpointError(f"checkpoint {path} was trained with preference settings {saved}, not "

@@ -219,7 +219,8 @@ class LoRATrainer:
             raise UnsupportedError(f"{'AdaLoRA' if self.lora_config.peft_type == 'adalora' else type(self).__name__}"
                                    f" does not train over several processes yet ({self.comm.size} were launched); "
                                    "run one process, or set distributed='none'")
-        if resume_from is not None:
+        if resume_from is not None:         # resolved once: a folder's newest checkpoint may change later
+            resume_from = ckpt.resolve_checkpoint(self.output_dir if resume_from is True else resume_from)
             self._match_global_batch(resume_from)
         cfg = self.config
         self._global_rows = cfg.rows_per_step * self.comm.size
@@ -355,9 +356,10 @@ class LoRATrainer:
                                      f"{history.checkpoint_path} (resume with resume_from= / --resume)")
                     break
             else:
-                if cfg.save_every:
+                if cfg.save_every:      # its replica check covers the adapter saved below
                     history.checkpoint_path = self._save_checkpoint(total, fingerprint, total, callbacks)
-                self._check_replicas(f"step {total}")
+                else:
+                    self._check_replicas(f"step {total}")
                 history.adapter_path = self.save_adapter() if main else self.output_dir / "adapter.gguf"
                 progress.message(f"adapter written: {history.adapter_path}")
             end_status = "KILLED" if history.interrupted else "FINISHED"
@@ -422,8 +424,8 @@ class LoRATrainer:
         from .data import collate
 
         size = self.config.batch_size
-        return ([collate(chosen[i:i + size], self.model, seq_keys=np.arange(first_key + i, first_key + i +
-                                                                            len(chosen[i:i + size])))
+        keys = np.arange(first_key, first_key + len(chosen))
+        return ([collate(chosen[i:i + size], self.model, seq_keys=keys[i:i + size])
                  for i in range(0, len(chosen), size)],
                 sum(len(r.tokens) for r in chosen))
 
@@ -633,11 +635,10 @@ class LoRATrainer:
                                    + "); their steps no longer agree, training stopped. The last checkpoint is "
                                    "loadable; report this with the launch command")
 
-    def _match_global_batch(self, resume_from) -> None:
+    def _match_global_batch(self, path: Path) -> None:
         """A resume continues the checkpoint's run: the same rows per optimizer step. With another number
         of processes, gradient_accumulation_steps is chosen to keep them (the step's rows, their order and
         the update are then the same), or the resume is refused naming what would fit."""
-        path = ckpt.resolve_checkpoint(self.output_dir if resume_from is True else resume_from)
         state = ckpt.read_state(path)
         saved_cfg = state.get("training_config") or {}
         saved_world = int(state.get("world_size", 1))
@@ -659,8 +660,8 @@ class LoRATrainer:
                               f"{cfg.gradient_accumulation_steps}); resuming needs processes x batch_size x "
                               f"gradient_accumulation_steps = {saved}")
 
-    def _resume(self, resume_from, fingerprint: str, total: int) -> int:
-        path = ckpt.resolve_checkpoint(self.output_dir if resume_from is True else resume_from)
+    def _resume(self, path: Path, fingerprint: str, total: int) -> int:
+        """Load checkpoint ``path`` (resolved by train) into the adapter and optimizer; returns its step."""
         state, moments, extra = ckpt.read_checkpoint(path)
         trained_b = {k[:-2]: v for k, v in extra.items() if k.endswith("/b") and not k.startswith("adalora/")}
         where = f"checkpoint {path}"

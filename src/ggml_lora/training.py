@@ -59,6 +59,14 @@ def evaluate(model: BaseModel, adapter: Adapter | None, tokens, loss_mask=None, 
     return loss_sum(model, adapter, batch, scale, f16_weights) / batch.n_loss, batch.n_loss
 
 
+def _check_forward(model: BaseModel, adapter: Adapter | None, f16_weights) -> None:
+    """The arguments loss_sum and row_losses share, checked before native code sees them."""
+    if adapter is not None and adapter.model is not model:
+        raise InvalidArgumentError("the adapter was made for another BaseModel")
+    if not isinstance(f16_weights, bool):
+        raise InvalidArgumentError(f"f16_weights={f16_weights!r}: must be True or False")
+
+
 def loss_sum(model: BaseModel, adapter: Adapter | None, batch: Batch, scale: float = 1.0,
              f16_weights: bool = False) -> float:
     """Sum of next-token cross-entropy over ``batch``'s loss rows; no dropout.
@@ -67,10 +75,7 @@ def loss_sum(model: BaseModel, adapter: Adapter | None, batch: Batch, scale: flo
     one llama.cpp gives. ``f16_weights=True`` multiplies by F16 copies of the quantized weights instead
     (made on first use and kept with the model, 2 bytes per weight, the copies training with
     ``f16_weights`` uses): faster on CPU, and the loss then differs from llama.cpp's by rounding."""
-    if adapter is not None and adapter.model is not model:
-        raise InvalidArgumentError("the adapter was made for another BaseModel")
-    if not isinstance(f16_weights, bool):
-        raise InvalidArgumentError(f"f16_weights={f16_weights!r}: must be True or False")
+    _check_forward(model, adapter, f16_weights)
     out = ffi.new("double *")
     with model._using() as model_ptr:
         handle = adapter._handle() if adapter is not None else ffi.NULL
@@ -82,10 +87,7 @@ def row_losses(model: BaseModel, adapter: Adapter | None, batch: Batch, scale: f
                f16_weights: bool = False) -> np.ndarray:
     """The next-token cross-entropy of each of ``batch``'s loss rows (float32, in loss-row order), the same
     forward as :func:`loss_sum`; minus their sum over a sequence's rows is its log-probability."""
-    if adapter is not None and adapter.model is not model:
-        raise InvalidArgumentError("the adapter was made for another BaseModel")
-    if not isinstance(f16_weights, bool):
-        raise InvalidArgumentError(f"f16_weights={f16_weights!r}: must be True or False")
+    _check_forward(model, adapter, f16_weights)
     out = np.empty(batch.n_loss, dtype=np.float32)
     with model._using() as model_ptr:
         handle = adapter._handle() if adapter is not None else ffi.NULL
