@@ -5,9 +5,9 @@
     python benchmarks/compare.py --quality [--quality-steps 30] [--threads N]
 
 Every run is a fresh process (one configuration, one implementation), so each peak RSS is that run's.
-By default ggml-lora runs twice, as configured by default (training through the stored quantized weights)
-and with --f16-weights (training forward through F16 copies), against PEFT in float32; --impl picks
-others, e.g. PEFT with bfloat16 weights under CPU autocast (peft-bf16). --model takes any GGUF,
+By default ggml-lora runs twice, through the stored quantized weights (ours) and with --f16-weights
+(training forward through F16 copies: what the trainer's default f16_weights=None chooses on a CPU when
+the copies fit in a quarter of the memory available), against PEFT in float32; --impl picks others, e.g. PEFT with bfloat16 weights under CPU autocast (peft-bf16). --model takes any GGUF,
 the synthetic models of real shape (synthetic.py) included. Within a repeat the implementations run back
 to back and the order rotates every repeat, so slow drift of the machine falls on all. Ratios are
 ours / PEFT per repeat (paired), reported as the median and the min-max over repeats; the tokens/s
@@ -16,6 +16,11 @@ tokens/s (forward + loss over every position) by llama-cpp-python's prompt proce
 on the same threads (logits of the last token only, so llama.cpp does less work per token); "f16"
 evaluates through the F16 copies (evaluate(f16_weights=True)), the plain column through the stored
 blocks, as llama.cpp does.
+
+facts-r8-all-b8 trains on the README main job's chat rows (bench_train.py writes them once; the same ids,
+targets and batches on every side): ggml-lora collates them as its trainer does, PEFT pads each batch to
+its longest row as transformers' collators do (labels -100 on prompts and padding); tokens/s count real
+tokens on both sides; llama.cpp does not run for it.
 
 stdout: one JSON object per configuration, then a Markdown table; every single run's JSON goes to stderr.
 """
@@ -28,6 +33,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,7 +132,8 @@ def markdown(rows: list[dict], threads: int) -> str:
                  " / ".join(f"{s[f'{i}_peak_rss_mib']:.0f}" for i in trained)]
         for key in ("train_ratio", "peak_rss_ratio", "eval_ratio"):
             cells += [r(s[f"{a}_{key}" + ("" if b == "peft" else f"_{b}")]) for a, b in pairs]
-        cells += [r(s[f"{a}_eval_vs_llama_cpp"]) for a in ours if "llama" in present]
+        cells += [r(s[f"{a}_eval_vs_llama_cpp"]) if f"{a}_eval_vs_llama_cpp" in s else "-"
+                  for a in ours if "llama" in present]
         lines.append("| " + " | ".join(cells) + " |")
     by_name = {s["config"]: s for s in rows}
     if "r8-qv-1x2048-gc" in by_name and "r8-qv-4x512" in by_name and "ours" in present:
@@ -182,17 +189,23 @@ def main() -> None:
     impls = [i for i in IMPLS if i in (args.impl or DEFAULT_IMPLS)]
     if not any(i in impls for i in OURS):
         ap.error("--impl needs ours or f16: every ratio is ggml-lora over another implementation")
-    runs = {name: {impl: [] for impl in impls} for name in names}
+    runs = {name: {impl: [] for impl in impls if impl != "llama" or not CONFIGS[name].data} for name in names}
+    tmp = tempfile.TemporaryDirectory()
+    rows = {}
+    for name in (n for n in names if CONFIGS[n].data):    # chat rows: tokenized once, the same for every side
+        rows[name] = ["--rows", str(Path(tmp.name) / f"{name}.npz")]
+        subprocess.run([sys.executable, str(HERE / "bench_train.py"), "--config", name, *common,
+                        "--write-rows", rows[name][1]], check=True)
     for repeat in range(args.repeats):
         for name in names:
             ours = [str(HERE / "bench_train.py"), "--device", "CPU", "--config", name, *common]
-            peft = [str(HERE / "peft_baseline.py"), "--in-process", "--config", name, *common]
+            peft = [str(HERE / "peft_baseline.py"), "--in-process", "--config", name, *common, *rows.get(name, [])]
             cmds = {"ours": ours, "f16": [*ours, "--f16-weights"],
                     "peft": [*peft, "--precision", "fp32"], "peft-bf16": [*peft, "--precision", "bf16"],
                     "llama": [str(HERE / "compare.py"), "--llama-cpp-eval", name, *common]}
             order = [i for i in impls if i != "llama"]
             order = order[repeat % len(order):] + order[:repeat % len(order)]
-            for impl in (*order, *(["llama"] if "llama" in impls else [])):
+            for impl in (*order, *(["llama"] if "llama" in runs[name] else [])):
                 runs[name][impl].append(run_json(cmds[impl], IMPLS[impl]))
     rows = [summarize(name, r) for name, r in runs.items()]
     for row in rows:

@@ -75,12 +75,13 @@ def autocast(precision: str):
     return torch.autocast("cpu", torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
-def train_step(model, optimizer, params, ids, max_grad_norm: float, precision: str = "fp32") -> float:
-    """Forward + backward + clip + AdamW; returns the mean next-token cross-entropy before the update."""
+def train_step(model, optimizer, params, ids, max_grad_norm: float, precision: str = "fp32", **batch) -> float:
+    """Forward + backward + clip + AdamW; returns the mean next-token cross-entropy before the update.
+    ``batch``: labels and attention_mask of padded rows (default: every position of ``ids`` is a label)."""
     import torch
 
     with autocast(precision):
-        loss = model(input_ids=ids, labels=ids).loss    # HF shifts the labels: mean over B·(T-1) tokens
+        loss = model(input_ids=ids, **({"labels": ids} | batch)).loss    # HF shifts the labels: mean over targets
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
@@ -88,11 +89,49 @@ def train_step(model, optimizer, params, ids, max_grad_norm: float, precision: s
     return float(loss.detach())
 
 
-def eval_loss(model, ids, precision: str = "fp32") -> float:
+def eval_loss(model, ids, precision: str = "fp32", **batch) -> float:
     import torch
 
     with torch.no_grad(), autocast(precision):
-        return float(model(input_ids=ids, labels=ids).loss)
+        return float(model(input_ids=ids, **({"labels": ids} | batch)).loss)
+
+
+def padded_batches(path: Path) -> list[dict]:
+    """bench_train.py's chat rows (save_rows) as HF batches: right-padded to the longest row of each batch,
+    as transformers' collators pad, attention_mask 0 and label -100 on padding and on tokens that are not
+    targets (the prompts), so the loss is the mean over the same targets as ggml-lora's."""
+    import torch
+
+    z = np.load(path)
+    ends = np.cumsum(z["lengths"])
+    rows = list(zip(np.split(z["tokens"], ends[:-1]), np.split(z["mask"], ends[:-1])))
+    out, i = [], 0
+    for n in z["batch"]:
+        group, i = rows[i:i + n], i + n
+        T = max(len(t) for t, _ in group)
+        ids = torch.zeros((n, T), dtype=torch.long)
+        attn = torch.zeros((n, T), dtype=torch.long)
+        labels = torch.full((n, T), -100, dtype=torch.long)
+        for r, (t, m) in enumerate(group):
+            ids[r, :len(t)] = torch.from_numpy(t.astype(np.int64))
+            attn[r, :len(t)] = 1
+            labels[r, :len(t)] = torch.from_numpy(np.where(m, t, -100).astype(np.int64))
+        labels[:, 0] = -100
+        out.append({"ids": ids, "attention_mask": attn, "labels": labels, "real_tokens": int(sum(len(t) for t, _ in group))})
+    return out
+
+
+def chat_batches(path: Path, cfg: Config, n_steps: int, rows: Path | None) -> list[dict]:
+    """The chat rows of ``cfg`` from ``rows``, or written now by bench_train.py (a process of its own, so the
+    GGUF loaded there to tokenize is not counted here)."""
+    if rows is not None:
+        return padded_batches(rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.npz"
+        subprocess.run([sys.executable, str(Path(__file__).with_name("bench_train.py")), "--model", str(path),
+                        "--config", cfg.name, "--steps", str(n_steps), "--warmup", "0", "--write-rows", str(out)],
+                       check=True, stdout=subprocess.DEVNULL)
+        return padded_batches(out)
 
 
 def adamw(model, learning_rate: float):
@@ -118,7 +157,7 @@ def vm_hwm_mib() -> float:
     raise OSError("no VmHWM in /proc/self/status")
 
 
-def run(path: Path, cfg: Config, steps: int, warmup: int, precision: str = "fp32") -> dict:
+def run(path: Path, cfg: Config, steps: int, warmup: int, precision: str = "fp32", rows: Path | None = None) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -130,21 +169,28 @@ def run(path: Path, cfg: Config, steps: int, warmup: int, precision: str = "fp32
     model.train()
     load_peak = peak_rss_mib()
     hwm = reset_peak_rss()
-    tokens = torch.from_numpy(bench_tokens(model.config.vocab_size, cfg, steps + warmup))   # (steps, B, T) int64
+    if cfg.data:
+        batches = chat_batches(path, cfg, steps + warmup, rows)
+    else:
+        tokens = torch.from_numpy(bench_tokens(model.config.vocab_size, cfg, steps + warmup))   # (steps, B, T) int64
+        batches = [{"ids": t, "real_tokens": t.numel()} for t in tokens]
+    extra = [{k: v for k, v in b.items() if k in ("labels", "attention_mask")} for b in batches]
     params, optimizer = adamw(model, LEARNING_RATE)
     times = []
     for i in range(steps + warmup):
         t0 = time.perf_counter()
-        loss = train_step(model, optimizer, params, tokens[i], MAX_GRAD_NORM, precision)
+        loss = train_step(model, optimizer, params, batches[i]["ids"], MAX_GRAD_NORM, precision, **extra[i])
         times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    eval_loss(model, tokens[0], precision)
+    eval_loss(model, batches[0]["ids"], precision, **extra[0])
     eval_s = time.perf_counter() - t0
     step_s = float(np.mean(times[warmup:]))
-    n = cfg.batch * cfg.length
+    n = float(np.mean([b["real_tokens"] for b in batches[warmup:]]))
     return {"config": cfg.name, "precision": precision, "rank": cfg.rank, "targets": list(cfg.targets), "batch": cfg.batch,
             "length": cfg.length, "gradient_checkpointing": cfg.checkpointing, "steps": steps, "step_s": round(step_s, 3),
-            "train_tokens_per_s": round(n / step_s, 1), "eval_tokens_per_s": round(n / eval_s, 1),
+            "train_tokens_per_s": round(n / step_s, 1), "eval_tokens_per_s": round(batches[0]["real_tokens"] / eval_s, 1),
+            **({"data": cfg.data, "padded_tokens_per_step": [int(b["ids"].numel()) for b in batches],
+                "real_tokens_per_step": [b["real_tokens"] for b in batches]} if cfg.data else {}),
             # clear_refs lowers ru_maxrss too: the process peak is the larger of the two marks
             "last_loss": round(loss, 4), "peak_rss_mib": round(max(load_peak, peak_rss_mib()), 1),
             "load_peak_rss_mib": round(load_peak, 1), "run_peak_rss_mib": round(vm_hwm_mib(), 1) if hwm else None}
@@ -213,6 +259,7 @@ def main() -> None:
                     help="only load the model and wrap it with PEFT (r16 q,k,v,o); print the peak RSS")
     ap.add_argument("--quality", action="store_true", help="the validation-loss check instead of throughput")
     ap.add_argument("--quality-steps", type=int, default=30)
+    ap.add_argument("--rows", type=Path, help="chat rows written by bench_train.py --write-rows (facts configuration)")
     ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)   # one configuration, here
     args = ap.parse_args()
     path = args.model or default_model()
@@ -229,7 +276,7 @@ def main() -> None:
         else:
             for name in args.config:
                 print(json.dumps(header(path, args.threads) | run(path, CONFIGS[name], args.steps, args.warmup,
-                                                                  args.precision)),
+                                                                  args.precision, args.rows)),
                       flush=True)
         return
     for name in args.config or sorted(CONFIGS):
@@ -237,6 +284,8 @@ def main() -> None:
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        if args.rows:
+            cmd += ["--rows", str(args.rows)]
         subprocess.run(cmd, check=True)
 
 

@@ -12,12 +12,13 @@ import pytest
 
 from conftest import N_THREADS
 
-from ggml_lora import BaseModel, InvalidArgumentError
+from ggml_lora import Adapter, BaseModel, InvalidArgumentError, LoRAConfig
 from ggml_lora._handles import Batch
 from ggml_lora._native import check, ffi, lib
 from ggml_lora.chat import ChatTemplate
-from ggml_lora.data import Row, Sample, collate, load_dataset, load_splits, make_rows
+from ggml_lora.data import Row, Sample, bins, collate, load_dataset, load_splits, make_rows, n_targets
 from ggml_lora.errors import DatasetError
+from ggml_lora.training import TrainingContext
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -262,6 +263,53 @@ def test_packed_loss_equals_the_samples_alone(tiny):
     # unpacked, padded rows give the same sum as well
     unpacked = collate(make_rows(samples, max_seq_length=128, packing=False), tiny)
     assert loss_sum(tiny, unpacked) == pytest.approx(alone, rel=1e-4)
+
+
+def test_collate_packs_short_rows_with_the_padded_gradients(tiny_model_file):
+    """pack=True puts rows shorter than the longest into shared sequences (first fit by decreasing length,
+    never longer than the longest row), each its own segment: fewer sequences, the same targets, and the
+    loss and LoRA gradients of the padded batch, already-packed rows and gradient checkpointing included."""
+    path = tiny_model_file("llama", "f32", tied=False)
+    lengths = (30, 9, 12, 17, 8, 25, 5)
+    assert bins(lengths) == [[0], [5, 6], [3, 2], [1, 4]]
+    rng = np.random.default_rng(2)
+    with BaseModel.load(path, n_threads=N_THREADS) as model:
+        rows = []
+        for n in lengths:
+            mask = np.ones(n, bool)
+            mask[: n // 3] = False
+            rows.append(Row(rng.integers(0, model.n_vocab, n).astype(np.int32), mask, None))
+        rows[3] = Row(rows[3].tokens, rows[3].mask, np.repeat(np.array([0, 1], np.int32), [7, 10]))  # two samples
+        padded, packed = collate(rows, model), collate(rows, model, pack=True)
+        assert padded.tokens.shape == (7, 30) and packed.tokens.shape == (4, 30)
+        assert packed.n_loss == padded.n_loss == sum(n_targets(r) for r in rows)
+        assert sorted(packed.labels.tolist()) == sorted(padded.labels.tolist())
+        # row 3's two samples and row 2 stay three segments in their shared sequence
+        assert len(set(packed.segments[2, :29].tolist())) == 3
+
+        def run(batch, checkpointing):
+            with Adapter.init(model, LoRAConfig(rank=4, target_modules=("q_proj", "v_proj", "down_proj", "lm_head"))) as ad:
+                r2 = np.random.default_rng(3)
+                for t in ad.targets:
+                    a, b = ad.get(t)
+                    ad.set(t, lora_a=r2.normal(0, 0.2, a.shape), lora_b=r2.normal(0, 0.1, b.shape))
+                with TrainingContext(ad, gradient_checkpointing=checkpointing) as ctx:
+                    loss = ctx.accumulate(batch, batch.n_loss)
+                    return loss, ctx.gradients()
+
+        for checkpointing in (False, True):
+            (l0, g0), (l1, g1) = run(padded, checkpointing), run(packed, checkpointing)
+            assert l1 == pytest.approx(l0, rel=1e-5)      # float32 sums in another order
+            for t in g0:
+                for x, y in zip(g0[t], g1[t]):
+                    scale = np.abs(x).max()
+                    assert scale > 0
+                    assert np.abs(x - y).max() <= 1e-5 * scale, t
+        # without segments the packed rows would attend to each other: the check can fail
+        leaky = Batch(packed.tokens, None, packed.loss_rows, packed.labels)
+        assert run(leaky, False)[0] != pytest.approx(run(padded, False)[0], rel=1e-3)
+        with pytest.raises(InvalidArgumentError, match="seq_keys"):
+            collate(rows, model, seq_keys=np.arange(7), pack=True)
 
 
 def test_packed_loss_on_smollm2(smollm2):

@@ -314,3 +314,55 @@ def test_full_disk_at_the_first_save_keeps_the_adapter(tiny_model_file, tmp_path
     assert "RESCUED" in proc.stdout
     assert not list((out / "checkpoints").glob("*"))          # the partial checkpoint was removed
     assert (tmp_path / "rescued.gguf").stat().st_size > 6000
+
+
+def test_rows_of_a_micro_batch_are_packed_without_dropout(tiny, tmp_path):
+    """Without LoRA dropout the trainer packs a micro-batch's shorter rows into shared sequences (collate's
+    pack): fewer sequences, and the losses and adapter of the padded micro-batches. A dropout of 1e-12
+    keeps every value (each mask is 1 + 1e-12; a drop has probability 1e-12 per value) but gives each row a
+    sequence of its own, so that run is the padded one."""
+    from ggml_lora.data import load_dataset, make_rows
+
+    data = [t for w in (4, 20, 6, 24, 8, 18, 5, 22, 7, 16) for t in texts(1, seed=w, words=w)]
+    valid = [t for w in (3, 21, 9) for t in texts(1, seed=100 + w, words=w)]
+    runs = {}
+    for name, dropout in (("packed", 0.0), ("padded", 1e-12)):
+        lora = LoRAConfig(rank=4, target_modules=("q_proj", "v_proj", "down_proj"), dropout=dropout, seed=1)
+        trainer = LoRATrainer(tiny, lora, config(tmp_path, name, batch_size=4, max_steps=5, eval_every=5))
+        runs[name] = trainer.train(data, valid=valid), {t: trainer.adapter.get(t) for t in trainer.adapter.targets}
+        samples = load_dataset(data[:4], tiny, max_seq_length=32)[0]
+        batches, _ = trainer._micro_batches(make_rows(samples, max_seq_length=32, packing=False))
+        assert (batches[0].tokens.shape[0] < 4) if dropout == 0 else (batches[0].tokens.shape[0] == 4)
+    (packed, a), (padded, b) = runs["packed"], runs["padded"]
+    # float32 sums in another order (and the 1e-12 scale): measured below 1e-6 relative
+    assert [r["loss"] for r in packed.steps] == pytest.approx([r["loss"] for r in padded.steps], rel=1e-5)
+    assert [e["val_loss"] for e in packed.evals] == pytest.approx([e["val_loss"] for e in padded.evals], rel=1e-5)
+    for t in a:
+        for x, y in zip(a[t], b[t]):
+            assert np.abs(x - y).max() <= 1e-4 * np.abs(x).max(), t
+
+
+def test_f16_weights_are_chosen_only_where_they_fit_with_room(tiny_model_file, tmp_path):
+    """f16_weights=None (the default) trains a quantized model on a CPU through F16 copies when they take at
+    most a quarter of the memory and the step at most half; otherwise on the stored blocks. True and False
+    are obeyed; a model without quantized matrices has nothing to copy. adapter_config.json says which."""
+    from ggml_lora.data import load_dataset
+    from ggml_lora.training import estimate_memory
+
+    def chosen(model, name, **kw) -> bool:
+        LoRATrainer(model, LORA, config(tmp_path, name, max_steps=1, eval_every=0, save_every=0, **kw)).train(texts(4))
+        return json.loads((tmp_path / name / "adapter_config.json").read_text())["resolved"]["f16_weights"]
+
+    with BaseModel.load(tiny_model_file("llama", "q4_1"), n_threads=N_THREADS) as model:
+        longest = max(len(s.tokens) for s in load_dataset(texts(4), model, max_seq_length=32)[0])
+        est = estimate_memory(model, LORA, 2, longest, f16_weights=True)     # the trainer's step
+        assert est["f16_weights"] > 0
+        total = est["total"]
+        assert chosen(model, "auto") is True
+        # a limit the step fits in, but not twice over: the copies are not worth the room
+        tight = 1.5 * total / 2**30
+        assert chosen(model, "tight", memory_limit_gib=tight) is False
+        assert chosen(model, "forced", memory_limit_gib=tight, f16_weights=True) is True
+        assert chosen(model, "off", f16_weights=False) is False
+    with BaseModel.load(tiny_model_file("llama", "f32"), n_threads=N_THREADS) as model:
+        assert chosen(model, "f32") is False

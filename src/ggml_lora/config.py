@@ -269,8 +269,10 @@ class TrainingConfig:
     n_threads: int | None = _opt(None, "CPU threads (default: ggml's choice)")
     gradient_checkpointing: bool = _opt(False, "keep only each block's input and recompute the block in the "
                                                 "backward pass: far less memory, about a third more compute")
-    f16_weights: bool = _opt(False, "run the training forward through F16 copies of the quantized weights: "
-                                    "faster on CPU, 2 more bytes per weight; evaluation keeps the stored weights")
+    f16_weights: bool | None = _opt(None, "run the training forward through F16 copies of the quantized weights: "
+                                           "faster on CPU, 2 more bytes per weight; evaluation keeps the stored "
+                                           "weights. None (auto): on a CPU, when the copies take at most a quarter "
+                                           "of the memory available and the whole step at most half")
     keep_transposed_weights: bool = _opt(False, "keep transposed F16 copies of the frozen weights between steps "
                                                 "(2 bytes per weight) instead of making each one when the backward "
                                                 "needs it: a little faster, same gradients")
@@ -355,11 +357,12 @@ class TrainingConfig:
         choice("nan_policy", NAN_POLICIES)
         choice("truncation", TRUNCATION)
         choice("distributed", DISTRIBUTED)
-        for name in ("train_on_prompt", "gradient_checkpointing", "f16_weights", "keep_transposed_weights", "progress"):
+        for name in ("train_on_prompt", "gradient_checkpointing", "keep_transposed_weights", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(c, name, getattr(self, name), "must be true or false")
-        if self.packing is not None and not isinstance(self.packing, bool):
-            raise _fail(c, "packing", self.packing, "must be true, false or None")
+        for name in ("packing", "f16_weights"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise _fail(c, name, getattr(self, name), "must be true, false or None")
         for name in ("output_dir", "device"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise _fail(c, name, getattr(self, name), "must be a non-empty string")

@@ -413,7 +413,7 @@ class PreferenceTrainer(LoRATrainer):
     def _accumulate(self, rows: Sequence[PreferenceRow]) -> tuple[Objective, int]:
         """The objective of ``rows`` and its gradient, added to the accumulators. Callers hold ``_lock``."""
         cfg, ctx = self.config, self._ctx
-        passes, seqs, full, obj, n_tokens = self._forward(rows, cfg.f16_weights)
+        passes, seqs, full, obj, n_tokens = self._forward(rows, self._ctx.f16_weights)
         d_logp, d_nll = obj.d_logp.reshape(-1), obj.d_nll.reshape(-1)
         need = np.flatnonzero((d_logp != 0) | (d_nll != 0))
         if len(need) < len(seqs):          # KTO's KL sequences, or rows whose loss is flat: no backward

@@ -249,15 +249,17 @@ class LoRATrainer:
 
         if self._ctx is not None:
             self._ctx.close()
-        self._ctx = TrainingContext(self.adapter, optimizer=cfg.optimizer, dropout=self.lora_config.dropout,
-                                    gradient_checkpointing=cfg.gradient_checkpointing, f16_weights=cfg.f16_weights,
-                                    keep_transposed_weights=cfg.keep_transposed_weights)
+        self._ctx = self._context(cfg.gradient_checkpointing, self._auto_f16_candidate()
+                                  if cfg.f16_weights is None else cfg.f16_weights)
         if self.lora_config.peft_type == "adalora" and (self.adalora is None or self.adalora.total_step !=
                                                         (self.lora_config.total_step or total)):
             from .adalora import AdaLoRA
 
             self.adalora = AdaLoRA(self.adapter, self.lora_config, total)
-        history.memory = self._check_memory(cfg.max_seq_length if rows is None else self._longest(rows))
+        seq_len = cfg.max_seq_length if rows is None else self._longest(rows)
+        if cfg.f16_weights is None:
+            self._choose_f16_weights(seq_len)
+        history.memory = self._check_memory(seq_len)
         start = 0
         if resume_from is not None:
             start = self._resume(resume_from, fingerprint, total)
@@ -419,13 +421,16 @@ class LoRATrainer:
         return mine, sum(len(r.tokens) for r in chosen), sum(n_targets(r) for r in chosen)
 
     def _micro_batches(self, chosen, first_key: int = 0):
-        """(the rows collated batch_size at a time, their tokens without padding). Each row's dropout masks
-        are keyed by its place in the step (first_key + i), not by its micro-batch or padding."""
+        """(the rows collated batch_size at a time, their tokens without padding). Without dropout, rows
+        shorter than a micro-batch's longest share sequences (collate's pack: less padding, the same
+        gradients); with it, each row's dropout masks are keyed by its place in the step (first_key + i),
+        not by its micro-batch or padding, so each row keeps a sequence of its own."""
         from .data import collate
 
         size = self.config.batch_size
-        keys = np.arange(first_key, first_key + len(chosen))
-        return ([collate(chosen[i:i + size], self.model, seq_keys=keys[i:i + size])
+        pack = self.lora_config.dropout == 0
+        keys = None if pack else np.arange(first_key, first_key + len(chosen))
+        return ([collate(chosen[i:i + size], self.model, seq_keys=None if pack else keys[i:i + size], pack=pack)
                  for i in range(0, len(chosen), size)],
                 sum(len(r.tokens) for r in chosen))
 
@@ -482,7 +487,7 @@ class LoRATrainer:
         adapter = self.adapter if use_adapter else None
         starts = range(0, len(rows), batch_size)[self.comm.rank::self.comm.size]   # ranks share the batches
         for i in starts:
-            batch = collate(rows[i:i + batch_size], self.model)
+            batch = collate(rows[i:i + batch_size], self.model, pack=True)
             total += loss_sum(self.model, adapter, batch, f16_weights=f16_weights)
             count += batch.n_loss
             if self._signal is not None:
@@ -521,9 +526,7 @@ class LoRATrainer:
         else:
             why = None if short is None else f"needs about {short[0] / 2**30:.2f} GiB more than {short[2]}"
         if why is not None and not self._ctx.gradient_checkpointing:
-            ctx = TrainingContext(self.adapter, optimizer=cfg.optimizer, dropout=self.lora_config.dropout,
-                                  gradient_checkpointing=True, f16_weights=cfg.f16_weights,
-                                  keep_transposed_weights=cfg.keep_transposed_weights)
+            ctx = self._context(True, self._ctx.f16_weights)
             ckpt_est = self._estimate(seq_len, ctx)
             if self._shortfall(ckpt_est) is None:
                 self._ctx.close()
@@ -541,7 +544,7 @@ class LoRATrainer:
             to_come, budget, what = short
             gib = {k: round(v / 2**30, 3) for k, v in est.items()}
             hints = ["lower batch_size (use gradient_accumulation_steps to keep the step size)", "lower max_seq_length"]
-            if cfg.f16_weights:
+            if self._ctx.f16_weights:
                 hints.append("set f16_weights=False")
             if cfg.keep_transposed_weights:
                 hints.append("set keep_transposed_weights=False")
@@ -552,6 +555,43 @@ class LoRATrainer:
                 + (" even with gradient checkpointing" if not cfg.gradient_checkpointing else "")
                 + f". To fit: {'; '.join(hints)}.")
         return est
+
+    def _context(self, gradient_checkpointing: bool, f16_weights: bool) -> TrainingContext:
+        cfg = self.config
+        return TrainingContext(self.adapter, optimizer=cfg.optimizer, dropout=self.lora_config.dropout,
+                               gradient_checkpointing=gradient_checkpointing, f16_weights=f16_weights,
+                               keep_transposed_weights=cfg.keep_transposed_weights)
+
+    def _auto_f16_candidate(self) -> bool:
+        """f16_weights=None may choose F16 copies only on a CPU (where ggml's F16 products beat its
+        quantized ones; measured in benchmarks/README.md) and for a model with quantized matrices."""
+        return self.model.device.upper().startswith("CPU")
+
+    def _choose_f16_weights(self, seq_len: int) -> None:
+        """f16_weights=None: keep the F16 copies (faster on CPU) only when they take at most a quarter of the
+        memory available and the step's whole estimated peak at most half, so the copies never decide
+        whether a model fits; otherwise train on the stored blocks. Every process must choose alike."""
+        chosen = False
+        if self._ctx.f16_weights:
+            est = self._estimate(seq_len)
+            total = sum(v for k, v in est.items() if k != "total")
+            if self.config.memory_limit_gib is not None:
+                budget = int(self.config.memory_limit_gib * 2**30)
+            else:
+                free = available_memory(self.model.device)
+                # the weights, adapter and working copies that exist already are not in MemAvailable
+                budget = None if free is None else free + est["weights"] + est["adapter"]
+            chosen = est["f16_weights"] > 0 and budget is not None and \
+                4 * est["f16_weights"] <= budget and 2 * total <= budget
+            if chosen:
+                log.info("f16_weights: training through F16 copies of the quantized weights (%.2f GiB; the step's "
+                         "estimated peak %.2f GiB of %.2f GiB); f16_weights=False trains on the stored blocks",
+                         est["f16_weights"] / 2**30, total / 2**30, budget / 2**30)
+        if self.comm.size > 1:
+            chosen = all(self.comm.allgather(chosen))
+        if chosen != self._ctx.f16_weights:
+            self._ctx.close()
+            self._ctx = self._context(self.config.gradient_checkpointing, chosen)
 
     def _estimate(self, seq_len: int, ctx: TrainingContext | None = None) -> dict:
         est = (ctx or self._ctx).measure(self.config.batch_size, seq_len)
@@ -714,6 +754,7 @@ class LoRATrainer:
                                                                "warmup_steps": warmup_steps(self.config, total),
                                                                "file_alpha": self.adapter.alpha,
                                                                "processes": self.comm.size,
+                                                               "f16_weights": self._ctx.f16_weights,
                                                                "global_batch_size": self._global_rows},
                "data": {k: r.to_dict() for k, r in reports.items()}, **self._config_extra()}
         with atomic_path(self.output_dir / "adapter_config.json") as tmp:
