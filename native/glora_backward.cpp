@@ -68,15 +68,32 @@ acc_map accumulators(const glora_trainer * t) {
 // shape: the product would fall back to a slow (CPU-only for quantized W) path, so that is an error.
 // dst = wᵀ in dst's type (F16, BF16 or F32), from a weight w of any type with ne = [n_in, n_out]:
 // dst ne = [n_out, n_in]. The CPU op of the transient transposed copies. A tile is 32 rows of w by 256
-// columns (a multiple of every block size), dequantized into a 32 KiB buffer on the stack (no heap
-// allocation inside ggml's worker threads) and written out as 32 consecutive values of each of dst's
-// 256 rows: one cache line per row.
+// columns (a multiple of every block size). w in dst's 2-byte type (an F16 forward copy) is moved as
+// 16-bit words, bit for bit what converting through F32 gives; other types are dequantized into a
+// 32 KiB buffer on the stack (no heap allocation inside ggml's worker threads) and each of dst's rows
+// gets its 32 values through ggml's vectorized row conversion. Either way a tile writes one cache line
+// per row of dst. (The per-value scalar conversion this replaces took 15% of an F16-copy step.)
 void dequantize_transpose(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * w = dst->src[0];
     constexpr int64_t rows = 32, cols = 256;
     const int64_t n_in = w->ne[0], n_out = w->ne[1];
+    if (w->type == dst->type && ggml_type_size(w->type) == 2 && ggml_blck_size(w->type) == 1) {
+        for (int64_t r0 = (int64_t) ith * rows; r0 < n_out; r0 += (int64_t) nth * rows) {
+            const int64_t nr = std::min(rows, n_out - r0);
+            for (int64_t c0 = 0; c0 < n_in; c0 += cols) {
+                const int64_t nc = std::min(cols, n_in - c0);
+                for (int64_t i = 0; i < nc; ++i) {
+                    auto * d = (uint16_t *) ((char *) dst->data + (c0 + i) * dst->nb[1] + r0 * dst->nb[0]);
+                    const char * src = (const char *) w->data + r0 * w->nb[1] + (c0 + i) * w->nb[0];
+                    for (int64_t r = 0; r < nr; ++r) d[r] = *(const uint16_t *) (src + r * w->nb[1]);
+                }
+            }
+        }
+        return;
+    }
     const auto * traits = ggml_get_type_traits(w->type);
     float buf[rows * cols];
+    float col[rows];
     for (int64_t r0 = (int64_t) ith * rows; r0 < n_out; r0 += (int64_t) nth * rows) {
         const int64_t nr = std::min(rows, n_out - r0);
         for (int64_t c0 = 0; c0 < n_in; c0 += cols) {
@@ -88,13 +105,11 @@ void dequantize_transpose(ggml_tensor * dst, int ith, int nth, void *) {
             }
             for (int64_t i = 0; i < nc; ++i) {
                 char * d = (char *) dst->data + (c0 + i) * dst->nb[1] + r0 * dst->nb[0];
-                for (int64_t r = 0; r < nr; ++r) {
-                    const float v = buf[r * cols + i];
-                    switch (dst->type) {
-                        case GGML_TYPE_F16:  ((ggml_fp16_t *) d)[r] = ggml_fp32_to_fp16(v); break;
-                        case GGML_TYPE_BF16: ((ggml_bf16_t *) d)[r] = ggml_fp32_to_bf16(v); break;
-                        default:             ((float *) d)[r] = v; break;
-                    }
+                for (int64_t r = 0; r < nr; ++r) col[r] = buf[r * cols + i];
+                switch (dst->type) {
+                    case GGML_TYPE_F16:  ggml_cpu_fp32_to_fp16(col, (ggml_fp16_t *) d, nr); break;
+                    case GGML_TYPE_BF16: ggml_cpu_fp32_to_bf16(col, (ggml_bf16_t *) d, nr); break;
+                    default:             memcpy(d, col, (size_t) nr * sizeof(float)); break;
                 }
             }
         }
