@@ -1,13 +1,15 @@
 """Training and evaluation throughput of ggml-lora, one JSON object per configuration.
 
     python benchmarks/bench_train.py [--model PATH] [--device auto] [--threads N] [--steps 4] [--warmup 1]
-                                     [--f16-weights] [--no-pack] [--config r8-qv-4x256 ...]
+                                     [--f16-weights [--bf16]] [--no-pack] [--config r8-qv-4x256 ...]
     python benchmarks/bench_train.py --config facts-r8-all-b8 --write-rows rows.npz   # for peft_baseline.py
 
 Steady-state training tokens/s counts the steps after warm-up (forward + backward + optimizer);
 evaluation is the forward and loss only, timed on its second call (the first builds and allocates).
 --f16-weights trains and evaluates through F16 copies of the quantized weights
-(TrainingConfig.f16_weights, evaluate(f16_weights=True)); without it both use the stored blocks. Peak RSS is the process's
+(TrainingConfig.f16_weights, evaluate(f16_weights=True)); without it both use the stored blocks. --bf16
+(CPUs with AMX-BF16; BaseModel.set_bf16, what the trainer chooses there by default) multiplies on AMX tiles
+in bfloat16: with --f16-weights the stored blocks directly, and the backward's transposed copies always. Peak RSS is the process's
 high-water mark so far (Linux), evaluation included; train_peak_rss_mib the mark before evaluating.
 facts-r8-all-b8 trains on the README main job's chat rows, batches of 8 rows of 40-88 tokens drawn as the
 trainer draws them and collated as it collates them (shorter rows packed together into sequences no longer
@@ -154,6 +156,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--f16-weights", action="store_true", help="train through F16 copies of the quantized weights")
+    ap.add_argument("--bf16", action="store_true",
+                    help="working copies in bfloat16, multiplied on AMX tiles (CPUs with AMX-BF16 only)")
     ap.add_argument("--keep-transposed-weights", action="store_true",
                     help="keep transposed F16 copies of the frozen weights between steps (the old default)")
     ap.add_argument("--no-pack", dest="pack", action="store_false",
@@ -169,9 +173,11 @@ def main() -> None:
                 save_rows(chat_rows(model, CONFIGS[name], args.steps + args.warmup), args.write_rows)
         return
     model = BaseModel.load(path, device=args.device, n_threads=args.threads, n_ctx=4096)
+    model.set_bf16(args.bf16)
     header = {"model": path.name, "model_mib": round(path.stat().st_size / 2**20, 1), "device": model.device,
               "threads": args.threads, "machine": platform.machine(), "cpu_flags": cpu_flags(),
-              "python": sys.version.split()[0], "ggml_lora": ggml_lora.__version__}
+              "python": sys.version.split()[0], "ggml_lora": ggml_lora.__version__,
+              "amx_bf16": ggml_lora.cpu_has_amx_bf16(), "bf16": args.bf16}
     for name in args.config or sorted(CONFIGS):
         print(json.dumps(header | run(model, CONFIGS[name], args.steps, args.warmup, args.f16_weights,
                                            args.keep_transposed_weights, args.pack)), flush=True)

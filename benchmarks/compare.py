@@ -1,13 +1,15 @@
 """ggml-lora (bench_train.py) against PyTorch + PEFT (peft_baseline.py), alternating, plus llama.cpp as an eval reference.
 
     python benchmarks/compare.py [--model PATH] [--threads N] [--steps 4] [--warmup 1] [--repeats 2] [--config NAME ...]
-                                 [--impl ours f16 peft peft-bf16 llama]
+                                 [--impl ours f16 bf16 peft peft-bf16 llama]
     python benchmarks/compare.py --quality [--quality-steps 30] [--threads N]
 
 Every run is a fresh process (one configuration, one implementation), so each peak RSS is that run's.
 By default ggml-lora runs twice, through the stored quantized weights (ours) and with --f16-weights
 (training forward through F16 copies: what the trainer's default f16_weights=None chooses on a CPU when
-the copies fit in a quarter of the memory available), against PEFT in float32; --impl picks others, e.g. PEFT with bfloat16 weights under CPU autocast (peft-bf16). --model takes any GGUF,
+the copies fit in a quarter of the memory available), against PEFT in float32; --impl picks others, e.g. PEFT with bfloat16 weights under CPU autocast (peft-bf16), or ggml-lora with
+BF16 copies multiplied on AMX tiles (bf16: --f16-weights --bf16, what the trainer chooses by default on CPUs
+with AMX-BF16). --model takes any GGUF,
 the synthetic models of real shape (synthetic.py) included. Within a repeat the implementations run back
 to back and the order rotates every repeat, so slow drift of the machine falls on all. Ratios are
 ours / PEFT per repeat (paired), reported as the median and the min-max over repeats; the tokens/s
@@ -41,9 +43,9 @@ from bench_train import CONFIGS, default_model
 from peft_baseline import bench_tokens
 
 HERE = Path(__file__).resolve().parent
-IMPLS = {"ours": "ggml-lora", "f16": "ggml-lora --f16-weights", "peft": "PEFT fp32", "peft-bf16": "PEFT bf16",
+IMPLS = {"ours": "ggml-lora", "f16": "ggml-lora --f16-weights", "bf16": "ggml-lora --f16-weights --bf16", "peft": "PEFT fp32", "peft-bf16": "PEFT bf16",
          "llama": "llama.cpp"}
-OURS = ("ours", "f16")
+OURS = ("ours", "f16", "bf16")
 BASELINES = ("peft", "peft-bf16")
 DEFAULT_IMPLS = ("ours", "f16", "peft", "llama")
 
@@ -188,7 +190,7 @@ def main() -> None:
     names = args.config or sorted(CONFIGS)
     impls = [i for i in IMPLS if i in (args.impl or DEFAULT_IMPLS)]
     if not any(i in impls for i in OURS):
-        ap.error("--impl needs ours or f16: every ratio is ggml-lora over another implementation")
+        ap.error("--impl needs ours, f16 or bf16: every ratio is ggml-lora over another implementation")
     runs = {name: {impl: [] for impl in impls if impl != "llama" or not CONFIGS[name].data} for name in names}
     tmp = tempfile.TemporaryDirectory()
     rows = {}
@@ -200,7 +202,7 @@ def main() -> None:
         for name in names:
             ours = [str(HERE / "bench_train.py"), "--device", "CPU", "--config", name, *common]
             peft = [str(HERE / "peft_baseline.py"), "--in-process", "--config", name, *common, *rows.get(name, [])]
-            cmds = {"ours": ours, "f16": [*ours, "--f16-weights"],
+            cmds = {"ours": ours, "f16": [*ours, "--f16-weights"], "bf16": [*ours, "--f16-weights", "--bf16"],
                     "peft": [*peft, "--precision", "fp32"], "peft-bf16": [*peft, "--precision", "bf16"],
                     "llama": [str(HERE / "compare.py"), "--llama-cpp-eval", name, *common]}
             order = [i for i in impls if i != "llama"]

@@ -61,17 +61,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--quality-steps", type=int, default=30)
     ap.add_argument("--f16-weights", action="store_true", help="train through F16 copies of the quantized weights")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 products on AMX tiles (CPUs with AMX-BF16 only)")
     args = ap.parse_args()
     steps = args.quality_steps
     path = args.model or default_model()
     with BaseModel.load(path, device=args.device, n_threads=args.threads, n_ctx=QUALITY.length) as model:
+        model.set_bf16(args.bf16)
         train, valid = quality_tokens(model, steps)
         with initial_adapter(model) as adapter, TrainingContext(adapter, f16_weights=args.f16_weights) as ctx:
             before = evaluate(model, adapter, valid)[0]
             losses = [ctx.step([loss_batch(model, train[i])], learning_rate=LEARNING_RATE, step=i + 1,
                                max_grad_norm=MAX_GRAD_NORM).loss for i in range(steps)]
             after = evaluate(model, adapter, valid)[0]
-    print(json.dumps({"impl": "ggml-lora", "f16_weights": args.f16_weights, "quality": QUALITY.name, "steps": steps, "learning_rate": LEARNING_RATE,
+    print(json.dumps({"impl": "ggml-lora", "f16_weights": args.f16_weights, "bf16": args.bf16, "quality": QUALITY.name, "steps": steps, "learning_rate": LEARNING_RATE,
                       "valid_loss_before": round(before, 5), "valid_loss_after": round(after, 5),
                       "train_loss_first": round(losses[0], 5), "train_loss_last": round(losses[-1], 5),
                       "train_losses": [round(x, 4) for x in losses]}), flush=True)

@@ -29,7 +29,7 @@
 #  define GLORA_API
 #endif
 
-#define GLORA_ABI_VERSION 10
+#define GLORA_ABI_VERSION 11
 
 #ifdef __cplusplus
 extern "C" {
@@ -131,6 +131,13 @@ GLORA_API int32_t glora_model_n_tensors(const glora_model * model);
 GLORA_API int32_t glora_model_tensor_info(const glora_model * model, int32_t index, glora_tensor_info * out);
 /* raw stored bytes of a weight (size = nbytes), e.g. to prove a training step left it unchanged */
 GLORA_API int32_t glora_model_read_tensor(const glora_model * model, const char * name, void * dst, uint64_t size);
+/* 1 when this CPU has AMX-BF16 tiles and Linux granted this process their state, else 0 */
+GLORA_API int32_t glora_cpu_has_amx_bf16(void);
+/* bf16 != 0: the model's working copies of its quantized weights (the forward copies of
+ * glora_trainer_params.f16_weights and the backward's transposed copies) are BF16 instead of F16, and
+ * the products through them run on AMX tiles: activations rounded to BF16, sums in F32. CPU with
+ * AMX-BF16 only (GLORA_ERR_UNSUPPORTED elsewhere). Copies already made in the other type are dropped. */
+GLORA_API int32_t glora_model_set_bf16(glora_model * model, int32_t bf16);
 
 /* ---------------------------------------------------------------------------------------------- */
 /* adapters: LoRA pairs on named base weights                                                      */
@@ -277,6 +284,10 @@ GLORA_API int32_t glora_quantize_rows(int32_t type, const float * values, void *
 /* tests                                                                                           */
 /* ---------------------------------------------------------------------------------------------- */
 
+/* Test-only: out[M][N] = x[M][K]·w[N][K]ᵀ (w BF16 bits, x and out F32) through the AMX product the
+ * bf16 working copies use, on n_threads; GLORA_ERR_UNSUPPORTED without AMX-BF16. */
+GLORA_API int32_t glora_selftest_amx(const uint16_t * w, const float * x, float * out, int64_t K, int64_t N,
+                                     int64_t M, int32_t n_threads);
 /* Test-only: runs one of the backward's graph rewrites on a small graph that lacks the pattern it
  * rewrites, and returns its status (GLORA_ERR_INTERNAL, naming the tensor, when it refuses as it should).
  * name: "transposed_weights" (an out_prod through a frozen weight that is not W^T dy) or "param_grads" (a

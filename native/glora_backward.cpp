@@ -121,8 +121,8 @@ void dequantize_transpose(ggml_tensor * dst, int ith, int nth, void *) {
 // reads it and reused by the next. The same values as the persistent copy (w dequantized to F32, then
 // rounded to the copy type), so the gradients do not depend on which one ran.
 ggml_tensor * transient_transposed(const glora_model * m, ggml_context * ctx, ggml_tensor * w) {
-    const ggml_type type = glora_copy_type(m->frozen_matrix(w));
-    const ggml_type out_type = w->type == GGML_TYPE_F16 ? GGML_TYPE_F16 : type;   // an F16 forward copy stays F16
+    const ggml_type type = glora_copy_type(m, m->frozen_matrix(w));
+    const ggml_type out_type = m->wf.source.count(w) ? w->type : type;   // a forward copy keeps its type
     ggml_tensor * wt;
     if (ggml_backend_is_cpu(m->be.main)) {
         ggml_tensor * args[] = {w};
@@ -558,7 +558,9 @@ ggml_cgraph * glora_faster_products(const glora_model * m, ggml_context * ctx, g
         memset(node->op_params, 0, sizeof(node->op_params));
         changed = true;
     }
-    return changed ? in_order(ctx, gf, graph_size) : gf;
+    if (changed) gf = in_order(ctx, gf, graph_size);
+    glora_amx_products(m, ctx, gf);   // in place: the same nodes, the same order
+    return gf;
 }
 
 int32_t glora_trainer_backward(glora_trainer * trainer, const glora_batch * batch, float loss_weight,

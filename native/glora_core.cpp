@@ -264,7 +264,8 @@ int32_t glora_backends_init(const char * device, int32_t n_threads, glora_backen
         out->bufts.push_back(ggml_backend_get_default_buffer_type(out->cpu));
     }
     const int hw = (int) std::thread::hardware_concurrency();
-    ggml_backend_cpu_set_n_threads(out->cpu, n_threads > 0 ? n_threads : (hw > 0 ? hw : 1));
+    out->n_threads = n_threads > 0 ? n_threads : (hw > 0 ? hw : 1);
+    ggml_backend_cpu_set_n_threads(out->cpu, out->n_threads);
     return GLORA_OK;
 }
 

@@ -78,6 +78,7 @@ struct glora_backends {
     ggml_backend_t                          main = nullptr;
     ggml_backend_t                          cpu  = nullptr;
     std::string                             device_name;
+    int                                     n_threads = 1;   // the CPU backend's
 };
 
 int32_t glora_backends_init(const char * device, int32_t n_threads, glora_backends * out);
@@ -130,6 +131,15 @@ struct glora_weight_copies {
     uint64_t nbytes() const;
 };
 
+// Per-thread working memory of the AMX products (glora_amx.cpp), sized on the calling thread when a
+// graph is rewritten, read by ggml's worker threads when it runs.
+struct glora_amx_scratch {
+    std::vector<uint8_t> buf;
+    uint8_t            * data = nullptr;     // buf aligned to 64 bytes
+    size_t               per_thread = 0;
+    int                  n_threads = 0;
+};
+
 struct glora_model {
     glora_model_params       hp;             // copied; hp.device points into device_name
     std::string              path;
@@ -159,6 +169,9 @@ struct glora_model {
     // Optional F16 copies of the quantized weights, same shape, for a training forward that trades
     // memory and llama.cpp's exact arithmetic for speed (glora_trainer_params.f16_weights).
     glora_weight_copies      wf;
+    // Working copies in BF16 instead of F16, their products on AMX tiles (glora_model_set_bf16).
+    bool                     bf16 = false;
+    mutable glora_amx_scratch amx;
 
     // The frozen matrices a backward product may run through: every projection and the LM head.
     std::unordered_set<const ggml_tensor *> matrices;
@@ -278,8 +291,16 @@ int32_t glora_validate_batch(const glora_model * model, const glora_batch * batc
 
 // Build the working copies once per model (no-op when they exist).
 int32_t glora_model_prepare_backward(glora_model * model);
-// The type of a working copy of w: F32 for F32, BF16 for BF16 (F16 overflows above 65504), else F16.
-ggml_type glora_copy_type(const ggml_tensor * w);
+// The type of a working copy of w: F32 for F32, BF16 for BF16 (F16 overflows above 65504), else F16,
+// or BF16 when the model's copies are BF16 (glora_model_set_bf16).
+ggml_type glora_copy_type(const glora_model * m, const ggml_tensor * w);
+
+// AMX-BF16 tiles usable by this process (CPU support, and Linux granted the tile state); the first call asks.
+bool glora_amx_available();
+// Marks a training forward's product through a stored frozen weight for the AMX op (model->bf16).
+void glora_amx_mark(ggml_tensor * product);
+// Products through BF16 working copies of frozen matrices, and marked ones, run on AMX tiles (model->bf16).
+void glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
 int32_t glora_model_prepare_f16_forward(glora_model * model);
 
 // Node budget of the graph glora_build_forward builds from (batch, opt), with ggml's backward and the

@@ -1,6 +1,8 @@
 // Loading a GGUF base model: every weight in its stored type, in one buffer on the chosen device.
 #include "glora_internal.h"
 
+#include "ggml-cpu.h"
+
 #include "gguf.h"
 
 #include <cerrno>
@@ -33,8 +35,9 @@ const ggml_tensor * glora_model::frozen_matrix(const ggml_tensor * w) const {
     return matrices.count(w) ? w : nullptr;
 }
 
-ggml_type glora_copy_type(const ggml_tensor * w) {
-    return w->type == GGML_TYPE_F32 || w->type == GGML_TYPE_BF16 ? w->type : GGML_TYPE_F16;
+ggml_type glora_copy_type(const glora_model * m, const ggml_tensor * w) {
+    if (w->type == GGML_TYPE_F32 || w->type == GGML_TYPE_BF16) return w->type;
+    return m->bf16 ? GGML_TYPE_BF16 : GGML_TYPE_F16;
 }
 
 static void model_free(glora_model * m) {
@@ -316,6 +319,31 @@ extern "C" GLORA_API int32_t glora_model_read_tensor(const glora_model * model, 
     });
 }
 
+extern "C" GLORA_API int32_t glora_cpu_has_amx_bf16(void) {
+    return glora_guard_or(__func__, (int32_t) 0, [] { return (int32_t) (glora_amx_available() ? 1 : 0); });
+}
+
+extern "C" GLORA_API int32_t glora_model_set_bf16(glora_model * model, int32_t bf16) {
+    return glora_guard(__func__, [&]() -> int32_t {
+        GLORA_CHECK_ARG(model != nullptr, "glora_model_set_bf16: NULL model");
+        GLORA_CHECK_ARG(bf16 == 0 || bf16 == 1, "bf16=%d must be 0 or 1", bf16);
+        if (bf16 && !ggml_backend_is_cpu(model->be.main)) {
+            return glora_fail(GLORA_ERR_UNSUPPORTED, "bf16 working copies run on AMX tiles, on the CPU only; "
+                              "the model is on %s", model->be.device_name.c_str());
+        }
+        if (bf16 && !glora_amx_available()) {
+            return glora_fail(GLORA_ERR_UNSUPPORTED, "bf16 working copies need a CPU with AMX-BF16 (Intel Sapphire "
+                              "Rapids or later) and a Linux kernel that grants its tile state; this one has none");
+        }
+        if (model->bf16 != (bf16 != 0)) {    // copies made in the other type are made again on next use
+            model->wf.release();
+            model->wt.release();
+            model->bf16 = bf16 != 0;
+        }
+        return GLORA_OK;
+    });
+}
+
 namespace {
 
 // The weights that take working copies: every projection of the blocks, and the LM head.
@@ -336,7 +364,7 @@ int32_t make_copies(glora_model * m, const std::vector<ggml_tensor *> & weights,
     ggml_init_params ip = { ggml_tensor_overhead() * (weights.size() + 1), nullptr, true };
     out->ctx = ggml_init(ip);
     for (ggml_tensor * w : weights) {
-        const ggml_type type = glora_copy_type(w);
+        const ggml_type type = glora_copy_type(m, w);
         ggml_tensor * t = transposed ? ggml_new_tensor_2d(out->ctx, type, w->ne[1], w->ne[0])    // [n_out, n_in]
                                      : ggml_new_tensor_2d(out->ctx, type, w->ne[0], w->ne[1]);
         ggml_format_name(t, "%s%s", w->name, suffix);
@@ -394,7 +422,7 @@ int32_t glora_model_prepare_backward(glora_model * m) {
 }
 
 int32_t glora_model_prepare_f16_forward(glora_model * m) {
-    if (m->wf.ctx) return GLORA_OK;
+    if (m->wf.ctx || m->bf16) return GLORA_OK;     // bf16: the AMX products read the stored blocks
     std::vector<ggml_tensor *> weights;
     for (ggml_tensor * w : copied_weights(m)) {
         if (ggml_is_quantized(w->type)) weights.push_back(w);     // F16 and F32 weights are used as they are

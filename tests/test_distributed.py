@@ -143,8 +143,9 @@ def test_two_ranks_train_as_one_process(tiny_model_file, data_dir, tmp_path):
     Against batch 2 x accumulation 2 (the same micro-batches, summed in the same order: rank 0's
     gradient plus rank 1's is what the accumulator adds) every loss and every adapter value is bitwise
     equal. Against one batch of 4 only float32 rounding differs (other padding, other grouping of sums):
-    losses within 1e-6 relative (measured 2e-7), adapter values within 1e-5 of each tensor's largest
-    (measured 6.5e-6, where AdamW divides tiny gradients by their own root mean square)."""
+    losses within 1e-6 relative (measured 2e-7), adapter values within 3e-5 of each tensor's largest
+    (measured 6.5e-6 on an AVX2 CPU and 1.1e-5 on an AVX-512 one, whose kernels group the float32 sums
+    differently; AdamW divides tiny gradients by their own root mean square)."""
     model = tiny_model_file("llama", "f32")
     one, acc, two = tmp_path / "one", tmp_path / "acc", tmp_path / "two"
     train_cli(0, model, data_dir, one, "--batch-size", "4")
@@ -165,7 +166,7 @@ def test_two_ranks_train_as_one_process(tiny_model_file, data_dir, tmp_path):
     t1, ta, t2 = tensors(one / "adapter.gguf"), tensors(acc / "adapter.gguf"), tensors(two / "adapter.gguf")
     for name in t1:
         assert np.array_equal(t2[name], ta[name]), name
-        assert np.abs(t2[name] - t1[name]).max() <= 1e-5 * np.abs(t1[name]).max(), name
+        assert np.abs(t2[name] - t1[name]).max() <= 3e-5 * np.abs(t1[name]).max(), name
 
     state = json.loads((two / "checkpoints" / "checkpoint-5" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["global_batch_size"] == 4

@@ -53,6 +53,12 @@ def devices() -> list[Device]:
     return out
 
 
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 on AMX tiles (Intel Sapphire Rapids and later) and Linux let this
+    process use them: where ``bf16`` working copies (``TrainingConfig.bf16``, ``BaseModel.set_bf16``) run."""
+    return bool(lib.glora_cpu_has_amx_bf16())
+
+
 __all__ = [
     "ARCHITECTURES",
     "Adapter",
@@ -74,6 +80,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "UnsupportedError",
     "__version__",
+    "cpu_has_amx_bf16",
     "devices",
     "merge_adapters",
 ]

@@ -236,6 +236,7 @@ def _eval(args: argparse.Namespace) -> int:
     config = TrainingConfig(max_seq_length=args.max_seq_length, batch_size=args.batch_size,
                             chat_template=args.chat_template, n_threads=args.n_threads, progress=False)
     with BaseModel.load(model_path, n_threads=args.n_threads, n_ctx=args.max_seq_length) as model:
+        model.set_bf16(args.bf16)
         template = resolve_chat_template(config.chat_template)
         samples, _ = load_dataset(_data_file(args.data, args.split), model, max_seq_length=args.max_seq_length,
                                        chat_template=template)
@@ -324,6 +325,8 @@ def add_verbs(sub) -> None:
     p.add_argument("--f16-weights", action="store_true",
                    help="evaluate through F16 copies of the quantized weights: faster on CPU, +2 bytes per "
                         "weight, the loss close to but no longer exactly llama.cpp's")
+    p.add_argument("--bf16", action="store_true",
+                   help="with --f16-weights: bfloat16 copies multiplied on AMX tiles (CPUs with AMX-BF16 only)")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.set_defaults(func=_eval)
 

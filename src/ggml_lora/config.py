@@ -273,6 +273,10 @@ class TrainingConfig:
                                            "faster on CPU, 2 more bytes per weight; evaluation keeps the stored "
                                            "weights. None (auto): on a CPU, when the copies take at most a quarter "
                                            "of the memory available and the whole step at most half")
+    bf16: bool | None = _opt(None, "make the working copies of the quantized weights (the F16 copies above and "
+                                   "the backward's transposed copies) bfloat16 and multiply on the CPU's AMX tiles: "
+                                   "activations rounded to bfloat16, sums in float32, as PyTorch's bf16 autocast. "
+                                   "None (auto): on where the CPU has AMX-BF16; true elsewhere is an error")
     keep_transposed_weights: bool = _opt(False, "keep transposed F16 copies of the frozen weights between steps "
                                                 "(2 bytes per weight) instead of making each one when the backward "
                                                 "needs it: a little faster, same gradients")
@@ -360,7 +364,7 @@ class TrainingConfig:
         for name in ("train_on_prompt", "gradient_checkpointing", "keep_transposed_weights", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(c, name, getattr(self, name), "must be true or false")
-        for name in ("packing", "f16_weights"):
+        for name in ("packing", "f16_weights", "bf16"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise _fail(c, name, getattr(self, name), "must be true, false or None")
         for name in ("output_dir", "device"):

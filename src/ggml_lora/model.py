@@ -145,6 +145,24 @@ class BaseModel(NativeHandle):
             return ffi.string(lib.glora_model_device(ptr)).decode()
 
     @property
+    def bf16(self) -> bool:
+        """Whether the working copies of the quantized weights (the F16 copies of ``f16_weights`` and the
+        backward's transposed copies) are BF16, multiplied on AMX tiles, instead of F16 (set_bf16)."""
+        return getattr(self, "_bf16", False)
+
+    def set_bf16(self, on: bool) -> None:
+        """Make the working copies of the quantized weights BF16 and run the products through them on the
+        CPU's AMX tiles (activations rounded to bfloat16, sums in float32, as PyTorch's bf16 autocast), or
+        F16 through ggml's kernels again. Forward passes through the stored weights (evaluation's
+        default, llama.cpp's arithmetic) are not affected. Needs a CPU with AMX-BF16 (:func:`cpu_has_amx_bf16`);
+        raises UnsupportedError elsewhere."""
+        if not isinstance(on, bool):
+            raise InvalidArgumentError(f"bf16={on!r}: must be True or False")
+        with self._using() as ptr:
+            check(lib.glora_model_set_bf16(ptr, int(on)), "bf16 working copies")
+        self._bf16 = on
+
+    @property
     def tied_embeddings(self) -> bool:
         """True when the LM head reuses token_embd.weight (the GGUF has no output.weight)."""
         return "output.weight" not in self.tensors

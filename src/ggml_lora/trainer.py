@@ -249,6 +249,7 @@ class LoRATrainer:
 
         if self._ctx is not None:
             self._ctx.close()
+        self._set_bf16()
         self._ctx = self._context(cfg.gradient_checkpointing, self._auto_f16_candidate()
                                   if cfg.f16_weights is None else cfg.f16_weights)
         if self.lora_config.peft_type == "adalora" and (self.adalora is None or self.adalora.total_step !=
@@ -562,6 +563,22 @@ class LoRATrainer:
                                gradient_checkpointing=gradient_checkpointing, f16_weights=f16_weights,
                                keep_transposed_weights=cfg.keep_transposed_weights)
 
+    def _set_bf16(self) -> None:
+        """bf16=None: BF16 working copies on AMX tiles where every process's CPU has them (they multiply an
+        order of magnitude faster there than ggml's F16 or BF16 kernels); True where one has none: the
+        model's UnsupportedError."""
+        on = self.config.bf16
+        if on is None:
+            from . import cpu_has_amx_bf16
+
+            on = self.model.device.upper().startswith("CPU") and cpu_has_amx_bf16()
+            if self.comm.size > 1:
+                on = all(self.comm.allgather(on))
+            if on:
+                log.info("bf16: working copies of the quantized weights in bfloat16, multiplied on AMX tiles "
+                         "(bf16=False keeps F16 copies and ggml's kernels)")
+        self.model.set_bf16(on)
+
     def _auto_f16_candidate(self) -> bool:
         """f16_weights=None may choose F16 copies only on a CPU (where ggml's F16 products beat its
         quantized ones; measured in benchmarks/README.md) and for a model with quantized matrices."""
@@ -583,7 +600,11 @@ class LoRATrainer:
                 budget = None if free is None else free + est["weights"] + est["adapter"]
             chosen = est["f16_weights"] > 0 and budget is not None and \
                 4 * est["f16_weights"] <= budget and 2 * total <= budget
-            if chosen:
+            if self.model.bf16 and any(t.type_name != "F32" and len(t.shape) == 2 for t in self.model.tensors.values()):
+                chosen = True           # no copies: the AMX products read the stored blocks (BaseModel.set_bf16)
+                log.info("f16_weights: the training forward multiplies the stored blocks on AMX tiles in bfloat16 "
+                         "(no copies); f16_weights=False keeps llama.cpp's kernels for it")
+            elif chosen:
                 log.info("f16_weights: training through F16 copies of the quantized weights (%.2f GiB; the step's "
                          "estimated peak %.2f GiB of %.2f GiB); f16_weights=False trains on the stored blocks",
                          est["f16_weights"] / 2**30, total / 2**30, budget / 2**30)
@@ -755,6 +776,7 @@ class LoRATrainer:
                                                                "file_alpha": self.adapter.alpha,
                                                                "processes": self.comm.size,
                                                                "f16_weights": self._ctx.f16_weights,
+                                                               "bf16": self.model.bf16,
                                                                "global_batch_size": self._global_rows},
                "data": {k: r.to_dict() for k, r in reports.items()}, **self._config_extra()}
         with atomic_path(self.output_dir / "adapter_config.json") as tmp:

@@ -1,0 +1,283 @@
+// Products through the BF16 working copies of the frozen weights on Intel AMX tiles (glora_model::bf16).
+//
+// ggml's CPU mul_mat multiplies BF16 weights by BF16-rounded activations with AVX-512 dot products at
+// tens of GFLOP/s per core; an AMX core multiplies 16x32 by 32x16 BF16 tiles into FP32 accumulators an
+// order of magnitude faster (a 576x576 by 576x1024 product: ~35 against ~450 GFLOP/s on one Sapphire
+// Rapids core). ggml's own AMX code only covers quantized weights and crashes in the pinned tree (see
+// ggml_lora/llama.py), so this is a kernel of our own, run as a CPU custom op that takes the place of a
+// mul_mat node after the graph is built: dst[m][n] = Σ_k x[m][k]·w[n][k], w BF16 [N rows of K], x F32.
+//
+// Per thread, over its share of x's rows in panels of up to P rows: the panel's rows are rounded to BF16
+// (the A tiles: 16 rows of 32 values); then for each block of 32 rows of w, the block is rearranged into
+// the B tiles' layout (pairs of k side by side: a 16x16 transpose of 32-bit words) and the panel runs
+// against it in 32x32 output blocks (four FP32 accumulator tiles, K in steps of 32), stored straight into
+// dst. Both rearrangements are one pass over data the products read P or 32 times.
+//
+// The same arithmetic as ggml's BF16 mul_mat (BF16 x BF16 products, FP32 sums); only the order of the
+// sums differs. Used only where the CPU has AMX-BF16 and the kernel granted the process its tile state.
+#include "glora_internal.h"
+
+#include "ggml-cpu.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__linux__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+#define GLORA_HAVE_AMX 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace {
+
+constexpr int32_t kAmxMark = 0x31584d41;      // "AMX1" in a mul_mat's unused op_params[1]
+constexpr int64_t kTile = 32;                 // output block: 32 rows of x by 32 rows of w
+constexpr size_t  kPanelBudget = 1u << 20;    // bytes of BF16 x rows a thread keeps at once
+constexpr int64_t kScratchPerK = 72;          // bytes per k of a thread's scratch besides its panel
+
+#ifdef GLORA_HAVE_AMX
+
+bool detect() {
+    const char * off = getenv("GGML_LORA_NO_AMX");     // the tiles left alone, as on a CPU without them
+    if (off && *off && strcmp(off, "0") != 0) return false;
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool amx_bf16 = d & (1u << 22), amx_tile = d & (1u << 24);
+    if (!amx_bf16 || !amx_tile) return false;
+    // Linux hands out the 8 KiB tile state only on request (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA);
+    // without it the first tile instruction raises SIGILL. The grant is for the whole process.
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+struct tile_config {
+    uint8_t  palette_id;
+    uint8_t  start_row;
+    uint8_t  reserved[14];
+    uint16_t colsb[16];
+    uint8_t  rows[16];
+};
+
+#define GLORA_AMX_TARGET __attribute__((target("amx-tile,amx-bf16")))
+
+// tiles 0-3: FP32 accumulators C[m-half][n-half]; 4, 5: A (16 rows of x, 32 BF16 each); 6, 7: B (16 pairs
+// of k by 16 rows of w). Every tile is 16 rows of 64 bytes. A constant in memory: GCC 12 drops the stores
+// that fill a local configuration before ldtilecfg reads it (seen here: the palette only, then #GP).
+alignas(64) const tile_config kTileConfig = {
+    1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
+GLORA_AMX_TARGET void load_tile_config() { _tile_loadconfig(&kTileConfig); }
+
+// Rows [n0, n0 + 32) of w -> B tiles: out[h][kp][i] = the BF16 pair kp of row 16h + i. BF16 rows are
+// moved as 32-bit words; rows of any other type are converted to F32 by ggml (row_f: K floats), then
+// rounded to BF16 (row_b: K values) as ggml's copy to BF16 rounds: the values a BF16 copy would hold.
+void pack_w(const ggml_tensor * w, int64_t n0, uint32_t * out, float * row_f, uint16_t * row_b) {
+    const int64_t K = w->ne[0], KP = K / 2;
+    const ggml_to_float_t to_float = ggml_get_type_traits(w->type)->to_float;
+    for (int64_t h = 0; h < 2; ++h) {
+        uint32_t * o = out + h * KP * 16;
+        for (int64_t i = 0; i < 16; ++i) {
+            const char * src = (const char *) w->data + (n0 + 16 * h + i) * w->nb[1];
+            const uint32_t * row = (const uint32_t *) src;
+            if (w->type != GGML_TYPE_BF16) {
+                if (w->type == GGML_TYPE_F32) ggml_cpu_fp32_to_bf16((const float *) src, (ggml_bf16_t *) row_b, K);
+                else {
+                    to_float(src, row_f, K);
+                    ggml_cpu_fp32_to_bf16(row_f, (ggml_bf16_t *) row_b, K);
+                }
+                row = (const uint32_t *) row_b;
+            }
+            for (int64_t kp = 0; kp < KP; ++kp) o[kp * 16 + i] = row[kp];
+        }
+    }
+}
+
+// rows [m0, m0 + 32) of the panel (BF16, K per row, zero rows past the end) against the packed block of
+// w rows [n0, n0 + 32): dst rows m0.. (only the first `rows` of them exist), columns n0..n0+31.
+GLORA_AMX_TARGET void block(const uint16_t * xp, int64_t K, const uint32_t * wp, float * dst, int64_t ldd,
+                            int64_t rows) {
+    const int64_t KP = K / 2;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const uint16_t * a0 = xp;
+    const uint16_t * a1 = xp + 16 * K;
+    const uint32_t * b0 = wp;
+    const uint32_t * b1 = wp + KP * 16;
+    for (int64_t k = 0; k < K; k += 32) {
+        _tile_loadd(4, a0 + k, K * 2);
+        _tile_loadd(5, a1 + k, K * 2);
+        _tile_loadd(6, b0 + k / 2 * 16, 64);
+        _tile_loadd(7, b1 + k / 2 * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    if (rows >= kTile) {
+        _tile_stored(0, dst, ldd * 4);
+        _tile_stored(1, dst + 16, ldd * 4);
+        _tile_stored(2, dst + 16 * ldd, ldd * 4);
+        _tile_stored(3, dst + 16 * ldd + 16, ldd * 4);
+        return;
+    }
+    alignas(64) float c[kTile][kTile];
+    _tile_stored(0, &c[0][0], kTile * 4);
+    _tile_stored(1, &c[0][16], kTile * 4);
+    _tile_stored(2, &c[16][0], kTile * 4);
+    _tile_stored(3, &c[16][16], kTile * 4);
+    for (int64_t r = 0; r < rows; ++r) memcpy(dst + r * ldd, c[r], sizeof c[r]);
+}
+
+GLORA_AMX_TARGET void release_tiles() { _tile_release(); }
+
+#endif  // GLORA_HAVE_AMX
+
+// The custom op: dst = mul_mat(w, x) with w = src[0] (2-D, see fits), x = src[1] (F32, rows
+// contiguous, M = ne1*ne2*ne3 rows at a uniform stride), dst F32 contiguous.
+void amx_mul_mat(ggml_tensor * dst, int ith, int nth, void * userdata) {
+#ifdef GLORA_HAVE_AMX
+    const auto * scratch = (const glora_amx_scratch *) userdata;
+    const ggml_tensor * w = dst->src[0];
+    const ggml_tensor * x = dst->src[1];
+    const int64_t K = w->ne[0], N = w->ne[1];
+    const int64_t M = x->ne[1] * x->ne[2] * x->ne[3];
+    const int64_t ldx = x->nb[1] / 4, ldd = dst->nb[1] / 4;
+    const int nt = std::min(nth, scratch->n_threads);                    // threads with scratch of their own
+    if (ith >= nt) return;
+    // Each thread packs every block of w it multiplies, once per panel of x, and rounds every row of x
+    // it reads: split the longer of the two sides among the threads, so that the shorter one is what
+    // each thread repeats.
+    int64_t m_begin = 0, m_end = M, n_begin = 0, n_end = N;
+    if (N >= M && N / kTile >= nt) {
+        n_begin = N / kTile * ith / nt * kTile;
+        n_end   = N / kTile * (ith + 1) / nt * kTile;
+    } else {
+        const int64_t blocks = (M + kTile - 1) / kTile;
+        m_begin = blocks * ith / nt * kTile;
+        m_end   = std::min(M, blocks * (ith + 1) / nt * kTile);
+    }
+    if (m_begin >= m_end || n_begin >= n_end) return;
+    uint8_t * mine = scratch->data + (size_t) ith * scratch->per_thread;
+    auto * wp    = (uint32_t *) mine;                                     // 64·K bytes: the packed block of w
+    auto * row_f = (float *) (mine + 64 * K);                             // 4·K
+    auto * row_b = (uint16_t *) (mine + 68 * K);                          // 2·K
+    auto * xp    = (uint16_t *) (mine + kScratchPerK * K);                // the panel of x rows
+    const int64_t panel = std::min<int64_t>(1024, (int64_t) ((scratch->per_thread - kScratchPerK * K) / (2 * K)) / kTile * kTile);
+    load_tile_config();
+    for (int64_t p0 = m_begin; p0 < m_end; p0 += panel) {
+        const int64_t rows = std::min(panel, m_end - p0);
+        const int64_t padded = (rows + kTile - 1) / kTile * kTile;
+        for (int64_t r = 0; r < rows; ++r) {
+            ggml_cpu_fp32_to_bf16((const float *) x->data + (p0 + r) * ldx, (ggml_bf16_t *) xp + r * K, K);
+        }
+        memset(xp + rows * K, 0, (size_t) (padded - rows) * K * 2);
+        for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
+            pack_w(w, n0, wp, row_f, row_b);
+            for (int64_t s = 0; s < padded; s += kTile) {
+                block(xp + s * K, K, wp, (float *) dst->data + (p0 + s) * ldd + n0, ldd, rows - s);
+            }
+        }
+    }
+    release_tiles();
+#else
+    (void) dst; (void) ith; (void) nth; (void) userdata;
+#endif
+}
+
+// dst = mul_mat(w, x) that amx_mul_mat computes: w 2-D with contiguous rows, BF16 (a working copy) or any
+// type ggml converts to F32 (a stored weight), by F32 activations whose rows are contiguous and evenly
+// spaced; sizes in whole tiles.
+bool fits(const ggml_tensor * node) {
+    const ggml_tensor * w = node->src[0];
+    const ggml_tensor * x = node->src[1];
+    if (node->op != GGML_OP_MUL_MAT || x->type != GGML_TYPE_F32 || node->type != GGML_TYPE_F32) return false;
+    if (!ggml_is_contiguous(node) || ggml_n_dims(w) > 2 || w->ne[0] % kTile || w->ne[1] % kTile) return false;
+    if (w->type != GGML_TYPE_BF16 && w->type != GGML_TYPE_F32 && !ggml_get_type_traits(w->type)->to_float) return false;
+    if (w->nb[0] != ggml_type_size(w->type) || w->ne[0] % ggml_blck_size(w->type) || (w->nb[1] % 4) != 0) return false;
+    if (x->nb[0] != 4 || x->nb[2] != x->nb[1] * x->ne[1] || x->nb[3] != x->nb[2] * x->ne[2]) return false;
+    return (x->nb[1] % 4) == 0;
+}
+
+// node (a mul_mat that fits) becomes the AMX op in place, with scratch enough for its K on n_threads.
+void to_amx(ggml_context * ctx, ggml_tensor * node, glora_amx_scratch * s, int n_threads) {
+    const int64_t K = node->src[0]->ne[0];
+    const size_t need = std::max<size_t>(kPanelBudget, (size_t) K * 2 * kTile) + kScratchPerK * (size_t) K;
+    if (need > s->per_thread || s->n_threads < n_threads) {
+        s->per_thread = std::max(need, s->per_thread);
+        s->n_threads  = std::max(n_threads, s->n_threads);
+        s->buf.assign(s->per_thread * (size_t) s->n_threads + 64, 0);
+        s->data = (uint8_t *) (((uintptr_t) s->buf.data() + 63) & ~(uintptr_t) 63);
+    }
+    ggml_tensor * args[] = {node->src[0], node->src[1]};
+    ggml_tensor * op = ggml_custom_4d(ctx, GGML_TYPE_F32, node->ne[0], node->ne[1], node->ne[2], node->ne[3],
+                                      args, 2, amx_mul_mat, GGML_N_TASKS_MAX, s);
+    node->op = op->op;
+    memcpy(node->op_params, op->op_params, sizeof(node->op_params));
+}
+
+}  // namespace
+
+void glora_amx_mark(ggml_tensor * product) { product->op_params[1] = kAmxMark; }
+
+bool glora_amx_available() {
+#ifdef GLORA_HAVE_AMX
+    static const bool ok = detect();
+    return ok;
+#else
+    return false;
+#endif
+}
+
+// Replaces by the AMX op each product through a BF16 working copy of a frozen matrix (persistent or
+// transient transposed copy) and each forward product the graph builder marked (glora_amx_mark: the
+// training forward through a stored weight, in place of a forward copy). Unmarked products through the
+// stored weights keep ggml's kernels, so that evaluation stays llama.cpp's arithmetic.
+void glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf) {
+    if (!m->bf16 || !ggml_backend_is_cpu(m->be.main)) return;
+    glora_amx_scratch & s = m->amx;
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        if (!fits(node)) continue;
+        const ggml_tensor * w = node->src[0];
+        const bool copy = w->type == GGML_TYPE_BF16 && (m->wf.source.count(w) || m->wt.source.count(w)
+                       || (w->op == GGML_OP_CUSTOM && w->src[0] && m->frozen_matrix(w->src[0])));
+        if (!copy && node->op_params[1] != kAmxMark) continue;
+        to_amx(ctx, node, &s, m->be.n_threads);
+    }
+}
+
+// Test-only (see ggml_lora.h): out[M][N] = x[M][K] · w[N][K]ᵀ through the AMX op in a graph of its own.
+extern "C" GLORA_API int32_t glora_selftest_amx(const uint16_t * w, const float * x, float * out, int64_t K,
+                                                int64_t N, int64_t M, int32_t n_threads) {
+    return glora_guard(__func__, [&]() -> int32_t {
+        GLORA_CHECK_ARG(w && x && out, "glora_selftest_amx: NULL argument");
+        GLORA_CHECK_ARG(K > 0 && N > 0 && M > 0 && K % kTile == 0 && N % kTile == 0 && n_threads > 0,
+                        "glora_selftest_amx: K=%lld and N=%lld must be positive multiples of %lld, M=%lld and "
+                        "n_threads=%d positive", (long long) K, (long long) N, (long long) kTile, (long long) M, n_threads);
+        if (!glora_amx_available()) return glora_fail(GLORA_ERR_UNSUPPORTED, "this CPU has no AMX-BF16 tiles");
+        // w, x, the product, the custom op's own (unused) result, the graph and its work buffer
+        const size_t bytes = (size_t) (K * N * 2 + K * M * 4 + 2 * N * M * 4) + 16 * ggml_tensor_overhead()
+                           + ggml_graph_overhead() + ((size_t) 1 << 20);
+        ggml_init_params ip = {bytes, nullptr, false};
+        ggml_context * ctx = ggml_init(ip);
+        if (!ctx) return glora_fail(GLORA_ERR_OUT_OF_MEMORY, "glora_selftest_amx: %zu bytes", bytes);
+        ggml_tensor * wt = ggml_new_tensor_2d(ctx, GGML_TYPE_BF16, K, N);
+        ggml_tensor * xt = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, K, M);
+        memcpy(wt->data, w, ggml_nbytes(wt));
+        memcpy(xt->data, x, ggml_nbytes(xt));
+        ggml_tensor * y = ggml_mul_mat(ctx, wt, xt);
+        glora_amx_scratch s;
+        to_amx(ctx, y, &s, n_threads);
+        ggml_cgraph * gf = ggml_new_graph(ctx);
+        ggml_build_forward_expand(gf, y);
+        const ggml_status st = ggml_graph_compute_with_ctx(ctx, gf, n_threads);
+        if (st == GGML_STATUS_SUCCESS) memcpy(out, y->data, ggml_nbytes(y));
+        ggml_free(ctx);
+        return st == GGML_STATUS_SUCCESS ? GLORA_OK : glora_fail(GLORA_ERR_BACKEND, "glora_selftest_amx: status %d", (int) st);
+    });
+}
