@@ -37,6 +37,7 @@ constexpr int32_t kAmxMark = 0x31584d41;      // "AMX1" in a mul_mat's unused op
 constexpr int64_t kTile = 32;                 // output block: 32 rows of x by 32 rows of w
 constexpr size_t  kPanelBudget = 1u << 20;    // bytes of BF16 x rows a thread keeps at once
 constexpr int64_t kScratchPerK = 72;          // bytes per k of a thread's scratch besides its panel
+constexpr int64_t kChunk = 1024;              // the longest run of K one pass multiplies (a multiple of 256)
 
 #ifdef GLORA_HAVE_AMX
 
@@ -71,16 +72,19 @@ alignas(64) const tile_config kTileConfig = {
 
 GLORA_AMX_TARGET void load_tile_config() { _tile_loadconfig(&kTileConfig); }
 
-// Rows [n0, n0 + 32) of w -> B tiles: out[h][kp][i] = the BF16 pair kp of row 16h + i. BF16 rows are
+// Rows [n0, n0 + 32), columns [k0, k0 + K) of w -> B tiles: out[h][kp][i] = the BF16 pair kp of row
+// 16h + i. BF16 rows are
 // moved as 32-bit words; rows of any other type are converted to F32 by ggml (row_f: K floats), then
 // rounded to BF16 (row_b: K values) as ggml's copy to BF16 rounds: the values a BF16 copy would hold.
-void pack_w(const ggml_tensor * w, int64_t n0, uint32_t * out, float * row_f, uint16_t * row_b) {
-    const int64_t K = w->ne[0], KP = K / 2;
+void pack_w(const ggml_tensor * w, int64_t n0, int64_t k0, int64_t K, uint32_t * out, float * row_f,
+            uint16_t * row_b) {
+    const int64_t KP = K / 2;
     const ggml_to_float_t to_float = ggml_get_type_traits(w->type)->to_float;
+    const size_t offset = (size_t) (k0 / ggml_blck_size(w->type)) * ggml_type_size(w->type);
     for (int64_t h = 0; h < 2; ++h) {
         uint32_t * o = out + h * KP * 16;
         for (int64_t i = 0; i < 16; ++i) {
-            const char * src = (const char *) w->data + (n0 + 16 * h + i) * w->nb[1];
+            const char * src = (const char *) w->data + (n0 + 16 * h + i) * w->nb[1] + offset;
             const uint32_t * row = (const uint32_t *) src;
             if (w->type != GGML_TYPE_BF16) {
                 if (w->type == GGML_TYPE_F32) ggml_cpu_fp32_to_bf16((const float *) src, (ggml_bf16_t *) row_b, K);
@@ -96,14 +100,30 @@ void pack_w(const ggml_tensor * w, int64_t n0, uint32_t * out, float * row_f, ui
 }
 
 // rows [m0, m0 + 32) of the panel (BF16, K per row, zero rows past the end) against the packed block of
-// w rows [n0, n0 + 32): dst rows m0.. (only the first `rows` of them exist), columns n0..n0+31.
+// w rows [n0, n0 + 32): dst rows m0.. (only the first `rows` of them exist), columns n0..n0+31, set, or
+// added to (the later chunks of a long K).
 GLORA_AMX_TARGET void block(const uint16_t * xp, int64_t K, const uint32_t * wp, float * dst, int64_t ldd,
-                            int64_t rows) {
+                            int64_t rows, bool accumulate) {
     const int64_t KP = K / 2;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    alignas(64) float c[kTile][kTile];
+    if (!accumulate) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+    } else if (rows >= kTile) {
+        _tile_loadd(0, dst, ldd * 4);
+        _tile_loadd(1, dst + 16, ldd * 4);
+        _tile_loadd(2, dst + 16 * ldd, ldd * 4);
+        _tile_loadd(3, dst + 16 * ldd + 16, ldd * 4);
+    } else {
+        memset(c, 0, sizeof c);
+        for (int64_t r = 0; r < rows; ++r) memcpy(c[r], dst + r * ldd, sizeof c[r]);
+        _tile_loadd(0, &c[0][0], kTile * 4);
+        _tile_loadd(1, &c[0][16], kTile * 4);
+        _tile_loadd(2, &c[16][0], kTile * 4);
+        _tile_loadd(3, &c[16][16], kTile * 4);
+    }
     const uint16_t * a0 = xp;
     const uint16_t * a1 = xp + 16 * K;
     const uint32_t * b0 = wp;
@@ -125,7 +145,6 @@ GLORA_AMX_TARGET void block(const uint16_t * xp, int64_t K, const uint32_t * wp,
         _tile_stored(3, dst + 16 * ldd + 16, ldd * 4);
         return;
     }
-    alignas(64) float c[kTile][kTile];
     _tile_stored(0, &c[0][0], kTile * 4);
     _tile_stored(1, &c[0][16], kTile * 4);
     _tile_stored(2, &c[16][0], kTile * 4);
@@ -162,24 +181,30 @@ void amx_mul_mat(ggml_tensor * dst, int ith, int nth, void * userdata) {
         m_end   = std::min(M, blocks * (ith + 1) / nt * kTile);
     }
     if (m_begin >= m_end || n_begin >= n_end) return;
+    // K in chunks of at most kChunk: a panel of x rows and a block of w stay in the core's caches
+    // however long K is (the LM head's backward: K = n_vocab); later chunks add to dst
+    const int64_t KC = std::min(K, kChunk);
     uint8_t * mine = scratch->data + (size_t) ith * scratch->per_thread;
-    auto * wp    = (uint32_t *) mine;                                     // 64·K bytes: the packed block of w
-    auto * row_f = (float *) (mine + 64 * K);                             // 4·K
-    auto * row_b = (uint16_t *) (mine + 68 * K);                          // 2·K
-    auto * xp    = (uint16_t *) (mine + kScratchPerK * K);                // the panel of x rows
-    const int64_t panel = std::min<int64_t>(1024, (int64_t) ((scratch->per_thread - kScratchPerK * K) / (2 * K)) / kTile * kTile);
+    auto * wp    = (uint32_t *) mine;                                     // 64·KC bytes: the packed block of w
+    auto * row_f = (float *) (mine + 64 * KC);                            // 4·KC
+    auto * row_b = (uint16_t *) (mine + 68 * KC);                         // 2·KC
+    auto * xp    = (uint16_t *) (mine + kScratchPerK * KC);               // the panel of x rows
+    const int64_t panel = std::min<int64_t>(1024, (int64_t) ((scratch->per_thread - kScratchPerK * KC) / (2 * KC)) / kTile * kTile);
     load_tile_config();
     for (int64_t p0 = m_begin; p0 < m_end; p0 += panel) {
         const int64_t rows = std::min(panel, m_end - p0);
         const int64_t padded = (rows + kTile - 1) / kTile * kTile;
-        for (int64_t r = 0; r < rows; ++r) {
-            ggml_cpu_fp32_to_bf16((const float *) x->data + (p0 + r) * ldx, (ggml_bf16_t *) xp + r * K, K);
-        }
-        memset(xp + rows * K, 0, (size_t) (padded - rows) * K * 2);
-        for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
-            pack_w(w, n0, wp, row_f, row_b);
-            for (int64_t s = 0; s < padded; s += kTile) {
-                block(xp + s * K, K, wp, (float *) dst->data + (p0 + s) * ldd + n0, ldd, rows - s);
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+            const int64_t kc = std::min(KC, K - k0);
+            for (int64_t r = 0; r < rows; ++r) {
+                ggml_cpu_fp32_to_bf16((const float *) x->data + (p0 + r) * ldx + k0, (ggml_bf16_t *) xp + r * kc, kc);
+            }
+            memset(xp + rows * kc, 0, (size_t) (padded - rows) * kc * 2);
+            for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
+                pack_w(w, n0, k0, kc, wp, row_f, row_b);
+                for (int64_t s = 0; s < padded; s += kTile) {
+                    block(xp + s * kc, kc, wp, (float *) dst->data + (p0 + s) * ldd + n0, ldd, rows - s, k0 > 0);
+                }
             }
         }
     }
@@ -205,8 +230,8 @@ bool fits(const ggml_tensor * node) {
 
 // node (a mul_mat that fits) becomes the AMX op in place, with scratch enough for its K on n_threads.
 void to_amx(ggml_context * ctx, ggml_tensor * node, glora_amx_scratch * s, int n_threads) {
-    const int64_t K = node->src[0]->ne[0];
-    const size_t need = std::max<size_t>(kPanelBudget, (size_t) K * 2 * kTile) + kScratchPerK * (size_t) K;
+    const int64_t KC = std::min(node->src[0]->ne[0], kChunk);
+    const size_t need = std::max<size_t>(kPanelBudget, (size_t) KC * 2 * kTile) + kScratchPerK * (size_t) KC;
     if (need > s->per_thread || s->n_threads < n_threads) {
         s->per_thread = std::max(need, s->per_thread);
         s->n_threads  = std::max(n_threads, s->n_threads);
