@@ -133,10 +133,11 @@ GLORA_API int32_t glora_model_tensor_info(const glora_model * model, int32_t ind
 GLORA_API int32_t glora_model_read_tensor(const glora_model * model, const char * name, void * dst, uint64_t size);
 /* 1 when this CPU has AMX-BF16 tiles and Linux granted this process their state, else 0 */
 GLORA_API int32_t glora_cpu_has_amx_bf16(void);
-/* bf16 != 0: the model's working copies of its quantized weights (the forward copies of
- * glora_trainer_params.f16_weights and the backward's transposed copies) are BF16 instead of F16, and
- * the products through them run on AMX tiles: activations rounded to BF16, sums in F32. CPU with
- * AMX-BF16 only (GLORA_ERR_UNSUPPORTED elsewhere). Copies already made in the other type are dropped. */
+/* bf16 != 0: the products through the frozen weights run on AMX tiles, activations rounded to BF16, sums
+ * in F32: the training forward of glora_trainer_params.f16_weights reads the stored blocks (no forward
+ * copies) and the backward's transposed copies are BF16 instead of F16. CPU with
+ * AMX-BF16 only (GLORA_ERR_UNSUPPORTED elsewhere). Copies already made in the other type are dropped:
+ * a trainer made before with keep_transposed then makes its transposed copies step by step. */
 GLORA_API int32_t glora_model_set_bf16(glora_model * model, int32_t bf16);
 
 /* ---------------------------------------------------------------------------------------------- */

@@ -23,7 +23,8 @@
 #include <cstdlib>
 #include <cstring>
 
-#if defined(__x86_64__) && defined(__linux__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+#if defined(__x86_64__) && defined(__linux__) && !defined(GLORA_NO_AMX) && \
+    (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
 #define GLORA_HAVE_AMX 1
 #include <cpuid.h>
 #include <immintrin.h>
@@ -33,7 +34,8 @@
 
 namespace {
 
-constexpr int32_t kAmxMark = 0x31584d41;      // "AMX1" in a mul_mat's unused op_params[1]
+constexpr int32_t kAmxMark = 0x31584d41;      // "AMX1" in the last op_params slot of a mul_mat, which ggml
+constexpr int kMarkSlot = GGML_MAX_OP_PARAMS / sizeof(int32_t) - 1;   // leaves unused (0: precision, 1: hint)
 constexpr int64_t kTile = 32;                 // output block: 32 rows of x by 32 rows of w
 constexpr size_t  kPanelBudget = 1u << 20;    // bytes of BF16 x rows a thread keeps at once
 constexpr int64_t kScratchPerK = 72;          // bytes per k of a thread's scratch besides its panel
@@ -85,16 +87,16 @@ void pack_w(const ggml_tensor * w, int64_t n0, int64_t k0, int64_t K, uint32_t *
         uint32_t * o = out + h * KP * 16;
         for (int64_t i = 0; i < 16; ++i) {
             const char * src = (const char *) w->data + (n0 + 16 * h + i) * w->nb[1] + offset;
-            const uint32_t * row = (const uint32_t *) src;
+            const char * row = src;
             if (w->type != GGML_TYPE_BF16) {
                 if (w->type == GGML_TYPE_F32) ggml_cpu_fp32_to_bf16((const float *) src, (ggml_bf16_t *) row_b, K);
                 else {
                     to_float(src, row_f, K);
                     ggml_cpu_fp32_to_bf16(row_f, (ggml_bf16_t *) row_b, K);
                 }
-                row = (const uint32_t *) row_b;
+                row = (const char *) row_b;
             }
-            for (int64_t kp = 0; kp < KP; ++kp) o[kp * 16 + i] = row[kp];
+            for (int64_t kp = 0; kp < KP; ++kp) memcpy(o + kp * 16 + i, row + 4 * kp, 4);   // any alignment
         }
     }
 }
@@ -119,6 +121,8 @@ GLORA_AMX_TARGET void block(const uint16_t * xp, int64_t K, const uint32_t * wp,
     } else {
         memset(c, 0, sizeof c);
         for (int64_t r = 0; r < rows; ++r) memcpy(c[r], dst + r * ldd, sizeof c[r]);
+        // GCC's tile intrinsics are asm without a memory clobber: nothing orders c's stores before them
+        __asm__ __volatile__("" ::: "memory");
         _tile_loadd(0, &c[0][0], kTile * 4);
         _tile_loadd(1, &c[0][16], kTile * 4);
         _tile_loadd(2, &c[16][0], kTile * 4);
@@ -149,6 +153,7 @@ GLORA_AMX_TARGET void block(const uint16_t * xp, int64_t K, const uint32_t * wp,
     _tile_stored(1, &c[0][16], kTile * 4);
     _tile_stored(2, &c[16][0], kTile * 4);
     _tile_stored(3, &c[16][16], kTile * 4);
+    __asm__ __volatile__("" ::: "memory");      // the tile stores land in c before it is read
     for (int64_t r = 0; r < rows; ++r) memcpy(dst + r * ldd, c[r], sizeof c[r]);
 }
 
@@ -223,13 +228,15 @@ bool fits(const ggml_tensor * node) {
     if (node->op != GGML_OP_MUL_MAT || x->type != GGML_TYPE_F32 || node->type != GGML_TYPE_F32) return false;
     if (!ggml_is_contiguous(node) || ggml_n_dims(w) > 2 || w->ne[0] % kTile || w->ne[1] % kTile) return false;
     if (w->type != GGML_TYPE_BF16 && w->type != GGML_TYPE_F32 && !ggml_get_type_traits(w->type)->to_float) return false;
-    if (w->nb[0] != ggml_type_size(w->type) || w->ne[0] % ggml_blck_size(w->type) || (w->nb[1] % 4) != 0) return false;
+    if (w->nb[0] != ggml_type_size(w->type) || w->ne[0] % ggml_blck_size(w->type)) return false;
     if (x->nb[0] != 4 || x->nb[2] != x->nb[1] * x->ne[1] || x->nb[3] != x->nb[2] * x->ne[2]) return false;
     return (x->nb[1] % 4) == 0;
 }
 
-// node (a mul_mat that fits) becomes the AMX op in place, with scratch enough for its K on n_threads.
-void to_amx(ggml_context * ctx, ggml_tensor * node, glora_amx_scratch * s, int n_threads) {
+// node (a mul_mat that fits) becomes the AMX op in place, with scratch enough for its K on n_threads. The
+// op's parameters (function, tasks, scratch) are the same for every node: they come from one template
+// tensor per graph, made on first use, so a rewrite adds at most one tensor to the graph's context.
+void to_amx(ggml_context * ctx, ggml_tensor * node, glora_amx_scratch * s, int n_threads, ggml_tensor ** tmpl) {
     const int64_t KC = std::min(node->src[0]->ne[0], kChunk);
     const size_t need = std::max<size_t>(kPanelBudget, (size_t) KC * 2 * kTile) + kScratchPerK * (size_t) KC;
     if (need > s->per_thread || s->n_threads < n_threads) {
@@ -238,16 +245,17 @@ void to_amx(ggml_context * ctx, ggml_tensor * node, glora_amx_scratch * s, int n
         s->buf.assign(s->per_thread * (size_t) s->n_threads + 64, 0);
         s->data = (uint8_t *) (((uintptr_t) s->buf.data() + 63) & ~(uintptr_t) 63);
     }
-    ggml_tensor * args[] = {node->src[0], node->src[1]};
-    ggml_tensor * op = ggml_custom_4d(ctx, GGML_TYPE_F32, node->ne[0], node->ne[1], node->ne[2], node->ne[3],
-                                      args, 2, amx_mul_mat, GGML_N_TASKS_MAX, s);
-    node->op = op->op;
-    memcpy(node->op_params, op->op_params, sizeof(node->op_params));
+    if (!*tmpl) {
+        ggml_tensor * args[] = {node->src[0], node->src[1]};
+        *tmpl = ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 2, amx_mul_mat, GGML_N_TASKS_MAX, s);
+    }
+    node->op = (*tmpl)->op;
+    memcpy(node->op_params, (*tmpl)->op_params, sizeof(node->op_params));
 }
 
 }  // namespace
 
-void glora_amx_mark(ggml_tensor * product) { product->op_params[1] = kAmxMark; }
+void glora_amx_mark(ggml_tensor * product) { product->op_params[kMarkSlot] = kAmxMark; }
 
 bool glora_amx_available() {
 #ifdef GLORA_HAVE_AMX
@@ -265,14 +273,15 @@ bool glora_amx_available() {
 void glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf) {
     if (!m->bf16 || !ggml_backend_is_cpu(m->be.main)) return;
     glora_amx_scratch & s = m->amx;
+    ggml_tensor * tmpl = nullptr;
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         ggml_tensor * node = ggml_graph_node(gf, i);
         if (!fits(node)) continue;
         const ggml_tensor * w = node->src[0];
         const bool copy = w->type == GGML_TYPE_BF16 && (m->wf.source.count(w) || m->wt.source.count(w)
                        || (w->op == GGML_OP_CUSTOM && w->src[0] && m->frozen_matrix(w->src[0])));
-        if (!copy && node->op_params[1] != kAmxMark) continue;
-        to_amx(ctx, node, &s, m->be.n_threads);
+        if (!copy && node->op_params[kMarkSlot] != kAmxMark) continue;
+        to_amx(ctx, node, &s, m->be.n_threads, &tmpl);
     }
 }
 
@@ -281,7 +290,8 @@ extern "C" GLORA_API int32_t glora_selftest_amx(const uint16_t * w, const float 
                                                 int64_t N, int64_t M, int32_t n_threads) {
     return glora_guard(__func__, [&]() -> int32_t {
         GLORA_CHECK_ARG(w && x && out, "glora_selftest_amx: NULL argument");
-        GLORA_CHECK_ARG(K > 0 && N > 0 && M > 0 && K % kTile == 0 && N % kTile == 0 && n_threads > 0,
+        GLORA_CHECK_ARG(K > 0 && N > 0 && M > 0 && K % kTile == 0 && N % kTile == 0 && n_threads > 0
+                        && n_threads <= GGML_MAX_N_THREADS,
                         "glora_selftest_amx: K=%lld and N=%lld must be positive multiples of %lld, M=%lld and "
                         "n_threads=%d positive", (long long) K, (long long) N, (long long) kTile, (long long) M, n_threads);
         if (!glora_amx_available()) return glora_fail(GLORA_ERR_UNSUPPORTED, "this CPU has no AMX-BF16 tiles");
@@ -297,7 +307,8 @@ extern "C" GLORA_API int32_t glora_selftest_amx(const uint16_t * w, const float 
         memcpy(xt->data, x, ggml_nbytes(xt));
         ggml_tensor * y = ggml_mul_mat(ctx, wt, xt);
         glora_amx_scratch s;
-        to_amx(ctx, y, &s, n_threads);
+        ggml_tensor * tmpl = nullptr;
+        to_amx(ctx, y, &s, n_threads, &tmpl);
         ggml_cgraph * gf = ggml_new_graph(ctx);
         ggml_build_forward_expand(gf, y);
         const ggml_status st = ggml_graph_compute_with_ctx(ctx, gf, n_threads);
