@@ -285,10 +285,10 @@ GLORA_API int32_t glora_quantize_rows(int32_t type, const float * values, void *
 /* tests                                                                                           */
 /* ---------------------------------------------------------------------------------------------- */
 
-/* Test-only: out[M][N] = x[M][K]·w[N][K]ᵀ (w BF16 bits, x and out F32) through the AMX product the
- * bf16 working copies use, on n_threads; GLORA_ERR_UNSUPPORTED without AMX-BF16. */
+/* Test-only: out[b][M][N] = x[b][M][K]·w[b][N][K]ᵀ for b < n_mat (w BF16 bits, x and out F32) through the
+ * AMX product of glora_model_set_bf16, on n_threads; GLORA_ERR_UNSUPPORTED without AMX-BF16. */
 GLORA_API int32_t glora_selftest_amx(const uint16_t * w, const float * x, float * out, int64_t K, int64_t N,
-                                     int64_t M, int32_t n_threads);
+                                     int64_t M, int64_t n_mat, int32_t n_threads);
 /* Test-only: runs one of the backward's graph rewrites on a small graph that lacks the pattern it
  * rewrites, and returns its status (GLORA_ERR_INTERNAL, naming the tensor, when it refuses as it should).
  * name: "transposed_weights" (an out_prod through a frozen weight that is not W^T dy) or "param_grads" (a

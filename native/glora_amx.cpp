@@ -78,15 +78,15 @@ GLORA_AMX_TARGET void load_tile_config() { _tile_loadconfig(&kTileConfig); }
 // 16h + i. BF16 rows are
 // moved as 32-bit words; rows of any other type are converted to F32 by ggml (row_f: K floats), then
 // rounded to BF16 (row_b: K values) as ggml's copy to BF16 rounds: the values a BF16 copy would hold.
-void pack_w(const ggml_tensor * w, int64_t n0, int64_t k0, int64_t K, uint32_t * out, float * row_f,
-            uint16_t * row_b) {
+void pack_w(const ggml_tensor * w, const char * w_data, int64_t n0, int64_t k0, int64_t K, uint32_t * out,
+            float * row_f, uint16_t * row_b) {
     const int64_t KP = K / 2;
     const ggml_to_float_t to_float = ggml_get_type_traits(w->type)->to_float;
     const size_t offset = (size_t) (k0 / ggml_blck_size(w->type)) * ggml_type_size(w->type);
     for (int64_t h = 0; h < 2; ++h) {
         uint32_t * o = out + h * KP * 16;
         for (int64_t i = 0; i < 16; ++i) {
-            const char * src = (const char *) w->data + (n0 + 16 * h + i) * w->nb[1] + offset;
+            const char * src = w_data + (n0 + 16 * h + i) * w->nb[1] + offset;
             const char * row = src;
             if (w->type != GGML_TYPE_BF16) {
                 if (w->type == GGML_TYPE_F32) ggml_cpu_fp32_to_bf16((const float *) src, (ggml_bf16_t *) row_b, K);
@@ -161,56 +161,82 @@ GLORA_AMX_TARGET void release_tiles() { _tile_release(); }
 
 #endif  // GLORA_HAVE_AMX
 
-// The custom op: dst = mul_mat(w, x) with w = src[0] (2-D, see fits), x = src[1] (F32, rows
-// contiguous, M = ne1*ne2*ne3 rows at a uniform stride), dst F32 contiguous.
-void amx_mul_mat(ggml_tensor * dst, int ith, int nth, void * userdata) {
 #ifdef GLORA_HAVE_AMX
-    const auto * scratch = (const glora_amx_scratch *) userdata;
-    const ggml_tensor * w = dst->src[0];
-    const ggml_tensor * x = dst->src[1];
-    const int64_t K = w->ne[0], N = w->ne[1];
-    const int64_t M = x->ne[1] * x->ne[2] * x->ne[3];
-    const int64_t ldx = x->nb[1] / 4, ldd = dst->nb[1] / 4;
-    const int nt = std::min(nth, scratch->n_threads);                    // threads with scratch of their own
-    if (ith >= nt) return;
-    // Each thread packs every block of w it multiplies, once per panel of x, and rounds every row of x
-    // it reads: split the longer of the two sides among the threads, so that the shorter one is what
-    // each thread repeats.
-    int64_t m_begin = 0, m_end = M, n_begin = 0, n_end = N;
-    if (N >= M && N / kTile >= nt) {
-        n_begin = N / kTile * ith / nt * kTile;
-        n_end   = N / kTile * (ith + 1) / nt * kTile;
-    } else {
-        const int64_t blocks = (M + kTile - 1) / kTile;
-        m_begin = blocks * ith / nt * kTile;
-        m_end   = std::min(M, blocks * (ith + 1) / nt * kTile);
-    }
-    if (m_begin >= m_end || n_begin >= n_end) return;
+// One 2-D product of the op: rows [m_begin, m_end) of x (F32 rows at byte stride ldx_b from x_data) by
+// rows [n_begin, n_end) of w (w's type, rows at w->nb[1] from w_data, K = w->ne[0]) into dst (F32 rows at
+// byte stride ldd_b from dst_data), with this thread's scratch.
+void product(const ggml_tensor * w, const char * w_data, const char * x_data, size_t ldx_b, char * dst_data,
+             size_t ldd_b, int64_t m_begin, int64_t m_end, int64_t n_begin, int64_t n_end, uint8_t * mine,
+             size_t per_thread) {
+    const int64_t K = w->ne[0];
+    const int64_t ldd = (int64_t) (ldd_b / 4);
     // K in chunks of at most kChunk: a panel of x rows and a block of w stay in the core's caches
     // however long K is (the LM head's backward: K = n_vocab); later chunks add to dst
     const int64_t KC = std::min(K, kChunk);
-    uint8_t * mine = scratch->data + (size_t) ith * scratch->per_thread;
     auto * wp    = (uint32_t *) mine;                                     // 64·KC bytes: the packed block of w
     auto * row_f = (float *) (mine + 64 * KC);                            // 4·KC
     auto * row_b = (uint16_t *) (mine + 68 * KC);                         // 2·KC
     auto * xp    = (uint16_t *) (mine + kScratchPerK * KC);               // the panel of x rows
-    const int64_t panel = std::min<int64_t>(1024, (int64_t) ((scratch->per_thread - kScratchPerK * KC) / (2 * KC)) / kTile * kTile);
-    load_tile_config();
+    const int64_t panel = std::min<int64_t>(1024, (int64_t) ((per_thread - kScratchPerK * KC) / (2 * KC)) / kTile * kTile);
     for (int64_t p0 = m_begin; p0 < m_end; p0 += panel) {
         const int64_t rows = std::min(panel, m_end - p0);
         const int64_t padded = (rows + kTile - 1) / kTile * kTile;
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
             const int64_t kc = std::min(KC, K - k0);
             for (int64_t r = 0; r < rows; ++r) {
-                ggml_cpu_fp32_to_bf16((const float *) x->data + (p0 + r) * ldx + k0, (ggml_bf16_t *) xp + r * kc, kc);
+                ggml_cpu_fp32_to_bf16((const float *) (x_data + (p0 + r) * ldx_b) + k0, (ggml_bf16_t *) xp + r * kc, kc);
             }
             memset(xp + rows * kc, 0, (size_t) (padded - rows) * kc * 2);
             for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
-                pack_w(w, n0, k0, kc, wp, row_f, row_b);
+                pack_w(w, w_data, n0, k0, kc, wp, row_f, row_b);
                 for (int64_t s = 0; s < padded; s += kTile) {
-                    block(xp + s * kc, kc, wp, (float *) dst->data + (p0 + s) * ldd + n0, ldd, rows - s, k0 > 0);
+                    block(xp + s * kc, kc, wp, (float *) (dst_data + (p0 + s) * ldd_b) + n0, ldd, rows - s, k0 > 0);
                 }
             }
+        }
+    }
+}
+#endif
+
+// The custom op: dst = mul_mat(w, x) with w = src[0], x = src[1] (F32), dst F32 contiguous, as fits()
+// admits them: for each (i2, i3) of x and dst, the 2-D product with w's matrix (i2 / r2, i3 / r3), r2 and
+// r3 ggml's broadcast factors.
+void amx_mul_mat(ggml_tensor * dst, int ith, int nth, void * userdata) {
+#ifdef GLORA_HAVE_AMX
+    const auto * scratch = (const glora_amx_scratch *) userdata;
+    const ggml_tensor * w = dst->src[0];
+    const ggml_tensor * x = dst->src[1];
+    const int64_t N = w->ne[1], M = x->ne[1];
+    const int64_t n_mat = x->ne[2] * x->ne[3];
+    const int64_t r2 = x->ne[2] / w->ne[2], r3 = x->ne[3] / w->ne[3];
+    const int nt = std::min(nth, scratch->n_threads);                    // threads with scratch of their own
+    if (ith >= nt) return;
+    uint8_t * mine = scratch->data + (size_t) ith * scratch->per_thread;
+    auto run = [&](int64_t i, int64_t m_begin, int64_t m_end, int64_t n_begin, int64_t n_end) {
+        const int64_t i2 = i % x->ne[2], i3 = i / x->ne[2];
+        product(w, (const char *) w->data + (i2 / r2) * w->nb[2] + (i3 / r3) * w->nb[3],
+                (const char *) x->data + i2 * x->nb[2] + i3 * x->nb[3], x->nb[1],
+                (char *) dst->data + i2 * dst->nb[2] + i3 * dst->nb[3], dst->nb[1],
+                m_begin, m_end, n_begin, n_end, mine, scratch->per_thread);
+    };
+    load_tile_config();
+    if (n_mat >= nt) {                       // many matrices (attention's heads by sequences): whole ones each
+        for (int64_t i = n_mat * ith / nt; i < n_mat * (ith + 1) / nt; ++i) run(i, 0, M, 0, N);
+    } else {
+        // Each thread packs every block of w it multiplies, once per panel of x, and rounds every row of x
+        // it reads: split the longer of the two sides among the threads, so that the shorter one is what
+        // each thread repeats.
+        int64_t m_begin = 0, m_end = M, n_begin = 0, n_end = N;
+        if (N >= M && N / kTile >= nt) {
+            n_begin = N / kTile * ith / nt * kTile;
+            n_end   = N / kTile * (ith + 1) / nt * kTile;
+        } else {
+            const int64_t blocks = (M + kTile - 1) / kTile;
+            m_begin = blocks * ith / nt * kTile;
+            m_end   = std::min(M, blocks * (ith + 1) / nt * kTile);
+        }
+        if (m_begin < m_end && n_begin < n_end) {
+            for (int64_t i = 0; i < n_mat; ++i) run(i, m_begin, m_end, n_begin, n_end);
         }
     }
     release_tiles();
@@ -219,18 +245,18 @@ void amx_mul_mat(ggml_tensor * dst, int ith, int nth, void * userdata) {
 #endif
 }
 
-// dst = mul_mat(w, x) that amx_mul_mat computes: w 2-D with contiguous rows, BF16 (a working copy) or any
-// type ggml converts to F32 (a stored weight), by F32 activations whose rows are contiguous and evenly
-// spaced; sizes in whole tiles.
+// dst = mul_mat(w, x) that amx_mul_mat computes: w with contiguous rows, BF16 (a working copy), F32, or
+// any type ggml converts to F32 (a stored weight), by F32 x with contiguous rows at any strides,
+// broadcast over dims 2 and 3 as ggml's mul_mat does; dst contiguous; K and N in whole tiles.
 bool fits(const ggml_tensor * node) {
     const ggml_tensor * w = node->src[0];
     const ggml_tensor * x = node->src[1];
     if (node->op != GGML_OP_MUL_MAT || x->type != GGML_TYPE_F32 || node->type != GGML_TYPE_F32) return false;
-    if (!ggml_is_contiguous(node) || ggml_n_dims(w) > 2 || w->ne[0] % kTile || w->ne[1] % kTile) return false;
+    if (!ggml_is_contiguous(node) || w->ne[0] % kTile || w->ne[1] % kTile) return false;
+    if (x->ne[2] % w->ne[2] || x->ne[3] % w->ne[3]) return false;
     if (w->type != GGML_TYPE_BF16 && w->type != GGML_TYPE_F32 && !ggml_get_type_traits(w->type)->to_float) return false;
     if (w->nb[0] != ggml_type_size(w->type) || w->ne[0] % ggml_blck_size(w->type)) return false;
-    if (x->nb[0] != 4 || x->nb[2] != x->nb[1] * x->ne[1] || x->nb[3] != x->nb[2] * x->ne[2]) return false;
-    return (x->nb[1] % 4) == 0;
+    return x->nb[0] == 4 && x->nb[1] % 4 == 0;
 }
 
 // node (a mul_mat that fits) becomes the AMX op in place, with scratch enough for its K on n_threads. The
@@ -267,42 +293,51 @@ bool glora_amx_available() {
 }
 
 // Replaces by the AMX op each product through a BF16 working copy of a frozen matrix (persistent or
-// transient transposed copy) and each forward product the graph builder marked (glora_amx_mark: the
-// training forward through a stored weight, in place of a forward copy). Unmarked products through the
-// stored weights keep ggml's kernels, so that evaluation stays llama.cpp's arithmetic.
+// transient transposed copy), each forward product the graph builder marked (glora_amx_mark: the
+// training forward through a stored weight, in place of a forward copy, and the attention's products),
+// and in a graph with marks every other F32 product that fits (the attention's backward). Products of
+// graphs without marks through the stored weights keep ggml's kernels: evaluation stays llama.cpp's
+// arithmetic.
 void glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf) {
     if (!m->bf16 || !ggml_backend_is_cpu(m->be.main)) return;
     glora_amx_scratch & s = m->amx;
     ggml_tensor * tmpl = nullptr;
+    bool marked = false;                    // a training forward in BF16: its backward's F32 products too
+    for (int i = 0; i < ggml_graph_n_nodes(gf) && !marked; ++i) {
+        const ggml_tensor * node = ggml_graph_node(gf, i);
+        marked = node->op == GGML_OP_MUL_MAT && node->op_params[kMarkSlot] == kAmxMark;
+    }
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         ggml_tensor * node = ggml_graph_node(gf, i);
         if (!fits(node)) continue;
         const ggml_tensor * w = node->src[0];
         const bool copy = w->type == GGML_TYPE_BF16 && (m->wf.source.count(w) || m->wt.source.count(w)
                        || (w->op == GGML_OP_CUSTOM && w->src[0] && m->frozen_matrix(w->src[0])));
-        if (!copy && node->op_params[kMarkSlot] != kAmxMark) continue;
+        const bool f32 = marked && w->type == GGML_TYPE_F32 && node->src[1]->type == GGML_TYPE_F32;
+        if (!copy && !f32 && node->op_params[kMarkSlot] != kAmxMark) continue;
         to_amx(ctx, node, &s, m->be.n_threads, &tmpl);
     }
 }
 
-// Test-only (see ggml_lora.h): out[M][N] = x[M][K] · w[N][K]ᵀ through the AMX op in a graph of its own.
+// Test-only (see ggml_lora.h): out[b][M][N] = x[b][M][K] · w[b][N][K]ᵀ through the AMX op in a graph of its own.
 extern "C" GLORA_API int32_t glora_selftest_amx(const uint16_t * w, const float * x, float * out, int64_t K,
-                                                int64_t N, int64_t M, int32_t n_threads) {
+                                                int64_t N, int64_t M, int64_t n_mat, int32_t n_threads) {
     return glora_guard(__func__, [&]() -> int32_t {
         GLORA_CHECK_ARG(w && x && out, "glora_selftest_amx: NULL argument");
-        GLORA_CHECK_ARG(K > 0 && N > 0 && M > 0 && K % kTile == 0 && N % kTile == 0 && n_threads > 0
+        GLORA_CHECK_ARG(K > 0 && N > 0 && M > 0 && K % kTile == 0 && N % kTile == 0 && n_mat > 0 && n_threads > 0
                         && n_threads <= GGML_MAX_N_THREADS,
-                        "glora_selftest_amx: K=%lld and N=%lld must be positive multiples of %lld, M=%lld and "
-                        "n_threads=%d positive", (long long) K, (long long) N, (long long) kTile, (long long) M, n_threads);
+                        "glora_selftest_amx: K=%lld and N=%lld must be positive multiples of %lld, M=%lld, n_mat=%lld "
+                        "and n_threads=%d positive", (long long) K, (long long) N, (long long) kTile, (long long) M,
+                        (long long) n_mat, n_threads);
         if (!glora_amx_available()) return glora_fail(GLORA_ERR_UNSUPPORTED, "this CPU has no AMX-BF16 tiles");
-        // w, x, the product, the custom op's own (unused) result, the graph and its work buffer
-        const size_t bytes = (size_t) (K * N * 2 + K * M * 4 + 2 * N * M * 4) + 16 * ggml_tensor_overhead()
+        // w, x, the product, the graph and its work buffer
+        const size_t bytes = (size_t) n_mat * (K * N * 2 + K * M * 4 + N * M * 4) + 16 * ggml_tensor_overhead()
                            + ggml_graph_overhead() + ((size_t) 1 << 20);
         ggml_init_params ip = {bytes, nullptr, false};
         ggml_context * ctx = ggml_init(ip);
         if (!ctx) return glora_fail(GLORA_ERR_OUT_OF_MEMORY, "glora_selftest_amx: %zu bytes", bytes);
-        ggml_tensor * wt = ggml_new_tensor_2d(ctx, GGML_TYPE_BF16, K, N);
-        ggml_tensor * xt = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, K, M);
+        ggml_tensor * wt = ggml_new_tensor_3d(ctx, GGML_TYPE_BF16, K, N, n_mat);
+        ggml_tensor * xt = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, K, M, n_mat);
         memcpy(wt->data, w, ggml_nbytes(wt));
         memcpy(xt->data, x, ggml_nbytes(xt));
         ggml_tensor * y = ggml_mul_mat(ctx, wt, xt);

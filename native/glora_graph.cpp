@@ -62,6 +62,15 @@ struct builder {
         return res;
     }
 
+    // An attention product; in a training forward with BF16 products on AMX tiles it runs there too, and
+    // so do the float32 products of that graph's backward (glora_amx_products), as PyTorch's autocast
+    // multiplies q, k, the probabilities and v in bfloat16.
+    ggml_tensor * attn_mm(ggml_tensor * a, ggml_tensor * b) {
+        ggml_tensor * t = ggml_mul_mat(ctx, a, b);
+        if (opt.f16_weights && m->bf16) glora_amx_mark(t);
+        return t;
+    }
+
     // [a, b, n_head_kv, S] -> [a, b, n_head, S] where query head h reads KV head h / (n_head / n_head_kv),
     // the grouping ggml_mul_mat's broadcast uses; x must be contiguous.
     ggml_tensor * repeat_heads(ggml_tensor * x) {
@@ -124,10 +133,10 @@ struct builder {
             vt = ggml_pad(ctx, vt, (int) (n_kv - T), 0, 0, 0);                   // [n_kv, hd, n_head_kv, S]
         }
 
-        ggml_tensor * kq = ggml_mul_mat(ctx, k, q);              // [n_kv, T_q, n_head, S]; GQA by broadcast
+        ggml_tensor * kq = attn_mm(k, q);                        // [n_kv, T_q, n_head, S]; GQA by broadcast
         ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
         kq = ggml_soft_max_ext(ctx, kq, in->mask, hp.kq_scale, 0.0f);
-        ggml_tensor * kqv = ggml_mul_mat(ctx, vt, kq);           // [hd, T_q, n_head, S]
+        ggml_tensor * kqv = attn_mm(vt, kq);                     // [hd, T_q, n_head, S]
         return lora_out(L, ggml_cont_2d(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3), hp.head_dim * hp.n_head, N));
     }
 
@@ -158,10 +167,10 @@ struct builder {
             ggml_tensor * kc = ggml_view_4d(ctx, k, k->ne[0], c.r1, k->ne[2], k->ne[3], k->nb[1], k->nb[2], k->nb[3], 0);
             ggml_tensor * vc = ggml_view_4d(ctx, vt, c.r1, vt->ne[1], vt->ne[2], vt->ne[3], vt->nb[1], vt->nb[2],
                                             vt->nb[3], 0);
-            ggml_tensor * kq = ggml_mul_mat(ctx, kc, qc);              // [r1, rows, n_head, S]
+            ggml_tensor * kq = attn_mm(kc, qc);                        // [r1, rows, n_head, S]
             ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
             kq = ggml_soft_max_ext(ctx, kq, c.mask, hp.kq_scale, 0.0f);
-            ggml_tensor * kqv = ggml_mul_mat(ctx, vc, kq);             // [hd, rows, n_head, S]
+            ggml_tensor * kqv = attn_mm(vc, kq);                       // [hd, rows, n_head, S]
             kqv = ggml_cont(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3)); // [hd, n_head, rows, S]
             out = ggml_acc(ctx, out, kqv, out->nb[1], out->nb[2], out->nb[3], (size_t) c.r0 * out->nb[2]);
         }

@@ -53,24 +53,27 @@ def from_bf16(b: np.ndarray) -> np.ndarray:
 
 
 @needs_amx
-@pytest.mark.parametrize("K, N, M, threads", [(64, 32, 600, 2), (576, 192, 77, 2), (32000, 64, 37, 1),
-                                              (1536, 576, 1, 2), (96, 1024, 2049, 2)])
-def test_amx_product_is_the_product_of_the_bf16_values(K, N, M, threads):
+@pytest.mark.parametrize("K, N, M, n_mat, threads", [(64, 32, 600, 1, 2), (576, 192, 77, 1, 2), (32000, 64, 37, 1, 1),
+                                                     (1536, 576, 1, 1, 2), (96, 1024, 2049, 1, 2),
+                                                     (64, 256, 256, 5, 2), (256, 64, 100, 3, 2)])
+def test_amx_product_is_the_product_of_the_bf16_values(K, N, M, n_mat, threads):
     # x rounded to BF16 times the BF16 w, summed in F32, against the same rounded values summed in float64;
-    # row counts that are not whole tiles, one row, and a vocabulary-long K
+    # row counts that are not whole tiles, one row, a vocabulary-long K (several K chunks), and stacks of
+    # matrices as attention multiplies them (one per head and sequence)
     from ggml_lora._native import ffi, lib
 
     rng = np.random.default_rng(K + N + M)
-    w = to_bf16(rng.normal(0, 0.05, (N, K)).astype(np.float32))
-    x = rng.normal(0, 1, (M, K)).astype(np.float32)
-    x[:, ::7] *= 1e-3                                        # magnitudes that differ, as in activations
-    out = np.empty((M, N), np.float32)
+    w = to_bf16(rng.normal(0, 0.05, (n_mat, N, K)).astype(np.float32))
+    x = rng.normal(0, 1, (n_mat, M, K)).astype(np.float32)
+    x[..., ::7] *= 1e-3                                      # magnitudes that differ, as in activations
+    out = np.empty((n_mat, M, N), np.float32)
     p = ffi.cast("uint16_t *", w.ctypes.data)
     assert lib.glora_selftest_amx(p, ffi.cast("float *", x.ctypes.data), ffi.cast("float *", out.ctypes.data),
-                                  K, N, M, threads) == 0
-    ref = from_bf16(to_bf16(x)).astype(np.float64) @ from_bf16(w).astype(np.float64).T
+                                  K, N, M, n_mat, threads) == 0
+    xr, wr = from_bf16(to_bf16(x)).astype(np.float64), from_bf16(w).astype(np.float64)
+    ref = xr @ wr.transpose(0, 2, 1)
     # F32 sums of K products: error below K·2^-24 of the sum of magnitudes, far less in practice
-    bound = 4 * np.sqrt(K) * 2.0**-24 * (np.abs(from_bf16(to_bf16(x))) @ np.abs(from_bf16(w)).T)
+    bound = 4 * np.sqrt(K) * 2.0**-24 * (np.abs(xr) @ np.abs(wr).transpose(0, 2, 1))
     assert np.all(np.abs(out - ref) <= bound + 1e-30)
 
 
