@@ -1,13 +1,16 @@
-// Products through the BF16 working copies of the frozen weights on Intel AMX tiles (glora_model::bf16).
+// Products on Intel AMX tiles in BF16 (glora_model::bf16): a training forward's products through the stored
+// frozen weights and its attention products, and the backward's through the BF16 transposed copies.
 //
 // ggml's CPU mul_mat multiplies BF16 weights by BF16-rounded activations with AVX-512 dot products at
 // tens of GFLOP/s per core; an AMX core multiplies 16x32 by 32x16 BF16 tiles into FP32 accumulators an
 // order of magnitude faster (a 576x576 by 576x1024 product: ~35 against ~450 GFLOP/s on one Sapphire
 // Rapids core). ggml's own AMX code only covers quantized weights and crashes in the pinned tree (see
 // ggml_lora/llama.py), so this is a kernel of our own, run as a CPU custom op that takes the place of a
-// mul_mat node after the graph is built: dst[m][n] = Σ_k x[m][k]·w[n][k], w BF16 [N rows of K], x F32.
+// mul_mat node after the graph is built: dst[m][n] = Σ_k x[m][k]·w[n][k], w BF16 or any type ggml converts
+// to F32 [N rows of K], x F32, for each matrix of a stack (attention: one per head and sequence).
 //
-// Per thread, over its share of x's rows in panels of up to P rows: the panel's rows are rounded to BF16
+// Per thread, over its share of x's rows (or of w's, or of the stack) in panels of up to P rows, K in
+// chunks of at most 1024: the panel's rows are rounded to BF16
 // (the A tiles: 16 rows of 32 values); then for each block of 32 rows of w, the block is rearranged into
 // the B tiles' layout (pairs of k side by side: a 16x16 transpose of 32-bit words) and the panel runs
 // against it in 32x32 output blocks (four FP32 accumulator tiles, K in steps of 32), stored straight into
@@ -159,9 +162,6 @@ GLORA_AMX_TARGET void block(const uint16_t * xp, int64_t K, const uint32_t * wp,
 
 GLORA_AMX_TARGET void release_tiles() { _tile_release(); }
 
-#endif  // GLORA_HAVE_AMX
-
-#ifdef GLORA_HAVE_AMX
 // One 2-D product of the op: rows [m_begin, m_end) of x (F32 rows at byte stride ldx_b from x_data) by
 // rows [n_begin, n_end) of w (w's type, rows at w->nb[1] from w_data, K = w->ne[0]) into dst (F32 rows at
 // byte stride ldd_b from dst_data), with this thread's scratch.

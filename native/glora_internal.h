@@ -169,7 +169,7 @@ struct glora_model {
     // Optional F16 copies of the quantized weights, same shape, for a training forward that trades
     // memory and llama.cpp's exact arithmetic for speed (glora_trainer_params.f16_weights).
     glora_weight_copies      wf;
-    // Working copies in BF16 instead of F16, their products on AMX tiles (glora_model_set_bf16).
+    // Products on AMX tiles in BF16, transposed copies in BF16, no forward copies (glora_model_set_bf16).
     bool                     bf16 = false;
     mutable glora_amx_scratch amx;
 

@@ -328,11 +328,11 @@ extern "C" GLORA_API int32_t glora_model_set_bf16(glora_model * model, int32_t b
         GLORA_CHECK_ARG(model != nullptr, "glora_model_set_bf16: NULL model");
         GLORA_CHECK_ARG(bf16 == 0 || bf16 == 1, "bf16=%d must be 0 or 1", bf16);
         if (bf16 && !ggml_backend_is_cpu(model->be.main)) {
-            return glora_fail(GLORA_ERR_UNSUPPORTED, "bf16 working copies run on AMX tiles, on the CPU only; "
+            return glora_fail(GLORA_ERR_UNSUPPORTED, "bf16 products run on AMX tiles, on the CPU only; "
                               "the model is on %s", model->be.device_name.c_str());
         }
         if (bf16 && !glora_amx_available()) {
-            return glora_fail(GLORA_ERR_UNSUPPORTED, "bf16 working copies need a CPU with AMX-BF16 (Intel Sapphire "
+            return glora_fail(GLORA_ERR_UNSUPPORTED, "bf16 products need a CPU with AMX-BF16 (Intel Sapphire "
                               "Rapids or later) and a Linux kernel that grants its tile state; this one has none");
         }
         if (model->bf16 != (bf16 != 0)) {    // copies made in the other type are made again on next use

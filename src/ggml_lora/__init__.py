@@ -55,7 +55,7 @@ def devices() -> list[Device]:
 
 def cpu_has_amx_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 on AMX tiles (Intel Sapphire Rapids and later) and Linux let this
-    process use them: where ``bf16`` working copies (``TrainingConfig.bf16``, ``BaseModel.set_bf16``) run."""
+    process use them: where ``bf16`` products (``TrainingConfig.bf16``, ``BaseModel.set_bf16``) run."""
     return bool(lib.glora_cpu_has_amx_bf16())
 
 

@@ -326,7 +326,7 @@ def add_verbs(sub) -> None:
                    help="evaluate through F16 copies of the quantized weights: faster on CPU, +2 bytes per "
                         "weight, the loss close to but no longer exactly llama.cpp's")
     p.add_argument("--bf16", action="store_true",
-                   help="with --f16-weights: bfloat16 copies multiplied on AMX tiles (CPUs with AMX-BF16 only)")
+                   help="with --f16-weights: the stored blocks multiplied on AMX tiles in bfloat16 (CPUs with AMX-BF16 only)")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.set_defaults(func=_eval)
 

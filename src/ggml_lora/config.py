@@ -273,8 +273,8 @@ class TrainingConfig:
                                            "faster on CPU, 2 more bytes per weight; evaluation keeps the stored "
                                            "weights. None (auto): on a CPU, when the copies take at most a quarter "
                                            "of the memory available and the whole step at most half")
-    bf16: bool | None = _opt(None, "make the working copies of the quantized weights (the F16 copies above and "
-                                   "the backward's transposed copies) bfloat16 and multiply on the CPU's AMX tiles: "
+    bf16: bool | None = _opt(None, "multiply through the frozen weights on the CPU's AMX tiles in bfloat16 (the "
+                                   "forward reads the stored blocks, no F16 copies; the attention too): "
                                    "activations rounded to bfloat16, sums in float32, as PyTorch's bf16 autocast. "
                                    "None (auto): on where the CPU has AMX-BF16; true elsewhere is an error")
     keep_transposed_weights: bool = _opt(False, "keep transposed F16 copies of the frozen weights between steps "

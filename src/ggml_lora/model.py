@@ -146,20 +146,20 @@ class BaseModel(NativeHandle):
 
     @property
     def bf16(self) -> bool:
-        """Whether the working copies of the quantized weights (the F16 copies of ``f16_weights`` and the
-        backward's transposed copies) are BF16, multiplied on AMX tiles, instead of F16 (set_bf16)."""
+        """Whether the products through the frozen weights run on AMX tiles in bfloat16 (set_bf16)."""
         return getattr(self, "_bf16", False)
 
     def set_bf16(self, on: bool) -> None:
-        """Make the working copies of the quantized weights BF16 and run the products through them on the
-        CPU's AMX tiles (activations rounded to bfloat16, sums in float32, as PyTorch's bf16 autocast), or
-        F16 through ggml's kernels again. Forward passes through the stored weights (evaluation's
-        default, llama.cpp's arithmetic) are not affected. Needs a CPU with AMX-BF16 (:func:`cpu_has_amx_bf16`);
+        """Run the products through the frozen weights on the CPU's AMX tiles in bfloat16 (activations
+        rounded to bfloat16, sums in float32, as PyTorch's bf16 autocast): the forward of ``f16_weights``
+        reads the stored blocks (no copies), the backward's transposed copies are BF16, the attention of
+        those graphs runs there too; or F16 copies and ggml's kernels again. Forward passes through the
+        stored weights (evaluation's default, llama.cpp's arithmetic) are not affected. Needs a CPU with AMX-BF16 (:func:`cpu_has_amx_bf16`);
         raises UnsupportedError elsewhere."""
         if not isinstance(on, bool):
             raise InvalidArgumentError(f"bf16={on!r}: must be True or False")
         with self._using() as ptr:
-            check(lib.glora_model_set_bf16(ptr, int(on)), "bf16 working copies")
+            check(lib.glora_model_set_bf16(ptr, int(on)), "bf16 products")
         self._bf16 = on
 
     @property

@@ -564,9 +564,8 @@ class LoRATrainer:
                                keep_transposed_weights=cfg.keep_transposed_weights)
 
     def _set_bf16(self) -> None:
-        """bf16=None: BF16 working copies on AMX tiles where every process's CPU has them (they multiply an
-        order of magnitude faster there than ggml's F16 or BF16 kernels); True where one has none: the
-        model's UnsupportedError."""
+        """bf16=None: products on AMX tiles where every process's CPU has them (an order of magnitude faster
+        there than ggml's F16 or BF16 kernels); True where one has none: the model's UnsupportedError."""
         on = self.config.bf16
         if on is None:
             from . import cpu_has_amx_bf16
@@ -575,7 +574,7 @@ class LoRATrainer:
             if self.comm.size > 1:
                 on = all(self.comm.allgather(on))
             if on:
-                log.info("bf16: working copies of the quantized weights in bfloat16, multiplied on AMX tiles "
+                log.info("bf16: products through the frozen weights on AMX tiles in bfloat16 "
                          "(bf16=False keeps F16 copies and ggml's kernels)")
         self.model.set_bf16(on)
 
@@ -589,7 +588,12 @@ class LoRATrainer:
         memory available and the step's whole estimated peak at most half, so the copies never decide
         whether a model fits; otherwise train on the stored blocks. Every process must choose alike."""
         chosen = False
-        if self._ctx.f16_weights:
+        quantized = any(t.type_name != "F32" and len(t.shape) == 2 for t in self.model.tensors.values())
+        if self._ctx.f16_weights and self.model.bf16 and quantized:
+            chosen = True               # no copies: the AMX products read the stored blocks (BaseModel.set_bf16)
+            log.info("f16_weights: the training forward multiplies the stored blocks on AMX tiles in bfloat16 "
+                     "(no copies); f16_weights=False keeps llama.cpp's kernels for it")
+        elif self._ctx.f16_weights:
             est = self._estimate(seq_len)
             total = sum(v for k, v in est.items() if k != "total")
             if self.config.memory_limit_gib is not None:
@@ -600,11 +604,7 @@ class LoRATrainer:
                 budget = None if free is None else free + est["weights"] + est["adapter"]
             chosen = est["f16_weights"] > 0 and budget is not None and \
                 4 * est["f16_weights"] <= budget and 2 * total <= budget
-            if self.model.bf16 and any(t.type_name != "F32" and len(t.shape) == 2 for t in self.model.tensors.values()):
-                chosen = True           # no copies: the AMX products read the stored blocks (BaseModel.set_bf16)
-                log.info("f16_weights: the training forward multiplies the stored blocks on AMX tiles in bfloat16 "
-                         "(no copies); f16_weights=False keeps llama.cpp's kernels for it")
-            elif chosen:
+            if chosen:
                 log.info("f16_weights: training through F16 copies of the quantized weights (%.2f GiB; the step's "
                          "estimated peak %.2f GiB of %.2f GiB); f16_weights=False trains on the stored blocks",
                          est["f16_weights"] / 2**30, total / 2**30, budget / 2**30)
