@@ -29,7 +29,7 @@
 #  define GLORA_API
 #endif
 
-#define GLORA_ABI_VERSION 11
+#define GLORA_ABI_VERSION 12
 
 #ifdef __cplusplus
 extern "C" {
@@ -289,6 +289,11 @@ GLORA_API int32_t glora_quantize_rows(int32_t type, const float * values, void *
  * AMX product of glora_model_set_bf16, on n_threads; GLORA_ERR_UNSUPPORTED without AMX-BF16. */
 GLORA_API int32_t glora_selftest_amx(const uint16_t * w, const float * x, float * out, int64_t K, int64_t N,
                                      int64_t M, int64_t n_mat, int32_t n_threads);
+/* Test-only: out[n1][n0] = sum_k a[k][n0] * b[k][n1] (b_transposed: b is [n1][K], multiplied through a
+ * transposed view), as ggml_out_prod defines it, through ggml's CPU kernel (ours = 0) or the library's (ours = 1), computed `repeats` times. */
+GLORA_API int32_t glora_selftest_out_prod(const float * a, const float * b, float * out, int64_t n0, int64_t n1,
+                                          int64_t K, int32_t b_transposed, int32_t ours, int32_t n_threads,
+                                          int32_t repeats);
 /* Test-only: runs one of the backward's graph rewrites on a small graph that lacks the pattern it
  * rewrites, and returns its status (GLORA_ERR_INTERNAL, naming the tensor, when it refuses as it should).
  * name: "transposed_weights" (an out_prod through a frozen weight that is not W^T dy) or "param_grads" (a

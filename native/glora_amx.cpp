@@ -44,6 +44,9 @@ constexpr size_t  kPanelBudget = 1u << 20;    // bytes of BF16 x rows a thread k
 constexpr int64_t kScratchPerK = 72;          // bytes per k of a thread's scratch besides its panel
 constexpr int64_t kChunk = 1024;              // the longest run of K one pass multiplies (a multiple of 256)
 
+// the longest run of K a product of inner dimension K multiplies at once, in whole tile steps
+int64_t chunk(int64_t K) { return std::min((K + kTile - 1) / kTile * kTile, kChunk); }
+
 #ifdef GLORA_HAVE_AMX
 
 bool detect() {
@@ -77,26 +80,31 @@ alignas(64) const tile_config kTileConfig = {
 
 GLORA_AMX_TARGET void load_tile_config() { _tile_loadconfig(&kTileConfig); }
 
-// Rows [n0, n0 + 32), columns [k0, k0 + K) of w -> B tiles: out[h][kp][i] = the BF16 pair kp of row
-// 16h + i. BF16 rows are
-// moved as 32-bit words; rows of any other type are converted to F32 by ggml (row_f: K floats), then
-// rounded to BF16 (row_b: K values) as ggml's copy to BF16 rounds: the values a BF16 copy would hold.
-void pack_w(const ggml_tensor * w, const char * w_data, int64_t n0, int64_t k0, int64_t K, uint32_t * out,
-            float * row_f, uint16_t * row_b) {
-    const int64_t KP = K / 2;
+// Rows [n0, n0 + n_rows) (n_rows <= 32), columns [k0, k0 + K) of w -> B tiles for KP pairs of k (2·KP >= K):
+// out[h][kp][i] = the BF16 pair kp of row 16h + i, zero past the rows and columns that exist. BF16 rows
+// are moved as 32-bit words; rows of any other type are converted to F32 by ggml (row_f: K floats), then
+// rounded to BF16 (row_b: 2·KP values) as ggml's copy to BF16 rounds: the values a BF16 copy would hold.
+void pack_w(const ggml_tensor * w, const char * w_data, int64_t n0, int64_t n_rows, int64_t k0, int64_t K,
+            int64_t KP, uint32_t * out, float * row_f, uint16_t * row_b) {
     const ggml_to_float_t to_float = ggml_get_type_traits(w->type)->to_float;
     const size_t offset = (size_t) (k0 / ggml_blck_size(w->type)) * ggml_type_size(w->type);
     for (int64_t h = 0; h < 2; ++h) {
         uint32_t * o = out + h * KP * 16;
         for (int64_t i = 0; i < 16; ++i) {
+            if (16 * h + i >= n_rows) {
+                for (int64_t kp = 0; kp < KP; ++kp) o[kp * 16 + i] = 0;
+                continue;
+            }
             const char * src = w_data + (n0 + 16 * h + i) * w->nb[1] + offset;
             const char * row = src;
-            if (w->type != GGML_TYPE_BF16) {
-                if (w->type == GGML_TYPE_F32) ggml_cpu_fp32_to_bf16((const float *) src, (ggml_bf16_t *) row_b, K);
+            if (w->type != GGML_TYPE_BF16 || K < 2 * KP) {
+                if (w->type == GGML_TYPE_BF16) memcpy(row_b, src, (size_t) K * 2);
+                else if (w->type == GGML_TYPE_F32) ggml_cpu_fp32_to_bf16((const float *) src, (ggml_bf16_t *) row_b, K);
                 else {
                     to_float(src, row_f, K);
                     ggml_cpu_fp32_to_bf16(row_f, (ggml_bf16_t *) row_b, K);
                 }
+                for (int64_t k = K; k < 2 * KP; ++k) row_b[k] = 0;
                 row = (const char *) row_b;
             }
             for (int64_t kp = 0; kp < KP; ++kp) memcpy(o + kp * 16 + i, row + 4 * kp, 4);   // any alignment
@@ -104,26 +112,28 @@ void pack_w(const ggml_tensor * w, const char * w_data, int64_t n0, int64_t k0, 
     }
 }
 
-// rows [m0, m0 + 32) of the panel (BF16, K per row, zero rows past the end) against the packed block of
-// w rows [n0, n0 + 32): dst rows m0.. (only the first `rows` of them exist), columns n0..n0+31, set, or
-// added to (the later chunks of a long K).
+// rows [m0, m0 + 32) of the panel (BF16, K per row, zeros past the end of rows and of K) against the
+// packed block of w rows [n0, n0 + 32): dst rows m0.., columns n0.. (only the first `rows` and `cols` of
+// them exist), set, or added to (the later chunks of a long K).
 GLORA_AMX_TARGET void block(const uint16_t * xp, int64_t K, const uint32_t * wp, float * dst, int64_t ldd,
-                            int64_t rows, bool accumulate) {
+                            int64_t rows, int64_t cols, bool accumulate) {
     const int64_t KP = K / 2;
+    const bool whole = rows >= kTile && cols >= kTile;
+    const int64_t nr = std::min(rows, kTile), nc = std::min(cols, kTile);
     alignas(64) float c[kTile][kTile];
     if (!accumulate) {
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
-    } else if (rows >= kTile) {
+    } else if (whole) {
         _tile_loadd(0, dst, ldd * 4);
         _tile_loadd(1, dst + 16, ldd * 4);
         _tile_loadd(2, dst + 16 * ldd, ldd * 4);
         _tile_loadd(3, dst + 16 * ldd + 16, ldd * 4);
     } else {
         memset(c, 0, sizeof c);
-        for (int64_t r = 0; r < rows; ++r) memcpy(c[r], dst + r * ldd, sizeof c[r]);
+        for (int64_t r = 0; r < nr; ++r) memcpy(c[r], dst + r * ldd, (size_t) nc * 4);
         // GCC's tile intrinsics are asm without a memory clobber: nothing orders c's stores before them
         __asm__ __volatile__("" ::: "memory");
         _tile_loadd(0, &c[0][0], kTile * 4);
@@ -145,7 +155,7 @@ GLORA_AMX_TARGET void block(const uint16_t * xp, int64_t K, const uint32_t * wp,
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
     }
-    if (rows >= kTile) {
+    if (whole) {
         _tile_stored(0, dst, ldd * 4);
         _tile_stored(1, dst + 16, ldd * 4);
         _tile_stored(2, dst + 16 * ldd, ldd * 4);
@@ -157,7 +167,7 @@ GLORA_AMX_TARGET void block(const uint16_t * xp, int64_t K, const uint32_t * wp,
     _tile_stored(2, &c[16][0], kTile * 4);
     _tile_stored(3, &c[16][16], kTile * 4);
     __asm__ __volatile__("" ::: "memory");      // the tile stores land in c before it is read
-    for (int64_t r = 0; r < rows; ++r) memcpy(dst + r * ldd, c[r], sizeof c[r]);
+    for (int64_t r = 0; r < nr; ++r) memcpy(dst + r * ldd, c[r], (size_t) nc * 4);
 }
 
 GLORA_AMX_TARGET void release_tiles() { _tile_release(); }
@@ -171,8 +181,9 @@ void product(const ggml_tensor * w, const char * w_data, const char * x_data, si
     const int64_t K = w->ne[0];
     const int64_t ldd = (int64_t) (ldd_b / 4);
     // K in chunks of at most kChunk: a panel of x rows and a block of w stay in the core's caches
-    // however long K is (the LM head's backward: K = n_vocab); later chunks add to dst
-    const int64_t KC = std::min(K, kChunk);
+    // however long K is (the LM head's backward: K = n_vocab); later chunks add to dst. A K that is not
+    // a whole number of tile steps ends in zeros (x's and w's alike).
+    const int64_t KC = chunk(K);
     auto * wp    = (uint32_t *) mine;                                     // 64·KC bytes: the packed block of w
     auto * row_f = (float *) (mine + 64 * KC);                            // 4·KC
     auto * row_b = (uint16_t *) (mine + 68 * KC);                         // 2·KC
@@ -181,16 +192,21 @@ void product(const ggml_tensor * w, const char * w_data, const char * x_data, si
     for (int64_t p0 = m_begin; p0 < m_end; p0 += panel) {
         const int64_t rows = std::min(panel, m_end - p0);
         const int64_t padded = (rows + kTile - 1) / kTile * kTile;
-        for (int64_t k0 = 0; k0 < K; k0 += KC) {
-            const int64_t kc = std::min(KC, K - k0);
+        for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+            const int64_t kc = std::min(kChunk, K - k0);
+            const int64_t kt = (kc + kTile - 1) / kTile * kTile;          // kc in whole tile steps
             for (int64_t r = 0; r < rows; ++r) {
-                ggml_cpu_fp32_to_bf16((const float *) (x_data + (p0 + r) * ldx_b) + k0, (ggml_bf16_t *) xp + r * kc, kc);
+                uint16_t * row = xp + r * kt;
+                ggml_cpu_fp32_to_bf16((const float *) (x_data + (p0 + r) * ldx_b) + k0, (ggml_bf16_t *) row, kc);
+                for (int64_t k = kc; k < kt; ++k) row[k] = 0;
             }
-            memset(xp + rows * kc, 0, (size_t) (padded - rows) * kc * 2);
+            memset(xp + rows * kt, 0, (size_t) (padded - rows) * kt * 2);
             for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
-                pack_w(w, w_data, n0, k0, kc, wp, row_f, row_b);
+                const int64_t cols = std::min(kTile, n_end - n0);
+                pack_w(w, w_data, n0, cols, k0, kc, kt / 2, wp, row_f, row_b);
                 for (int64_t s = 0; s < padded; s += kTile) {
-                    block(xp + s * kc, kc, wp, (float *) (dst_data + (p0 + s) * ldd_b) + n0, ldd, rows - s, k0 > 0);
+                    block(xp + s * kt, kt, wp, (float *) (dst_data + (p0 + s) * ldd_b) + n0, ldd, rows - s, cols,
+                          k0 > 0);
                 }
             }
         }
@@ -227,9 +243,10 @@ void amx_mul_mat(ggml_tensor * dst, int ith, int nth, void * userdata) {
         // it reads: split the longer of the two sides among the threads, so that the shorter one is what
         // each thread repeats.
         int64_t m_begin = 0, m_end = M, n_begin = 0, n_end = N;
-        if (N >= M && N / kTile >= nt) {
-            n_begin = N / kTile * ith / nt * kTile;
-            n_end   = N / kTile * (ith + 1) / nt * kTile;
+        const int64_t n_blocks = (N + kTile - 1) / kTile;
+        if (N >= M && n_blocks >= nt) {
+            n_begin = n_blocks * ith / nt * kTile;
+            n_end   = std::min(N, n_blocks * (ith + 1) / nt * kTile);
         } else {
             const int64_t blocks = (M + kTile - 1) / kTile;
             m_begin = blocks * ith / nt * kTile;
@@ -247,12 +264,12 @@ void amx_mul_mat(ggml_tensor * dst, int ith, int nth, void * userdata) {
 
 // dst = mul_mat(w, x) that amx_mul_mat computes: w with contiguous rows, BF16 (a working copy), F32, or
 // any type ggml converts to F32 (a stored weight), by F32 x with contiguous rows at any strides,
-// broadcast over dims 2 and 3 as ggml's mul_mat does; dst contiguous; K and N in whole tiles.
+// broadcast over dims 2 and 3 as ggml's mul_mat does; dst contiguous; any K and N (tails padded with zeros).
 bool fits(const ggml_tensor * node) {
     const ggml_tensor * w = node->src[0];
     const ggml_tensor * x = node->src[1];
     if (node->op != GGML_OP_MUL_MAT || x->type != GGML_TYPE_F32 || node->type != GGML_TYPE_F32) return false;
-    if (!ggml_is_contiguous(node) || w->ne[0] % kTile || w->ne[1] % kTile) return false;
+    if (!ggml_is_contiguous(node)) return false;
     if (x->ne[2] % w->ne[2] || x->ne[3] % w->ne[3]) return false;
     if (w->type != GGML_TYPE_BF16 && w->type != GGML_TYPE_F32 && !ggml_get_type_traits(w->type)->to_float) return false;
     if (w->nb[0] != ggml_type_size(w->type) || w->ne[0] % ggml_blck_size(w->type)) return false;
@@ -263,7 +280,7 @@ bool fits(const ggml_tensor * node) {
 // op's parameters (function, tasks, scratch) are the same for every node: they come from one template
 // tensor per graph, made on first use, so a rewrite adds at most one tensor to the graph's context.
 void to_amx(ggml_context * ctx, ggml_tensor * node, glora_amx_scratch * s, int n_threads, ggml_tensor ** tmpl) {
-    const int64_t KC = std::min(node->src[0]->ne[0], kChunk);
+    const int64_t KC = chunk(node->src[0]->ne[0]);
     const size_t need = std::max<size_t>(kPanelBudget, (size_t) KC * 2 * kTile) + kScratchPerK * (size_t) KC;
     if (need > s->per_thread || s->n_threads < n_threads) {
         s->per_thread = std::max(need, s->per_thread);
@@ -295,7 +312,8 @@ bool glora_amx_available() {
 // Replaces by the AMX op each product through a BF16 working copy of a frozen matrix (persistent or
 // transient transposed copy), each forward product the graph builder marked (glora_amx_mark: the
 // training forward through a stored weight, in place of a forward copy, and the attention's products),
-// and in a graph with marks every other F32 product that fits (the attention's backward). Products of
+// and in a graph with marks every other F32 product that fits but the LoRA products (the attention's
+// backward). Products of
 // graphs without marks through the stored weights keep ggml's kernels: evaluation stays llama.cpp's
 // arithmetic.
 void glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf) {
@@ -313,7 +331,9 @@ void glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph *
         const ggml_tensor * w = node->src[0];
         const bool copy = w->type == GGML_TYPE_BF16 && (m->wf.source.count(w) || m->wt.source.count(w)
                        || (w->op == GGML_OP_CUSTOM && w->src[0] && m->frozen_matrix(w->src[0])));
-        const bool f32 = marked && w->type == GGML_TYPE_F32 && node->src[1]->type == GGML_TYPE_F32;
+        // (the LoRA products themselves stay in F32: their operands are the trained parameters)
+        const bool lora = (w->flags & GGML_TENSOR_FLAG_PARAM) || (node->src[1]->flags & GGML_TENSOR_FLAG_PARAM);
+        const bool f32 = marked && !lora && w->type == GGML_TYPE_F32 && node->src[1]->type == GGML_TYPE_F32;
         if (!copy && !f32 && node->op_params[kMarkSlot] != kAmxMark) continue;
         to_amx(ctx, node, &s, m->be.n_threads, &tmpl);
     }
@@ -324,11 +344,9 @@ extern "C" GLORA_API int32_t glora_selftest_amx(const uint16_t * w, const float 
                                                 int64_t N, int64_t M, int64_t n_mat, int32_t n_threads) {
     return glora_guard(__func__, [&]() -> int32_t {
         GLORA_CHECK_ARG(w && x && out, "glora_selftest_amx: NULL argument");
-        GLORA_CHECK_ARG(K > 0 && N > 0 && M > 0 && K % kTile == 0 && N % kTile == 0 && n_mat > 0 && n_threads > 0
-                        && n_threads <= GGML_MAX_N_THREADS,
-                        "glora_selftest_amx: K=%lld and N=%lld must be positive multiples of %lld, M=%lld, n_mat=%lld "
-                        "and n_threads=%d positive", (long long) K, (long long) N, (long long) kTile, (long long) M,
-                        (long long) n_mat, n_threads);
+        GLORA_CHECK_ARG(K > 0 && N > 0 && M > 0 && n_mat > 0 && n_threads > 0 && n_threads <= GGML_MAX_N_THREADS,
+                        "glora_selftest_amx: K=%lld, N=%lld, M=%lld, n_mat=%lld and n_threads=%d must be positive",
+                        (long long) K, (long long) N, (long long) M, (long long) n_mat, n_threads);
         if (!glora_amx_available()) return glora_fail(GLORA_ERR_UNSUPPORTED, "this CPU has no AMX-BF16 tiles");
         // w, x, the product, the graph and its work buffer
         const size_t bytes = (size_t) n_mat * (K * N * 2 + K * M * 4 + N * M * 4) + 16 * ggml_tensor_overhead()

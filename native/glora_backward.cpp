@@ -401,9 +401,10 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
     int32_t rc = ensure_checkpoints(t, (int64_t) batch->n_seq * batch->n_tokens);
     if (rc) return rc;
     glora_host_inputs host;
-    if (!measure) glora_host_inputs_build(batch, batch->n_tokens, &host);
-    executor exec{m, measure, plan};
     const glora_graph_options base = training_options(t);
+    const bool chunked = !glora_attention_chunks(batch, base).empty();    // masks of their own per chunk
+    if (!measure) glora_host_inputs_build(batch, chunked ? 0 : batch->n_tokens, &host);
+    executor exec{m, measure, plan};
 
     // forward: x_0 = the token embeddings, x_{i+1} = block_i(x_i); nothing else is kept
     for (int il = -1; il < n_layer; ++il) {
@@ -559,7 +560,8 @@ ggml_cgraph * glora_faster_products(const glora_model * m, ggml_context * ctx, g
         changed = true;
     }
     if (changed) gf = in_order(ctx, gf, graph_size);
-    glora_amx_products(m, ctx, gf);   // in place: the same nodes, the same order
+    glora_out_prods(m, ctx, gf);      // in place: the same nodes, the same order
+    glora_amx_products(m, ctx, gf);
     return gf;
 }
 

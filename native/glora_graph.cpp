@@ -147,9 +147,9 @@ struct builder {
         return cur;
     }
 
-    // Causal attention by query chunk: chunk [r0, r1) multiplies with keys [0, r1) only. Keys past r1
-    // are masked for every query of the chunk, so the result is the full square's up to float summation
-    // order. The chunks' outputs go into place in the [hd, n_head, T, S] layout the output projection
+    // Causal attention by query chunk: chunk [r0, r1) multiplies with keys [k0, r1) only. Keys past r1
+    // are masked for every query of the chunk, and keys before k0 too (another sample's, when k0 > 0), so
+    // the result is the full square's up to float summation order. The chunks' outputs go into place in the [hd, n_head, T, S] layout the output projection
     // reads, whose gradient arrives contiguous: ggml's backward of acc views the gradient with the
     // forward's strides, so it must not be a permuted view.
     // q: [hd, T, n_head, S]; k: [hd, T, n_head, S]; vt: [T, hd, n_head, S] -> [hd*n_head, T*S]
@@ -164,10 +164,12 @@ struct builder {
             const int64_t rows = c.r1 - c.r0;
             ggml_tensor * qc = ggml_cont(ctx, ggml_view_4d(ctx, q, q->ne[0], rows, q->ne[2], q->ne[3], q->nb[1], q->nb[2],
                                                             q->nb[3], (size_t) c.r0 * q->nb[1]));
-            ggml_tensor * kc = ggml_view_4d(ctx, k, k->ne[0], c.r1, k->ne[2], k->ne[3], k->nb[1], k->nb[2], k->nb[3], 0);
-            ggml_tensor * vc = ggml_view_4d(ctx, vt, c.r1, vt->ne[1], vt->ne[2], vt->ne[3], vt->nb[1], vt->nb[2],
-                                            vt->nb[3], 0);
-            ggml_tensor * kq = attn_mm(kc, qc);                        // [r1, rows, n_head, S]
+            const int64_t keys = c.r1 - c.k0;
+            ggml_tensor * kc = ggml_view_4d(ctx, k, k->ne[0], keys, k->ne[2], k->ne[3], k->nb[1], k->nb[2], k->nb[3],
+                                            (size_t) c.k0 * k->nb[1]);
+            ggml_tensor * vc = ggml_view_4d(ctx, vt, keys, vt->ne[1], vt->ne[2], vt->ne[3], vt->nb[1], vt->nb[2],
+                                            vt->nb[3], (size_t) c.k0 * vt->nb[0]);
+            ggml_tensor * kq = attn_mm(kc, qc);                        // [keys, rows, n_head, S]
             ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
             kq = ggml_soft_max_ext(ctx, kq, c.mask, hp.kq_scale, 0.0f);
             ggml_tensor * kqv = attn_mm(vc, kq);                       // [hd, rows, n_head, S]
@@ -194,13 +196,13 @@ struct builder {
             ggml_set_name(in->positions, "positions");
             ggml_set_input(in->positions);
             const int64_t n_kv = opt.pad_kv ? (T + GLORA_KV_PAD - 1) / GLORA_KV_PAD * GLORA_KV_PAD : T;
-            if (opt.attn_chunk > 0 && !opt.pad_kv && T > opt.attn_chunk) {
-                for (int64_t r0 = 0; r0 < T; r0 += opt.attn_chunk) {
-                    const int64_t r1 = std::min(T, r0 + opt.attn_chunk);
-                    ggml_tensor * mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, r1, r1 - r0, 1, S);
-                    ggml_format_name(mask, "kq_mask.%lld", (long long) r0);
+            const std::vector<glora_attn_chunk> chunks = glora_attention_chunks(batch, opt);
+            if (!chunks.empty()) {
+                for (const glora_attn_chunk & c : chunks) {
+                    ggml_tensor * mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, c.r1 - c.k0, c.r1 - c.r0, 1, S);
+                    ggml_format_name(mask, "kq_mask.%lld", (long long) c.r0);
                     ggml_set_input(mask);
-                    in->mask_chunks.push_back({mask, r0, r1});
+                    in->mask_chunks.push_back({mask, c.k0, c.r0, c.r1});
                 }
             } else {
                 in->mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, T, 1, S);
@@ -314,8 +316,7 @@ size_t glora_graph_budget(const glora_model * m, const glora_batch * batch, cons
     const int32_t l1 = opt.layer_end < 0 ? m->hp.n_layer : opt.layer_end;
     const int64_t blocks = std::max(0, l1 - l0);
     // as glora_build_forward chooses: query chunks, or one square
-    const int64_t chunks = opt.attn_chunk > 0 && !opt.pad_kv && T > opt.attn_chunk
-        ? (T + opt.attn_chunk - 1) / opt.attn_chunk : 1;
+    const int64_t chunks = std::max<int64_t>(1, (int64_t) glora_attention_chunks(batch, opt).size());
     int64_t pairs = 0;
     for (const glora_active_adapter & aa : opt.adapters) {
         for (int32_t il = l0; il < l1; ++il) {
@@ -378,6 +379,24 @@ int32_t glora_validate_batch(const glora_model * model, const glora_batch * batc
     return GLORA_OK;
 }
 
+std::vector<glora_attn_chunk> glora_attention_chunks(const glora_batch * batch, const glora_graph_options & opt) {
+    std::vector<glora_attn_chunk> out;
+    const int64_t T = batch->n_tokens;
+    if (opt.attn_chunk <= 0 || opt.pad_kv) return out;
+    // one sequence of packed samples: each sample's queries against its own keys only
+    const int32_t * seg = batch->n_seq == 1 ? batch->segments : nullptr;
+    const bool samples = seg && std::any_of(seg + 1, seg + T, [&](int32_t id) { return id != seg[0]; });
+    if (!samples && T <= opt.attn_chunk) return out;
+    for (int64_t s0 = 0; s0 < T;) {
+        int64_t s1 = s0 + 1;
+        while (samples && s1 < T && seg[s1] == seg[s0]) ++s1;
+        if (!samples) s1 = T;
+        for (int64_t r0 = s0; r0 < s1; r0 += opt.attn_chunk) out.push_back({s0, r0, std::min(s1, r0 + opt.attn_chunk)});
+        s0 = s1;
+    }
+    return out;
+}
+
 void glora_host_inputs_build(const glora_batch * batch, int64_t n_kv, glora_host_inputs * out) {
     // positions restart at every new segment; attention is causal and stays inside a segment
     const int64_t T = batch->n_tokens, S = batch->n_seq, N = T * S;
@@ -390,6 +409,7 @@ void glora_host_inputs_build(const glora_batch * batch, int64_t n_kv, glora_host
         for (int64_t t = 0; t < T; ++t) {
             if (seg && t > 0 && seg[t] != seg[t - 1]) p = 0;
             out->pos[(size_t) (s * T + t)] = p++;
+            if (n_kv == 0) continue;
             float * row = out->mask.data() + (s * T + t) * n_kv;   // query t, keys 0..n_kv-1
             for (int64_t j = 0; j <= t; ++j) {
                 if (!seg || seg[j] == seg[t]) row[j] = 0.0f;
@@ -403,7 +423,7 @@ void glora_graph_set_inputs(const glora_model * model, const glora_batch * batch
     const int64_t N = (int64_t) batch->n_tokens * batch->n_seq;
     if (in.tokens) ggml_backend_tensor_set(in.tokens, batch->tokens, 0, (size_t) N * sizeof(int32_t));
     if (in.positions) {
-        const int64_t n_kv = in.mask ? in.mask->ne[0] : batch->n_tokens;
+        const int64_t n_kv = in.mask ? in.mask->ne[0] : 0;
         glora_host_inputs own;
         if (!host || host->n_kv != n_kv) {
             glora_host_inputs_build(batch, n_kv, &own);
@@ -414,13 +434,16 @@ void glora_graph_set_inputs(const glora_model * model, const glora_batch * batch
         for (ggml_tensor * z : in.zeros) ggml_backend_tensor_memset(z, 0, 0, ggml_nbytes(z));
         std::vector<float> buf;
         for (const glora_graph_inputs::mask_chunk & c : in.mask_chunks) {
-            // rows r0..r1 of every sequence, keys 0..r1
-            const int64_t T = batch->n_tokens, rows = c.r1 - c.r0;
-            buf.resize((size_t) (c.r1 * rows * batch->n_seq));
+            // rows r0..r1 of every sequence, keys k0..r1: causal, inside a segment
+            const int64_t T = batch->n_tokens, rows = c.r1 - c.r0, keys = c.r1 - c.k0;
+            buf.assign((size_t) (keys * rows * batch->n_seq), -INFINITY);
             for (int64_t s = 0; s < batch->n_seq; ++s) {
+                const int32_t * seg = batch->segments ? batch->segments + s * T : nullptr;
                 for (int64_t t = c.r0; t < c.r1; ++t) {
-                    const float * src = host->mask.data() + (s * T + t) * n_kv;
-                    std::copy(src, src + c.r1, buf.data() + (s * rows + t - c.r0) * c.r1);
+                    float * row = buf.data() + (s * rows + t - c.r0) * keys;
+                    for (int64_t j = c.k0; j <= t; ++j) {
+                        if (!seg || seg[j] == seg[t]) row[j - c.k0] = 0.0f;
+                    }
                 }
             }
             ggml_backend_tensor_set(c.mask, buf.data(), 0, buf.size() * sizeof(float));

@@ -215,8 +215,8 @@ struct glora_graph_inputs {
     ggml_tensor * tokens    = nullptr;      // I32 [n_seq*n_tokens]
     ggml_tensor * positions = nullptr;      // I32 [n_seq*n_tokens]
     ggml_tensor * mask      = nullptr;      // F32 [n_kv, n_tokens, 1, n_seq], 0 or -INF; n_kv >= n_tokens
-    // or, for causal attention in query chunks, one mask per chunk: queries [r0, r1) see keys [0, r1)
-    struct mask_chunk { ggml_tensor * mask; int64_t r0, r1; };   // mask: F32 [r1, r1 - r0, 1, n_seq]
+    // or, for causal attention in query chunks, one mask per chunk: queries [r0, r1) see keys [k0, r1)
+    struct mask_chunk { ggml_tensor * mask; int64_t k0, r0, r1; };   // mask: F32 [r1 - k0, r1 - r0, 1, n_seq]
     std::vector<mask_chunk> mask_chunks;
     std::vector<ggml_tensor *> zeros;       // inputs set to 0
     ggml_tensor * loss_rows = nullptr;      // I32 [n_loss]
@@ -242,7 +242,8 @@ struct glora_graph_options {
     bool  expand_gqa = false;
     // Causal attention in chunks of this many queries, each against the keys up to its last query
     // only: about half the products and softmax of the full T x T square over long rows (0: off;
-    // training graphs without padded keys only).
+    // training graphs without padded keys only). A single sequence of packed samples is chunked at
+    // their boundaries too, each chunk against its own sample's keys (glora_attention_chunks).
     int64_t attn_chunk = 0;
     // Matmuls through the model's F16 copies of its quantized weights (glora_model::wf) where it has them.
     bool  f16_weights = false;
@@ -265,7 +266,14 @@ struct glora_host_inputs {
     std::vector<float>   mask;              // [n_kv, n_tokens, 1, n_seq]
     int64_t              n_kv = 0;
 };
+// n_kv = 0: positions only (graphs whose attention runs in chunks fill their masks from the batch).
 void glora_host_inputs_build(const glora_batch * batch, int64_t n_kv, glora_host_inputs * out);
+
+// The query chunks {k0, r0, r1} of a graph's attention (queries [r0, r1) against keys [k0, r1)), or
+// none for one mask over the whole square: with opt.attn_chunk, rows longer than a chunk, and a single
+// sequence of several packed samples (one chunk per sample, or more for a long one).
+struct glora_attn_chunk { int64_t k0, r0, r1; };
+std::vector<glora_attn_chunk> glora_attention_chunks(const glora_batch * batch, const glora_graph_options & opt);
 
 constexpr int64_t GLORA_KV_PAD = 256;       // llama_kv_cache::get_n_kv pads to max(n_pad, 256)
 constexpr int64_t GLORA_ATTN_CHUNK = 256;   // query chunk of the training graphs' attention
@@ -302,6 +310,8 @@ void glora_amx_mark(ggml_tensor * product);
 // Products through BF16 working copies of frozen matrices, and marked ones, run on AMX tiles (model->bf16).
 void glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
 int32_t glora_model_prepare_f16_forward(glora_model * model);
+// The F32 out_prods of gf run as a CPU kernel of our own (glora_out_prod.cpp), in place.
+void glora_out_prods(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
 
 // Node budget of the graph glora_build_forward builds from (batch, opt), with ggml's backward and the
 // rewrites of glora_backward.cpp when `backward`: an upper bound on its nodes and on its leafs, from the

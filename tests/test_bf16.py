@@ -55,7 +55,9 @@ def from_bf16(b: np.ndarray) -> np.ndarray:
 @needs_amx
 @pytest.mark.parametrize("K, N, M, n_mat, threads", [(64, 32, 600, 1, 2), (576, 192, 77, 1, 2), (32000, 64, 37, 1, 1),
                                                      (1536, 576, 1, 1, 2), (96, 1024, 2049, 1, 2),
-                                                     (64, 256, 256, 5, 2), (256, 64, 100, 3, 2)])
+                                                     (64, 256, 256, 5, 2), (256, 64, 100, 3, 2),
+                                                     (56, 56, 56, 9, 2), (88, 64, 88, 4, 2), (1030, 40, 70, 1, 2),
+                                                     (7, 3, 5, 2, 1), (64, 100, 9, 1, 2)])
 def test_amx_product_is_the_product_of_the_bf16_values(K, N, M, n_mat, threads):
     # x rounded to BF16 times the BF16 w, summed in F32, against the same rounded values summed in float64;
     # row counts that are not whole tiles, one row, a vocabulary-long K (several K chunks), and stacks of
@@ -72,6 +74,7 @@ def test_amx_product_is_the_product_of_the_bf16_values(K, N, M, n_mat, threads):
                                   K, N, M, n_mat, threads) == 0
     xr, wr = from_bf16(to_bf16(x)).astype(np.float64), from_bf16(w).astype(np.float64)
     ref = xr @ wr.transpose(0, 2, 1)
+    # (the last five: K and N that are not whole tiles, as attention over rows of any length multiplies)
     # F32 sums of K products: error below K·2^-24 of the sum of magnitudes, far less in practice
     bound = 4 * np.sqrt(K) * 2.0**-24 * (np.abs(xr) @ np.abs(wr).transpose(0, 2, 1))
     assert np.all(np.abs(out - ref) <= bound + 1e-30)
@@ -86,9 +89,11 @@ def test_bf16_copies_of_a_quantized_model_train_like_f16_copies(tiny_model_file)
     ref, ref_loss = gradients(path, False, True, tokens)
     got, loss = gradients(path, True, True, tokens)
     errors = relative_errors(got, ref)
-    # BF16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%); sums over many products average it out
+    # BF16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%); sums over many products average it out.
+    # Measured: median 0.92e-2 (max 1.5e-2) while only whole-tile attention products ran in BF16, 1.06e-2
+    # (max 2.3e-2) with all of them (this model's head size and 300 rows are not whole tiles)
     assert max(errors) < 3e-2, errors
-    assert float(np.median(errors)) < 1e-2, errors
+    assert float(np.median(errors)) < 1.5e-2, errors
     assert abs(loss - ref_loss) < 1e-3 * abs(ref_loss)
 
 

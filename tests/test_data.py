@@ -16,7 +16,7 @@ from ggml_lora import Adapter, BaseModel, InvalidArgumentError, LoRAConfig
 from ggml_lora._handles import Batch
 from ggml_lora._native import check, ffi, lib
 from ggml_lora.chat import ChatTemplate
-from ggml_lora.data import Row, Sample, bins, collate, load_dataset, load_splits, make_rows, n_targets
+from ggml_lora.data import Row, Sample, collate, load_dataset, load_splits, make_rows, n_targets
 from ggml_lora.errors import DatasetError
 from ggml_lora.training import TrainingContext
 
@@ -266,12 +266,12 @@ def test_packed_loss_equals_the_samples_alone(tiny):
 
 
 def test_collate_packs_short_rows_with_the_padded_gradients(tiny_model_file):
-    """pack=True puts rows shorter than the longest into shared sequences (first fit by decreasing length,
-    never longer than the longest row), each its own segment: fewer sequences, the same targets, and the
-    loss and LoRA gradients of the padded batch, already-packed rows and gradient checkpointing included."""
+    """pack=True puts the rows end to end in one sequence, each its own segment (the attention runs one
+    chunk per sample, and a sample longer than a chunk in several): no padding, the same targets, and
+    the loss and LoRA gradients of the padded batch, already-packed rows and gradient checkpointing
+    included."""
     path = tiny_model_file("llama", "f32", tied=False)
-    lengths = (30, 9, 12, 17, 8, 25, 5)
-    assert bins(lengths) == [[0], [5, 6], [3, 2], [1, 4]]
+    lengths = (300, 9, 12, 17, 8, 25, 5)      # 300: longer than the attention's query chunk (256)
     rng = np.random.default_rng(2)
     with BaseModel.load(path, n_threads=N_THREADS) as model:
         rows = []
@@ -281,11 +281,11 @@ def test_collate_packs_short_rows_with_the_padded_gradients(tiny_model_file):
             rows.append(Row(rng.integers(0, model.n_vocab, n).astype(np.int32), mask, None))
         rows[3] = Row(rows[3].tokens, rows[3].mask, np.repeat(np.array([0, 1], np.int32), [7, 10]))  # two samples
         padded, packed = collate(rows, model), collate(rows, model, pack=True)
-        assert padded.tokens.shape == (7, 30) and packed.tokens.shape == (4, 30)
+        assert padded.tokens.shape == (7, 300) and packed.tokens.shape == (1, sum(lengths))
         assert packed.n_loss == padded.n_loss == sum(n_targets(r) for r in rows)
-        assert sorted(packed.labels.tolist()) == sorted(padded.labels.tolist())
-        # row 3's two samples and row 2 stay three segments in their shared sequence
-        assert len(set(packed.segments[2, :29].tolist())) == 3
+        assert packed.labels.tolist() == padded.labels.tolist()
+        # row 3's two samples stay two segments: eight in all
+        assert len(set(packed.segments[0].tolist())) == 8
 
         def run(batch, checkpointing):
             with Adapter.init(model, LoRAConfig(rank=4, target_modules=("q_proj", "v_proj", "down_proj", "lm_head"))) as ad:

@@ -606,23 +606,6 @@ def n_targets(row: Row) -> int:
     return int(keep.sum())
 
 
-def bins(lengths: Sequence[int]) -> list[list[int]]:
-    """Rows packed first-fit by decreasing length into as few sequences as possible, each no longer than the
-    longest row: lists of indices into ``lengths``. The longest row sets the capacity, so packed attention
-    is never wider than padded attention (and the memory plan for the padded shape covers it)."""
-    cap = max(lengths)
-    out: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        j = next((j for j, f in enumerate(free) if f >= lengths[i]), len(out))
-        if j == len(out):
-            out.append([])
-            free.append(cap)
-        out[j].append(i)
-        free[j] -= lengths[i]
-    return out
-
-
 def _joined(rows: Sequence[Row]) -> Row:
     """``rows`` end to end as one row, each keeping its own segments (renumbered to stay distinct)."""
     if len(rows) == 1:
@@ -640,10 +623,12 @@ def collate(rows: Sequence[Row], model=None, seq_keys=None, pack: bool = False) 
     ``seq_keys``: one dropout key per row (see Batch), so a row's dropout mask does not depend on
     which micro-batch or process it lands in.
 
-    ``pack``: rows shorter than the longest share a sequence (:func:`bins`), each its own segment, so the
-    batch holds fewer padding tokens; loss and gradients are those of the padded batch up to float
-    summation order. Dropout masks are keyed by sequence and position, so a packed batch cannot keep
-    ``seq_keys``' per-row masks: ``pack`` refuses them (pack only without dropout).
+    ``pack``: the rows end to end in one sequence, each its own segment, so the batch holds no padding;
+    the training and loss graphs run each segment's attention against its own keys only (one chunk per
+    sample), so a packed batch costs the linear layers its real tokens and the attention the sum of its
+    rows' squares. Loss and gradients are those of the padded batch up to float summation order.
+    Dropout masks are keyed by sequence and position, so a packed batch cannot keep ``seq_keys``'
+    per-row masks: ``pack`` refuses them (pack only without dropout).
 
     Padding is a segment of its own and never a target, nor is the first token of any segment.
     loss_rows are the flattened positions (row * T + t - 1) that predict the targets t, ascending.
@@ -653,7 +638,7 @@ def collate(rows: Sequence[Row], model=None, seq_keys=None, pack: bool = False) 
     if pack:
         if seq_keys is not None:
             raise InvalidArgumentError("collate: pack=True cannot keep per-row dropout keys (seq_keys)")
-        rows = [_joined([rows[i] for i in b]) for b in bins([len(r.tokens) for r in rows])]
+        rows = [_joined(rows)]
     n, T = len(rows), max(len(r.tokens) for r in rows)
     pad = 0
     if model is not None:
