@@ -258,6 +258,33 @@ def test_backward_rewrites_refuse_graphs_without_their_pattern(tiny_model_file):
             assert ctx.grad_norm() > 0
 
 
+@pytest.mark.parametrize("n0, n1, K, b_transposed", [(1536, 200, 8, 1), (576, 8, 301, 0), (70, 13, 5, 1),
+                                                      (64, 8, 1, 0), (3, 1, 40, 0)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_our_out_prod_is_ggmls(n0, n1, K, b_transposed, threads):
+    # the backward's F32 out_prods run in a kernel of our own (glora_out_prod.cpp): the two shapes a LoRA
+    # backward has (d(A·x): K = rank, the right side a transposed view; dA: K = rows), block tails in both
+    # dimensions, K = 1; against float64 and against ggml's own kernel on the same inputs
+    from ggml_lora._native import ffi, lib
+
+    rng = np.random.default_rng(n0 + K)
+    a = rng.normal(0, 1, (K, n0)).astype(np.float32)
+    b = rng.normal(0, 1, (n1, K) if b_transposed else (K, n1)).astype(np.float32)
+    ref = (b if b_transposed else b.T).astype(np.float64) @ a.astype(np.float64)      # [n1, n0]
+    outs = []
+    for ours in (0, 1):
+        out = np.full((n1, n0), np.nan, np.float32)
+        assert lib.glora_selftest_out_prod(ffi.cast("float *", a.ctypes.data), ffi.cast("float *", b.ctypes.data),
+                                           ffi.cast("float *", out.ctypes.data), n0, n1, K, b_transposed, ours,
+                                           threads, 2) == 0
+        outs.append(out)
+    # F32 sums of K products in ggml's order (k ascending), with or without fused multiply-adds
+    bound = 2 * K * 2.0**-24 * (np.abs(b if b_transposed else b.T) @ np.abs(a))
+    for out in outs:
+        assert np.all(np.abs(out - ref) <= bound + 1e-30)
+    assert np.all(np.abs(outs[1] - outs[0]) <= 2 * bound + 1e-30)
+
+
 # ---- BF16 weights keep BF16 working copies --------------------------------------------------------
 
 def set_bf16_values(path: Path, name: str, rows: slice, value: float) -> None:
