@@ -272,7 +272,13 @@ ggml_tensor * glora_build_loss(ggml_context * ctx, ggml_tensor * row_logits, flo
     in->labels = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, row_logits->ne[0], row_logits->ne[1]);
     ggml_set_name(in->labels, "labels");
     ggml_set_input(in->labels);
+    // the token ids ride along as a third source, which ggml's op ignores and glora_cross_entropy_ops
+    // reads instead of the one-hot matrix
+    in->label_ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, row_logits->ne[1]);
+    ggml_set_name(in->label_ids, "label_ids");
+    ggml_set_input(in->label_ids);
     ggml_tensor * loss = ggml_cross_entropy_loss(ctx, row_logits, in->labels);
+    loss->src[2] = in->label_ids;
     loss = ggml_scale(ctx, loss, weight * (float) row_logits->ne[1]);
     ggml_set_name(loss, "loss");
     ggml_set_output(loss);
@@ -453,7 +459,10 @@ void glora_graph_set_inputs(const glora_model * model, const glora_batch * batch
     if (in.loss_rows) {
         ggml_backend_tensor_set(in.loss_rows, batch->loss_rows, 0, (size_t) batch->n_loss * sizeof(int32_t));
     }
-    if (in.labels) {
+    if (in.label_ids && in.label_ids->buffer) {
+        ggml_backend_tensor_set(in.label_ids, batch->labels, 0, (size_t) batch->n_loss * sizeof(int32_t));
+    }
+    if (in.labels && in.labels->buffer) {   // not when the graph's cross-entropy reads the ids instead
         // one-hot [n_vocab, n_loss] written in place: a host copy would be n_vocab·n_loss floats (200 MB
         // for 1024 rows of a 49k vocabulary) on top of the graph's own
         const int64_t V = model->n_vocab;

@@ -220,7 +220,8 @@ struct glora_graph_inputs {
     std::vector<mask_chunk> mask_chunks;
     std::vector<ggml_tensor *> zeros;       // inputs set to 0
     ggml_tensor * loss_rows = nullptr;      // I32 [n_loss]
-    ggml_tensor * labels    = nullptr;      // F32 [n_vocab, n_loss] one-hot
+    ggml_tensor * labels    = nullptr;      // F32 [n_vocab, n_loss] one-hot (unallocated when unused)
+    ggml_tensor * label_ids = nullptr;      // I32 [n_loss]: the same labels as token ids (CPU kernels)
     ggml_tensor * row_weights = nullptr;    // F32 [1, n_loss] batch->loss_weights (training with them)
     std::vector<ggml_tensor *> dropout;     // F32 masks, one per LoRA pair input when dropout > 0
     std::vector<uint64_t>      dropout_salt;
@@ -310,8 +311,11 @@ void glora_amx_mark(ggml_tensor * product);
 // Products through BF16 working copies of frozen matrices, and marked ones, run on AMX tiles (model->bf16).
 void glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
 int32_t glora_model_prepare_f16_forward(glora_model * model);
-// The F32 out_prods of gf run as a CPU kernel of our own (glora_out_prod.cpp), in place.
+// The F32 out_prods of gf run as a CPU kernel of our own (glora_cpu_kernels.cpp), in place.
 void glora_out_prods(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
+// The cross-entropy and its gradient of gf run as CPU kernels of our own that read token ids instead of
+// one-hot labels (glora_cpu_kernels.cpp), in place; true when gf changed (rebuild it to drop the labels).
+bool glora_cross_entropy_ops(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
 
 // Node budget of the graph glora_build_forward builds from (batch, opt), with ggml's backward and the
 // rewrites of glora_backward.cpp when `backward`: an upper bound on its nodes and on its leafs, from the

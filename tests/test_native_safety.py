@@ -262,7 +262,7 @@ def test_backward_rewrites_refuse_graphs_without_their_pattern(tiny_model_file):
                                                       (64, 8, 1, 0), (3, 1, 40, 0)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_our_out_prod_is_ggmls(n0, n1, K, b_transposed, threads):
-    # the backward's F32 out_prods run in a kernel of our own (glora_out_prod.cpp): the two shapes a LoRA
+    # the backward's F32 out_prods run in a kernel of our own (glora_cpu_kernels.cpp): the two shapes a LoRA
     # backward has (d(A·x): K = rank, the right side a transposed view; dA: K = rows), block tails in both
     # dimensions, K = 1; against float64 and against ggml's own kernel on the same inputs
     from ggml_lora._native import ffi, lib
