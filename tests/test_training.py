@@ -8,7 +8,7 @@ import pytest
 from conftest import N_THREADS
 
 from ggml_lora import Adapter, BaseModel, InvalidArgumentError, LoRAConfig
-from ggml_lora.training import TrainingContext, evaluate, loss_batch
+from ggml_lora.training import TrainingContext, evaluate, loss_batch, loss_sum, row_losses
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -72,7 +72,9 @@ def directional_check(model, adapter, tokens, mask, quantized: bool, seed: int) 
     return errors
 
 
-GRAD_CASES = [("llama", {}), ("llama", {"tied": False}), ("qwen2", {}), ("qwen3", {"head_dim": 32})]
+# gpt-2's vocabulary (50257 tokens) is not a whole number of the cross-entropy kernels' 16-float vectors
+GRAD_CASES = [("llama", {}), ("llama", {"tied": False}), ("qwen2", {}), ("qwen3", {"head_dim": 32}),
+              ("llama", {"vocab": "gpt-2"})]
 
 
 @pytest.mark.parametrize("arch,kw", GRAD_CASES)
@@ -327,3 +329,19 @@ def test_loss_of_many_rows_runs_the_head_in_chunks(tiny_model_file):
             with TrainingContext(ad) as ctx:
                 b = loss_batch(model, tokens)
                 assert ctx.accumulate(b, b.n_loss) == pytest.approx(loss * n, rel=1e-5)
+
+
+@pytest.mark.parametrize("vocab", ["llama-spm", "gpt-2"])
+def test_the_loss_kernel_is_the_cross_entropy_of_the_logits(tiny_model_file, vocab):
+    # the loss graph's cross-entropy runs in a kernel of our own (vectorized exp, float partial sums);
+    # row_losses takes the same forward's logits to the host and sums in double with the C library's exp.
+    # A vocabulary of 32000 (whole vectors) and of 50257 (a tail of one).
+    with BaseModel.load(tiny_model_file("llama", "f32", vocab=vocab), n_threads=N_THREADS) as model:
+        with Adapter.init(model, LoRAConfig(rank=4, target_modules=ALL_TARGETS)) as ad:
+            randomize(ad, seed=9)
+            tokens = sample_tokens(model, (3, 40), seed=10)
+            batch = loss_batch(model, tokens)
+            rows = row_losses(model, ad, batch).astype(np.float64)
+            assert np.all(rows > 0)
+            # float32 per-row values of a 1-ulp exp; leaving out one logit of the 50257 moves the sum by ~2e-6
+            assert loss_sum(model, ad, batch) == pytest.approx(rows.sum(), rel=3e-7)
