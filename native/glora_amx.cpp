@@ -40,7 +40,7 @@ namespace {
 constexpr int32_t kAmxMark = 0x31584d41;      // "AMX1" in the last op_params slot of a mul_mat, which ggml
 constexpr int kMarkSlot = GGML_MAX_OP_PARAMS / sizeof(int32_t) - 1;   // leaves unused (0: precision, 1: hint)
 constexpr int64_t kTile = 32;                 // output block: 32 rows of x by 32 rows of w
-constexpr size_t  kPanelBudget = 1u << 20;    // bytes of BF16 x rows a thread keeps at once
+constexpr size_t  kPanelBudget = 2u << 20;    // bytes of BF16 x rows a thread keeps at once
 constexpr int64_t kScratchPerK = 72;          // bytes per k of a thread's scratch besides its panel
 constexpr int64_t kChunk = 1024;              // the longest run of K one pass multiplies (a multiple of 256)
 
