@@ -12,8 +12,8 @@ evaluation is the forward and loss only, timed on its second call (the first bui
 in bfloat16: with --f16-weights the stored blocks directly, and the backward's transposed copies always. Peak RSS is the process's
 high-water mark so far (Linux), evaluation included; train_peak_rss_mib the mark before evaluating.
 facts-r8-all-b8 trains on the README main job's chat rows, batches of 8 rows of 40-88 tokens drawn as the
-trainer draws them and collated as it collates them (shorter rows packed together into sequences no longer
-than the batch's longest; --no-pack pads every row instead); its tokens/s count real tokens, not padding.
+trainer draws them and collated as it collates them (a batch's rows end to end in one sequence, attention
+per row; --no-pack pads every row instead); its tokens/s count real tokens, not padding.
 GGML_LORA_PROFILE=1 adds a table of time per ggml op at exit (stderr).
 """
 

@@ -580,7 +580,6 @@ ggml_cgraph * glora_faster_products(const glora_model * m, ggml_context * ctx, g
     changed = glora_cross_entropy_ops(m, ctx, gf) || changed;
     if (changed) gf = in_order(ctx, gf, graph_size);
     glora_out_prods(m, ctx, gf);      // in place: the same nodes, the same order
-    glora_softmaxes(m, ctx, gf);
     glora_amx_products(m, ctx, gf);
     return gf;
 }

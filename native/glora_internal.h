@@ -316,8 +316,6 @@ void glora_out_prods(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf
 // The cross-entropy and its gradient of gf run as CPU kernels of our own that read token ids instead of
 // one-hot labels (glora_cpu_kernels.cpp), in place; true when gf changed (rebuild it to drop the labels).
 bool glora_cross_entropy_ops(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
-// The attention's softmaxes of gf run as a CPU kernel of our own (glora_cpu_kernels.cpp), in place.
-void glora_softmaxes(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
 
 // Node budget of the graph glora_build_forward builds from (batch, opt), with ggml's backward and the
 // rewrites of glora_backward.cpp when `backward`: an upper bound on its nodes and on its leafs, from the

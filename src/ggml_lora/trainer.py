@@ -422,8 +422,8 @@ class LoRATrainer:
         return mine, sum(len(r.tokens) for r in chosen), sum(n_targets(r) for r in chosen)
 
     def _micro_batches(self, chosen, first_key: int = 0):
-        """(the rows collated batch_size at a time, their tokens without padding). Without dropout, rows
-        shorter than a micro-batch's longest share sequences (collate's pack: less padding, the same
+        """(the rows collated batch_size at a time, their tokens without padding). Without dropout, a
+        micro-batch's rows go end to end in one sequence (collate's pack: no padding, the same
         gradients); with it, each row's dropout masks are keyed by its place in the step (first_key + i),
         not by its micro-batch or padding, so each row keeps a sequence of its own."""
         from .data import collate
