@@ -559,24 +559,6 @@ ggml_cgraph * glora_faster_products(const glora_model * m, ggml_context * ctx, g
         memset(node->op_params, 0, sizeof(node->op_params));
         changed = true;
     }
-    // The chunked attention's ggml_acc chain (out_{i+1} = out_i with chunk i's rows added) copies the
-    // whole output for every chunk: 8% of a 1x2048 step. Where out_i feeds nothing but the next acc (its
-    // backward needs no values), the acc runs in place, as ggml_acc_inplace would have built it.
-    std::unordered_map<const ggml_tensor *, int> uses;
-    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
-        for (const ggml_tensor * src : ggml_graph_node(gf, i)->src) {
-            if (src) ++uses[src];
-        }
-    }
-    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
-        ggml_tensor * node = ggml_graph_node(gf, i);
-        ggml_tensor * a = node->src[0];
-        if (node->op != GGML_OP_ACC || node->view_src || node->op_params[4] || uses[a] != 1) continue;
-        if (a->flags & (GGML_TENSOR_FLAG_OUTPUT | GGML_TENSOR_FLAG_PARAM)) continue;
-        node->view_src  = a->view_src ? a->view_src : a;
-        node->view_offs = a->view_src ? a->view_offs : 0;
-        node->op_params[4] = 1;
-    }
     changed = glora_cross_entropy_ops(m, ctx, gf) || changed;
     if (changed) gf = in_order(ctx, gf, graph_size);
     glora_out_prods(m, ctx, gf);      // in place: the same nodes, the same order
