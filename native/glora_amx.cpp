@@ -276,9 +276,8 @@ bool fits(const ggml_tensor * node) {
     return x->nb[0] == 4 && x->nb[1] % 4 == 0;
 }
 
-// node (a mul_mat that fits) becomes the AMX op in place, with scratch enough for its K on n_threads. The
-// op's parameters (function, tasks, scratch) are the same for every node: they come from one template
-// tensor per graph, made on first use, so a rewrite adds at most one tensor to the graph's context.
+// node (a mul_mat that fits) becomes the AMX op in place (glora_as_custom), with scratch enough for its K
+// on n_threads.
 void to_amx(ggml_context * ctx, ggml_tensor * node, glora_amx_scratch * s, int n_threads, ggml_tensor ** tmpl) {
     const int64_t KC = chunk(node->src[0]->ne[0]);
     const size_t need = std::max<size_t>(kPanelBudget, (size_t) KC * 2 * kTile) + kScratchPerK * (size_t) KC;
@@ -288,12 +287,7 @@ void to_amx(ggml_context * ctx, ggml_tensor * node, glora_amx_scratch * s, int n
         s->buf.assign(s->per_thread * (size_t) s->n_threads + 64, 0);
         s->data = (uint8_t *) (((uintptr_t) s->buf.data() + 63) & ~(uintptr_t) 63);
     }
-    if (!*tmpl) {
-        ggml_tensor * args[] = {node->src[0], node->src[1]};
-        *tmpl = ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 2, amx_mul_mat, GGML_N_TASKS_MAX, s);
-    }
-    node->op = (*tmpl)->op;
-    memcpy(node->op_params, (*tmpl)->op_params, sizeof(node->op_params));
+    glora_as_custom(ctx, node, tmpl, amx_mul_mat, s);
 }
 
 }  // namespace
@@ -313,9 +307,8 @@ bool glora_amx_available() {
 // transient transposed copy), each forward product the graph builder marked (glora_amx_mark: the
 // training forward through a stored weight, in place of a forward copy, and the attention's products),
 // and in a graph with marks every other F32 product that fits but the LoRA products (the attention's
-// backward). Products of
-// graphs without marks through the stored weights keep ggml's kernels: evaluation stays llama.cpp's
-// arithmetic.
+// backward). Products of graphs without marks through the stored weights keep ggml's kernels:
+// evaluation stays llama.cpp's arithmetic.
 void glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf) {
     if (!m->bf16 || !ggml_backend_is_cpu(m->be.main)) return;
     glora_amx_scratch & s = m->amx;

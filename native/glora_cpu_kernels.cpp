@@ -233,19 +233,22 @@ void ce_back(ggml_tensor * dst, int ith, int nth, void *) {
 
 }  // namespace
 
+void glora_as_custom(ggml_context * ctx, ggml_tensor * node, ggml_tensor ** tmpl, ggml_custom_op_t fn, void * userdata) {
+    if (!*tmpl) {
+        ggml_tensor * args[] = {node->src[0]};
+        *tmpl = ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 1, fn, GGML_N_TASKS_MAX, userdata);
+    }
+    node->op = (*tmpl)->op;
+    memcpy(node->op_params, (*tmpl)->op_params, sizeof(node->op_params));
+}
+
 // Every F32 out_prod of gf (on the CPU backend) runs as out_prod_f32, in place: same nodes, same order.
 void glora_out_prods(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf) {
     if (!ggml_backend_is_cpu(m->be.main)) return;
-    ggml_tensor * tmpl = nullptr;    // the op's parameters, from one template tensor per graph
+    ggml_tensor * tmpl = nullptr;
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         ggml_tensor * node = ggml_graph_node(gf, i);
-        if (!fits_out_prod(node)) continue;
-        if (!tmpl) {
-            ggml_tensor * args[] = {node->src[0], node->src[1]};
-            tmpl = ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 2, out_prod_f32, GGML_N_TASKS_MAX, nullptr);
-        }
-        node->op = tmpl->op;
-        memcpy(node->op_params, tmpl->op_params, sizeof(node->op_params));
+        if (fits_out_prod(node)) glora_as_custom(ctx, node, &tmpl, out_prod_f32, nullptr);
     }
 }
 
@@ -270,12 +273,8 @@ extern "C" GLORA_API int32_t glora_selftest_out_prod(const float * a, const floa
         memcpy(at->data, a, ggml_nbytes(at));
         memcpy(bt->data, b, ggml_nbytes(bt));
         ggml_tensor * y = ggml_out_prod(ctx, at, b_transposed ? ggml_transpose(ctx, bt) : bt);   // [n0, n1]
-        if (ours) {
-            ggml_tensor * args[] = {y->src[0], y->src[1]};
-            ggml_tensor * tmpl = ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 2, out_prod_f32, GGML_N_TASKS_MAX, nullptr);
-            y->op = tmpl->op;
-            memcpy(y->op_params, tmpl->op_params, sizeof(y->op_params));
-        }
+        ggml_tensor * tmpl = nullptr;
+        if (ours) glora_as_custom(ctx, y, &tmpl, out_prod_f32, nullptr);
         ggml_cgraph * gf = ggml_new_graph(ctx);
         ggml_build_forward_expand(gf, y);
         ggml_status st = GGML_STATUS_SUCCESS;
@@ -313,12 +312,7 @@ bool glora_cross_entropy_ops(const glora_model * m, ggml_context * ctx, ggml_cgr
         if (node->op != GGML_OP_CROSS_ENTROPY_LOSS_BACK || !ggml_is_contiguous(node)) continue;
         auto it = std::find_if(ids_of.begin(), ids_of.end(), [&](const auto & p) { return p.first == node->src[2]; });
         if (it == ids_of.end()) continue;
-        if (!tmpl) {
-            ggml_tensor * args[] = {node->src[0], node->src[1], it->second};
-            tmpl = ggml_custom_4d(ctx, GGML_TYPE_F32, 1, 1, 1, 1, args, 3, ce_back, GGML_N_TASKS_MAX, nullptr);
-        }
-        node->op = tmpl->op;
-        memcpy(node->op_params, tmpl->op_params, sizeof(node->op_params));
+        glora_as_custom(ctx, node, &tmpl, ce_back, nullptr);
         node->src[2] = it->second;
     }
     return !ids_of.empty();

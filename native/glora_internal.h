@@ -311,6 +311,10 @@ void glora_amx_mark(ggml_tensor * product);
 // Products through BF16 working copies of frozen matrices, and marked ones, run on AMX tiles (model->bf16).
 void glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
 int32_t glora_model_prepare_f16_forward(glora_model * model);
+// node becomes the custom op fn (all threads, userdata) in place, keeping its sources; the op's parameters
+// come from *tmpl, one template tensor per graph and op made on first use (so a rewrite adds one tensor
+// to the graph's context, not one per node).
+void glora_as_custom(ggml_context * ctx, ggml_tensor * node, ggml_tensor ** tmpl, ggml_custom_op_t fn, void * userdata);
 // The F32 out_prods of gf run as a CPU kernel of our own (glora_cpu_kernels.cpp), in place.
 void glora_out_prods(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
 // The cross-entropy and its gradient of gf run as CPU kernels of our own that read token ids instead of
