@@ -139,6 +139,7 @@ def run(model: BaseModel, cfg: Config, steps: int, warmup: int, f16: bool = Fals
     n = float(np.mean(real[warmup:]))
     return {"config": cfg.name, "f16_weights": f16, "keep_transposed_weights": keep, "rank": cfg.rank, "targets": list(cfg.targets),
             "batch": cfg.batch, "length": cfg.length, "gradient_checkpointing": cfg.checkpointing, "steps": steps, "step_s": round(step_s, 3),
+            "step_s_min": round(float(np.min(times[warmup:])), 3),   # the least disturbed step, on a busy machine
             "train_tokens_per_s": round(n / step_s, 1), "eval_tokens_per_s": round(real[0] / eval_s, 1),
             "last_loss": round(res.loss, 4), "peak_rss_mib": round(peak_rss_mib(), 1),
             "train_peak_rss_mib": round(train_peak, 1),

@@ -16,6 +16,13 @@
 // against it in 32x32 output blocks (four FP32 accumulator tiles, K in steps of 32), stored straight into
 // dst. Both rearrangements are one pass over data the products read P or 32 times.
 //
+// A product through a frozen matrix (one 2-D matrix each side) gets both rearrangements done once, by
+// nodes of their own that all threads share: x rounded to BF16 (one node for the products that read the
+// same x: q, k and v; gate and up) and a stored weight dequantized into the B tiles' layout (a transient
+// BF16 matrix, freed after its product). Done inside the product, each thread repeated the one the
+// threads did not split (a thread of two rounded all of x, or dequantized and packed all of w) and each
+// product rounded its x again.
+//
 // The same arithmetic as ggml's BF16 mul_mat (BF16 x BF16 products, FP32 sums); only the order of the
 // sums differs. Used only where the CPU has AMX-BF16 and the kernel granted the process its tile state.
 #include "glora_internal.h"
@@ -25,6 +32,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <unordered_map>
 
 #if defined(__x86_64__) && defined(__linux__) && !defined(GLORA_NO_AMX) && \
     (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
@@ -172,12 +180,45 @@ GLORA_AMX_TARGET void block(const uint16_t * xp, int64_t K, const uint32_t * wp,
 
 GLORA_AMX_TARGET void release_tiles() { _tile_release(); }
 
-// One 2-D product of the op: rows [m_begin, m_end) of x (F32 rows at byte stride ldx_b from x_data) by
+// w packed whole (pack_weights): for each block of 32 rows, for each chunk of K, pack_w's layout of it.
+// The words before block n0 / 32's chunk at k0: 16 per k of every block before it (K rounded up to a
+// tile step, as the chunks are), and 16 per k of the chunks before k0 (whole kChunk ones).
+int64_t packed_offset(int64_t K, int64_t n0, int64_t k0) {
+    return n0 / kTile * 16 * ((K + kTile - 1) / kTile * kTile) + 16 * k0;
+}
+
+// dst = w (src[0], a frozen matrix or its working copy, K = w->ne[0]) in the B tiles' layout, once for
+// all threads and panels of a product (packed_offset): each block of 32 rows of w by the threads in turn.
+void pack_weights(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const auto * scratch = (const glora_amx_scratch *) userdata;
+    const ggml_tensor * w = dst->src[0];
+    const int64_t K = w->ne[0], N = w->ne[1];
+    const int64_t KC = chunk(K);
+    const int nt = std::min(nth, scratch->n_threads);
+    if (ith >= nt) return;
+    uint8_t * mine = scratch->data + (size_t) ith * scratch->per_thread;
+    auto * row_f = (float *) (mine + 64 * KC);
+    auto * row_b = (uint16_t *) (mine + 68 * KC);
+    auto * out = (uint32_t *) dst->data;
+    const int64_t n_blocks = (N + kTile - 1) / kTile;
+    for (int64_t nb = ith; nb < n_blocks; nb += nt) {
+        const int64_t n0 = nb * kTile;
+        for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+            const int64_t kc = std::min(kChunk, K - k0);
+            const int64_t kt = (kc + kTile - 1) / kTile * kTile;
+            pack_w(w, (const char *) w->data, n0, std::min(kTile, N - n0), k0, kc, kt / 2, out + packed_offset(K, n0, k0),
+                   row_f, row_b);
+        }
+    }
+}
+
+// One 2-D product of the op: rows [m_begin, m_end) of x (F32 rows, or BF16 ones where x_bf16, at byte
+// stride ldx_b from x_data) by
 // rows [n_begin, n_end) of w (w's type, rows at w->nb[1] from w_data, K = w->ne[0]) into dst (F32 rows at
 // byte stride ldd_b from dst_data), with this thread's scratch.
-void product(const ggml_tensor * w, const char * w_data, const char * x_data, size_t ldx_b, char * dst_data,
-             size_t ldd_b, int64_t m_begin, int64_t m_end, int64_t n_begin, int64_t n_end, uint8_t * mine,
-             size_t per_thread) {
+void product(const ggml_tensor * w, const char * w_data, const uint32_t * w_packed, const char * x_data,
+             size_t ldx_b, bool x_bf16, char * dst_data, size_t ldd_b, int64_t m_begin, int64_t m_end,
+             int64_t n_begin, int64_t n_end, uint8_t * mine, size_t per_thread) {
     const int64_t K = w->ne[0];
     const int64_t ldd = (int64_t) (ldd_b / 4);
     // K in chunks of at most kChunk: a panel of x rows and a block of w stay in the core's caches
@@ -197,15 +238,18 @@ void product(const ggml_tensor * w, const char * w_data, const char * x_data, si
             const int64_t kt = (kc + kTile - 1) / kTile * kTile;          // kc in whole tile steps
             for (int64_t r = 0; r < rows; ++r) {
                 uint16_t * row = xp + r * kt;
-                ggml_cpu_fp32_to_bf16((const float *) (x_data + (p0 + r) * ldx_b) + k0, (ggml_bf16_t *) row, kc);
+                if (x_bf16) memcpy(row, (const uint16_t *) (x_data + (p0 + r) * ldx_b) + k0, (size_t) kc * 2);
+                else ggml_cpu_fp32_to_bf16((const float *) (x_data + (p0 + r) * ldx_b) + k0, (ggml_bf16_t *) row, kc);
                 for (int64_t k = kc; k < kt; ++k) row[k] = 0;
             }
             memset(xp + rows * kt, 0, (size_t) (padded - rows) * kt * 2);
             for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
                 const int64_t cols = std::min(kTile, n_end - n0);
-                pack_w(w, w_data, n0, cols, k0, kc, kt / 2, wp, row_f, row_b);
+                const uint32_t * b = wp;
+                if (w_packed) b = w_packed + packed_offset(K, n0, k0);
+                else pack_w(w, w_data, n0, cols, k0, kc, kt / 2, wp, row_f, row_b);
                 for (int64_t s = 0; s < padded; s += kTile) {
-                    block(xp + s * kt, kt, wp, (float *) (dst_data + (p0 + s) * ldd_b) + n0, ldd, rows - s, cols,
+                    block(xp + s * kt, kt, b, (float *) (dst_data + (p0 + s) * ldd_b) + n0, ldd, rows - s, cols,
                           k0 > 0);
                 }
             }
@@ -216,12 +260,15 @@ void product(const ggml_tensor * w, const char * w_data, const char * x_data, si
 
 // The custom op: dst = mul_mat(w, x) with w = src[0], x = src[1] (F32), dst F32 contiguous, as fits()
 // admits them: for each (i2, i3) of x and dst, the 2-D product with w's matrix (i2 / r2, i3 / r3), r2 and
-// r3 ggml's broadcast factors.
+// r3 ggml's broadcast factors. With src[2] (rounded_rows: x rounded to BF16 once for every product that
+// reads it) the rows come from there; with src[3] (pack_weights, for 2-D products) the B tiles.
 void amx_mul_mat(ggml_tensor * dst, int ith, int nth, void * userdata) {
 #ifdef GLORA_HAVE_AMX
     const auto * scratch = (const glora_amx_scratch *) userdata;
     const ggml_tensor * w = dst->src[0];
-    const ggml_tensor * x = dst->src[1];
+    const ggml_tensor * x = dst->src[2] ? dst->src[2] : dst->src[1];
+    const bool x_bf16 = x->type == GGML_TYPE_BF16;
+    const auto * w_packed = dst->src[3] ? (const uint32_t *) dst->src[3]->data : nullptr;
     const int64_t N = w->ne[1], M = x->ne[1];
     const int64_t n_mat = x->ne[2] * x->ne[3];
     const int64_t r2 = x->ne[2] / w->ne[2], r3 = x->ne[3] / w->ne[3];
@@ -230,8 +277,8 @@ void amx_mul_mat(ggml_tensor * dst, int ith, int nth, void * userdata) {
     uint8_t * mine = scratch->data + (size_t) ith * scratch->per_thread;
     auto run = [&](int64_t i, int64_t m_begin, int64_t m_end, int64_t n_begin, int64_t n_end) {
         const int64_t i2 = i % x->ne[2], i3 = i / x->ne[2];
-        product(w, (const char *) w->data + (i2 / r2) * w->nb[2] + (i3 / r3) * w->nb[3],
-                (const char *) x->data + i2 * x->nb[2] + i3 * x->nb[3], x->nb[1],
+        product(w, (const char *) w->data + (i2 / r2) * w->nb[2] + (i3 / r3) * w->nb[3], w_packed,
+                (const char *) x->data + i2 * x->nb[2] + i3 * x->nb[3], x->nb[1], x_bf16,
                 (char *) dst->data + i2 * dst->nb[2] + i3 * dst->nb[3], dst->nb[1],
                 m_begin, m_end, n_begin, n_end, mine, scratch->per_thread);
     };
@@ -276,6 +323,16 @@ bool fits(const ggml_tensor * node) {
     return x->nb[0] == 4 && x->nb[1] % 4 == 0;
 }
 
+// dst = src[0] (F32 rows, a 2-D product's x) rounded to BF16, contiguous; the threads share the rows.
+void round_rows(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * x = dst->src[0];
+    const int64_t K = x->ne[0], M = x->ne[1];
+    for (int64_t r = M * ith / nth; r < M * (ith + 1) / nth; ++r) {
+        ggml_cpu_fp32_to_bf16((const float *) ((const char *) x->data + r * x->nb[1]),
+                              (ggml_bf16_t *) ((char *) dst->data + r * dst->nb[1]), K);
+    }
+}
+
 // node (a mul_mat that fits) becomes the AMX op in place (glora_as_custom), with scratch enough for its K
 // on n_threads.
 void to_amx(ggml_context * ctx, ggml_tensor * node, glora_amx_scratch * s, int n_threads, ggml_tensor ** tmpl) {
@@ -309,10 +366,18 @@ bool glora_amx_available() {
 // and in a graph with marks every other F32 product that fits but the LoRA products (the attention's
 // backward). Products of graphs without marks through the stored weights keep ggml's kernels:
 // evaluation stays llama.cpp's arithmetic.
-void glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf) {
-    if (!m->bf16 || !ggml_backend_is_cpu(m->be.main)) return;
+//
+// A 2-D product's x (one matrix: the products through frozen weights) is rounded to BF16 once, in a node
+// of its own that every product reading it shares (q, k and v read one x; gate and up another): otherwise
+// each product rounds it again, and each thread rounds all of it where the threads split w's rows (an
+// eighth of a BF16 step went there). The LM head's products are left as they were: their x is a logits
+// gradient (n_vocab rows), whose BF16 copy would cost more memory than the rounding costs time.
+// Returns true when it added such nodes (the caller rebuilds the graph in order).
+bool glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf) {
+    if (!m->bf16 || !ggml_backend_is_cpu(m->be.main)) return false;
     glora_amx_scratch & s = m->amx;
     ggml_tensor * tmpl = nullptr;
+    std::unordered_map<const ggml_tensor *, ggml_tensor *> rounded;     // x -> its BF16 rows
     bool marked = false;                    // a training forward in BF16: its backward's F32 products too
     for (int i = 0; i < ggml_graph_n_nodes(gf) && !marked; ++i) {
         const ggml_tensor * node = ggml_graph_node(gf, i);
@@ -329,7 +394,25 @@ void glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph *
         const bool f32 = marked && !lora && w->type == GGML_TYPE_F32 && node->src[1]->type == GGML_TYPE_F32;
         if (!copy && !f32 && node->op_params[kMarkSlot] != kAmxMark) continue;
         to_amx(ctx, node, &s, m->be.n_threads, &tmpl);
+        ggml_tensor * x = node->src[1];
+        if (!(copy || m->frozen_matrix(w)) || w->ne[1] >= m->n_vocab || x->ne[0] >= m->n_vocab) continue;
+        if (ggml_nrows(x) != x->ne[1]) continue;
+        ggml_tensor *& xb = rounded[x];
+        if (!xb) {
+            ggml_tensor * args[] = {x};
+            xb = ggml_custom_4d(ctx, GGML_TYPE_BF16, x->ne[0], x->ne[1], 1, 1, args, 1, round_rows, GGML_N_TASKS_MAX,
+                                nullptr);
+            ggml_format_name(xb, "%s.bf16", x->name);
+        }
+        node->src[2] = xb;
+        if (copy) continue;     // a BF16 copy: packing it is a move of 32-bit words, and the transient
+                                // transposed copy of the backward and a packed one would coexist
+        ggml_tensor * args[] = {const_cast<ggml_tensor *>(w)};
+        const int64_t kt = (w->ne[0] + kTile - 1) / kTile * kTile, nt = (w->ne[1] + kTile - 1) / kTile * kTile;
+        node->src[3] = ggml_custom_4d(ctx, GGML_TYPE_BF16, kt, nt, 1, 1, args, 1, pack_weights, GGML_N_TASKS_MAX, &s);
+        ggml_format_name(node->src[3], "%s.tiles", w->name);
     }
+    return !rounded.empty();
 }
 
 // Test-only (see ggml_lora.h): out[b][M][N] = x[b][M][K] · w[b][N][K]ᵀ through the AMX op in a graph of its own.

@@ -237,6 +237,10 @@ void transpose_f32(ggml_tensor * dst, int ith, int nth, void *) {
         const char * s = (const char *) src->data + i2 * src->nb[2] + i3 * src->nb[3];
         float * d = (float *) ((char *) dst->data + i2 * dst->nb[2] + i3 * dst->nb[3]);
         const int64_t e0 = std::min(b0 + tile, n0), e1 = std::min(b1 + tile, n1);
+        if (src->nb[0] == sizeof(float)) {
+            glora_transpose_tile(s + b0 * src->nb[0] + b1 * src->nb[1], src->nb[1], d + b0 * n1 + b1, n1, e0 - b0, e1 - b1);
+            continue;
+        }
         for (int64_t i0 = b0; i0 < e0; ++i0) {
             for (int64_t i1 = b1; i1 < e1; ++i1) {
                 d[i0 * n1 + i1] = *(const float *) (s + i0 * src->nb[0] + i1 * src->nb[1]);
@@ -562,7 +566,7 @@ ggml_cgraph * glora_faster_products(const glora_model * m, ggml_context * ctx, g
     changed = glora_cross_entropy_ops(m, ctx, gf) || changed;
     if (changed) gf = in_order(ctx, gf, graph_size);
     glora_out_prods(m, ctx, gf);      // in place: the same nodes, the same order
-    glora_amx_products(m, ctx, gf);
+    if (glora_amx_products(m, ctx, gf)) gf = in_order(ctx, gf, graph_size);   // with the rounded rows
     return gf;
 }
 

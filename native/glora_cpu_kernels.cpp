@@ -231,7 +231,55 @@ void ce_back(ggml_tensor * dst, int ith, int nth, void *) {
     }
 }
 
+// A tile of a transpose: d[i0·ld + i1] = the float at s + i0·4 + i1·ls, for i0 < n0, i1 < n1. In 8x8
+// blocks: eight 8-float loads along i0, three rounds of shuffles, eight 8-float stores along i1 (the
+// scalar loop this replaces read one float per cache line it touched: 6% of a BF16 step on AMX).
+typedef float vf8 __attribute__((vector_size(32)));
+__attribute__((always_inline)) inline void transpose_tile_body(const char * s, size_t ls, float * d, int64_t ld,
+                                                               int64_t n0, int64_t n1) {
+    int64_t w0 = 0, w1 = 0;     // the whole 8x8 blocks: i0 < w0, i1 < w1
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+    w0 = n0 / 8 * 8;
+    w1 = n1 / 8 * 8;
+    for (int64_t i1 = 0; i1 < w1; i1 += 8) {
+        for (int64_t i0 = 0; i0 < w0; i0 += 8) {
+            vf8 r[8], u[8];
+            for (int j = 0; j < 8; ++j) memcpy(&r[j], s + (size_t) (i1 + j) * ls + (size_t) i0 * 4, sizeof(vf8));
+            for (int j = 0; j < 8; j += 2) {        // pairs of rows interleaved
+                u[j]     = __builtin_shufflevector(r[j], r[j + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+                u[j + 1] = __builtin_shufflevector(r[j], r[j + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+            }
+            for (int j = 0; j < 8; j += 4) {        // then pairs of pairs: four rows of one column per half
+                r[j]     = __builtin_shufflevector(u[j], u[j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+                r[j + 1] = __builtin_shufflevector(u[j], u[j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+                r[j + 2] = __builtin_shufflevector(u[j + 1], u[j + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+                r[j + 3] = __builtin_shufflevector(u[j + 1], u[j + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+            }
+            for (int c = 0; c < 4; ++c) {           // halves of rows 0-3 and 4-7: columns c and c + 4
+                const vf8 lo = __builtin_shufflevector(r[c], r[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+                const vf8 hi = __builtin_shufflevector(r[c], r[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+                memcpy(d + (i0 + c) * ld + i1, &lo, sizeof lo);
+                memcpy(d + (i0 + c + 4) * ld + i1, &hi, sizeof hi);
+            }
+        }
+    }
+#endif
+#endif
+    for (int64_t i0 = 0; i0 < n0; ++i0) {
+        for (int64_t i1 = i0 < w0 ? w1 : 0; i1 < n1; ++i1) {
+            memcpy(d + i0 * ld + i1, s + (size_t) i1 * ls + (size_t) i0 * 4, sizeof(float));
+        }
+    }
+}
+GLORA_ISA_VARIANTS(transpose_tile, (const char * s, size_t ls, float * d, int64_t ld, int64_t n0, int64_t n1),
+                   (s, ls, d, ld, n0, n1))
+
 }  // namespace
+
+void glora_transpose_tile(const char * s, size_t ls, float * d, int64_t ld, int64_t n0, int64_t n1) {
+    transpose_tile(s, ls, d, ld, n0, n1);
+}
 
 void glora_as_custom(ggml_context * ctx, ggml_tensor * node, ggml_tensor ** tmpl, ggml_custom_op_t fn, void * userdata) {
     if (!*tmpl) {

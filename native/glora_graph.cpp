@@ -334,8 +334,11 @@ size_t glora_graph_budget(const glora_model * m, const glora_batch * batch, cons
         if (opt.head) pairs += aa.adapter->find(m->output) != nullptr;
     }
     const size_t per_pair = c.pair + (opt.dropout > 0.0f ? c.dropout : 0);
-    // with the backward, one transient transposed copy per frozen matrix (7 a block, the LM head's)
-    const size_t copies = backward ? (size_t) blocks * 7 + (opt.head ? 1 : 0) : 0;
+    // with the backward, one transient transposed copy per frozen matrix (7 a block, the LM head's); in
+    // BF16 graphs, at most, an x rounded per product through a frozen matrix and each stored weight of the
+    // forward packed for the tiles (glora_amx_products)
+    size_t copies = backward ? (size_t) blocks * 7 + (opt.head ? 1 : 0) : 0;
+    if (m->bf16) copies += (size_t) blocks * (backward ? 21 : 14);
     const size_t n = c.fixed + (size_t) blocks * (c.block + (size_t) chunks * c.chunk) + (size_t) pairs * per_pair +
                      (opt.head ? c.head : 0) + copies;
     return n + n / 4;   // a quarter over the counts, for what the grid of shapes did not reach

@@ -308,13 +308,16 @@ ggml_type glora_copy_type(const glora_model * m, const ggml_tensor * w);
 bool glora_amx_available();
 // Marks a training forward's product through a stored frozen weight for the AMX op (model->bf16).
 void glora_amx_mark(ggml_tensor * product);
-// Products through BF16 working copies of frozen matrices, and marked ones, run on AMX tiles (model->bf16).
-void glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
+// Products through BF16 working copies of frozen matrices, and marked ones, run on AMX tiles (model->bf16);
+// true when it added nodes (each x rounded to BF16 once), so that gf must be rebuilt in order.
+bool glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
 int32_t glora_model_prepare_f16_forward(glora_model * model);
 // node becomes the custom op fn (all threads, userdata) in place, keeping its sources; the op's parameters
 // come from *tmpl, one template tensor per graph and op made on first use (so a rewrite adds one tensor
 // to the graph's context, not one per node).
 void glora_as_custom(ggml_context * ctx, ggml_tensor * node, ggml_tensor ** tmpl, ggml_custom_op_t fn, void * userdata);
+// d[i0·ld + i1] = the float at s + i0·4 + i1·ls bytes, for i0 < n0, i1 < n1: a tile of a transpose.
+void glora_transpose_tile(const char * s, size_t ls, float * d, int64_t ld, int64_t n0, int64_t n1);
 // The F32 out_prods of gf run as a CPU kernel of our own (glora_cpu_kernels.cpp), in place.
 void glora_out_prods(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
 // The cross-entropy and its gradient of gf run as CPU kernels of our own that read token ids instead of
