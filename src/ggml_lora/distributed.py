@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 from typing import NoReturn
 
 import numpy as np
@@ -117,6 +118,10 @@ class MPICommunicator(Communicator):
         sys.stderr.write(f"ggml-lora: rank {self.rank} of {self.size}: {message}\n"
                          f"ggml-lora: stopping all {self.size} ranks (MPI_Abort)\n")
         sys.stderr.flush()
+        # MPICH's launcher relays a rank's stderr through its proxy, asynchronously: an MPI_Abort right after
+        # the write could end the job before the proxy had read it (the message was lost in about 1 run of
+        # 12 here). Half a second lets it through; the job is ending anyway.
+        time.sleep(0.5)
         self.comm.Abort(1)
         raise SystemExit(1)      # not reached: Abort ends the process
 
