@@ -19,7 +19,7 @@
 // A product through a frozen matrix (one 2-D matrix each side) gets both rearrangements done once, by
 // nodes of their own that all threads share: x rounded to BF16 (one node for the products that read the
 // same x: q, k and v; gate and up) and a stored weight dequantized into the B tiles' layout (a transient
-// BF16 matrix, freed after its product). Done inside the product, each thread repeated the one the
+// BF16 matrix, freed after its product; in the backward it takes the place of the transposed copy). Done inside the product, each thread repeated the one the
 // threads did not split (a thread of two rounded all of x, or dequantized and packed all of w) and each
 // product rounded its x again.
 //
@@ -212,6 +212,43 @@ void pack_weights(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
 }
 
+// dst = the transposed copy wᵀ of a frozen matrix w (src[0], ne = [n_in, n_out]; dst ne = [n_out, n_in],
+// both multiples of 32) in the B tiles' layout (packed_offset with K = n_out, N = n_in), straight from w:
+// the backward's transient copy and its packing in one pass. Each pair of w's rows is a pair of k; 16 of
+// their columns make 16 words. The values of the BF16 copy (w dequantized to F32, rounded as ggml rounds).
+void pack_transposed(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * w = dst->src[0];
+    const int64_t N = w->ne[0], K = w->ne[1];
+    const ggml_to_float_t to_float = ggml_get_type_traits(w->type)->to_float;
+    const int64_t blck = ggml_blck_size(w->type);
+    constexpr int64_t kSeg = 256;                   // columns at a time: a multiple of every block size
+    float f[2][kSeg];
+    uint16_t b[2][kSeg];
+    auto * out = (uint32_t *) dst->data;
+    const int64_t n_pairs = K / 2;
+    for (int64_t kp = n_pairs * ith / nth; kp < n_pairs * (ith + 1) / nth; ++kp) {
+        const int64_t k = 2 * kp, k0 = k / kChunk * kChunk;
+        const int64_t KP = std::min(kChunk, K - k0) / 2;     // pairs in this chunk of K (a whole tile step)
+        for (int64_t c0 = 0; c0 < N; c0 += kSeg) {
+            const int64_t len = std::min(kSeg, N - c0);
+            for (int j = 0; j < 2; ++j) {
+                const char * src = (const char *) w->data + (k + j) * w->nb[1] + (size_t) (c0 / blck) * ggml_type_size(w->type);
+                if (w->type == GGML_TYPE_BF16) {
+                    memcpy(b[j], src, (size_t) len * 2);
+                    continue;
+                }
+                if (w->type == GGML_TYPE_F32) memcpy(f[j], src, (size_t) len * 4);
+                else to_float(src, f[j], len);
+                ggml_cpu_fp32_to_bf16(f[j], (ggml_bf16_t *) b[j], len);
+            }
+            for (int64_t n = c0; n < c0 + len; n += 16) {
+                uint32_t * o = out + packed_offset(K, n / kTile * kTile, k0) + n % kTile / 16 * KP * 16 + (k - k0) / 2 * 16;
+                for (int64_t i = 0; i < 16; ++i) o[i] = (uint32_t) b[0][n - c0 + i] | (uint32_t) b[1][n - c0 + i] << 16;
+            }
+        }
+    }
+}
+
 // One 2-D product of the op: rows [m_begin, m_end) of x (F32 rows, or BF16 ones where x_bf16, at byte
 // stride ldx_b from x_data) by
 // rows [n_begin, n_end) of w (w's type, rows at w->nb[1] from w_data, K = w->ne[0]) into dst (F32 rows at
@@ -377,6 +414,7 @@ bool glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph *
     if (!m->bf16 || !ggml_backend_is_cpu(m->be.main)) return false;
     glora_amx_scratch & s = m->amx;
     ggml_tensor * tmpl = nullptr;
+    ggml_tensor * pack_tmpl = nullptr;
     std::unordered_map<const ggml_tensor *, ggml_tensor *> rounded;     // x -> its BF16 rows
     bool marked = false;                    // a training forward in BF16: its backward's F32 products too
     for (int i = 0; i < ggml_graph_n_nodes(gf) && !marked; ++i) {
@@ -405,8 +443,19 @@ bool glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph *
             ggml_format_name(xb, "%s.bf16", x->name);
         }
         node->src[2] = xb;
-        if (copy) continue;     // a BF16 copy: packing it is a move of 32-bit words, and the transient
-                                // transposed copy of the backward and a packed one would coexist
+        if (copy) {
+            // the backward's transient transposed copy becomes its packed form, made straight from the
+            // frozen matrix (same size when both sides are whole tiles); a persistent copy is left as it is
+            ggml_tensor * wt = node->src[0];
+            const ggml_tensor * src = wt->src[0];
+            const bool transient = wt->op == GGML_OP_CUSTOM && src && m->frozen_matrix(src);
+            if (transient && wt->ne[0] % kTile == 0 && wt->ne[1] % kTile == 0 && ggml_is_contiguous(wt) &&
+                (src->type == GGML_TYPE_F32 || src->type == GGML_TYPE_BF16 || ggml_get_type_traits(src->type)->to_float)) {
+                glora_as_custom(ctx, wt, &pack_tmpl, pack_transposed, nullptr);
+                node->src[3] = wt;
+            }
+            continue;
+        }
         ggml_tensor * args[] = {const_cast<ggml_tensor *>(w)};
         const int64_t kt = (w->ne[0] + kTile - 1) / kTile * kTile, nt = (w->ne[1] + kTile - 1) / kTile * kTile;
         node->src[3] = ggml_custom_4d(ctx, GGML_TYPE_BF16, kt, nt, 1, 1, args, 1, pack_weights, GGML_N_TASKS_MAX, &s);
