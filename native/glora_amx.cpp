@@ -19,9 +19,9 @@
 // A product through a frozen matrix (one 2-D matrix each side) gets both rearrangements done once, by
 // nodes of their own that all threads share: x rounded to BF16 (one node for the products that read the
 // same x: q, k and v; gate and up) and a stored weight dequantized into the B tiles' layout (a transient
-// BF16 matrix, freed after its product; in the backward it takes the place of the transposed copy). Done inside the product, each thread repeated the one the
-// threads did not split (a thread of two rounded all of x, or dequantized and packed all of w) and each
-// product rounded its x again.
+// BF16 matrix, freed after its product; in the backward it takes the place of the transposed copy).
+// Done inside the product, each thread repeated the one the threads did not split (a thread of two
+// rounded all of x, or dequantized and packed all of w) and each product rounded its x again.
 //
 // The same arithmetic as ggml's BF16 mul_mat (BF16 x BF16 products, FP32 sums); only the order of the
 // sums differs. Used only where the CPU has AMX-BF16 and the kernel granted the process its tile state.
@@ -52,8 +52,11 @@ constexpr size_t  kPanelBudget = 2u << 20;    // bytes of BF16 x rows a thread k
 constexpr int64_t kScratchPerK = 72;          // bytes per k of a thread's scratch besides its panel
 constexpr int64_t kChunk = 1024;              // the longest run of K one pass multiplies (a multiple of 256)
 
+// n rounded up to whole tile steps
+int64_t whole_tiles(int64_t n) { return (n + kTile - 1) / kTile * kTile; }
+
 // the longest run of K a product of inner dimension K multiplies at once, in whole tile steps
-int64_t chunk(int64_t K) { return std::min((K + kTile - 1) / kTile * kTile, kChunk); }
+int64_t chunk(int64_t K) { return std::min(whole_tiles(K), kChunk); }
 
 #ifdef GLORA_HAVE_AMX
 
@@ -184,7 +187,7 @@ GLORA_AMX_TARGET void release_tiles() { _tile_release(); }
 // The words before block n0 / 32's chunk at k0: 16 per k of every block before it (K rounded up to a
 // tile step, as the chunks are), and 16 per k of the chunks before k0 (whole kChunk ones).
 int64_t packed_offset(int64_t K, int64_t n0, int64_t k0) {
-    return n0 / kTile * 16 * ((K + kTile - 1) / kTile * kTile) + 16 * k0;
+    return n0 / kTile * 16 * whole_tiles(K) + 16 * k0;
 }
 
 // dst = w (src[0], a frozen matrix or its working copy, K = w->ne[0]) in the B tiles' layout, once for
@@ -205,9 +208,8 @@ void pack_weights(ggml_tensor * dst, int ith, int nth, void * userdata) {
         const int64_t n0 = nb * kTile;
         for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
             const int64_t kc = std::min(kChunk, K - k0);
-            const int64_t kt = (kc + kTile - 1) / kTile * kTile;
-            pack_w(w, (const char *) w->data, n0, std::min(kTile, N - n0), k0, kc, kt / 2, out + packed_offset(K, n0, k0),
-                   row_f, row_b);
+            pack_w(w, (const char *) w->data, n0, std::min(kTile, N - n0), k0, kc, whole_tiles(kc) / 2,
+                   out + packed_offset(K, n0, k0), row_f, row_b);
         }
     }
 }
@@ -269,10 +271,10 @@ void product(const ggml_tensor * w, const char * w_data, const uint32_t * w_pack
     const int64_t panel = std::min<int64_t>(1024, (int64_t) ((per_thread - kScratchPerK * KC) / (2 * KC)) / kTile * kTile);
     for (int64_t p0 = m_begin; p0 < m_end; p0 += panel) {
         const int64_t rows = std::min(panel, m_end - p0);
-        const int64_t padded = (rows + kTile - 1) / kTile * kTile;
+        const int64_t padded = whole_tiles(rows);
         for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
             const int64_t kc = std::min(kChunk, K - k0);
-            const int64_t kt = (kc + kTile - 1) / kTile * kTile;          // kc in whole tile steps
+            const int64_t kt = whole_tiles(kc);
             for (int64_t r = 0; r < rows; ++r) {
                 uint16_t * row = xp + r * kt;
                 if (x_bf16) memcpy(row, (const uint16_t *) (x_data + (p0 + r) * ldx_b) + k0, (size_t) kc * 2);
@@ -297,8 +299,9 @@ void product(const ggml_tensor * w, const char * w_data, const uint32_t * w_pack
 
 // The custom op: dst = mul_mat(w, x) with w = src[0], x = src[1] (F32), dst F32 contiguous, as fits()
 // admits them: for each (i2, i3) of x and dst, the 2-D product with w's matrix (i2 / r2, i3 / r3), r2 and
-// r3 ggml's broadcast factors. With src[2] (rounded_rows: x rounded to BF16 once for every product that
-// reads it) the rows come from there; with src[3] (pack_weights, for 2-D products) the B tiles.
+// r3 ggml's broadcast factors. With src[2] (round_rows: x rounded to BF16 once for every product that
+// reads it) the rows come from there; with src[3] (pack_weights or pack_transposed, for 2-D products) the
+// B tiles.
 void amx_mul_mat(ggml_tensor * dst, int ith, int nth, void * userdata) {
 #ifdef GLORA_HAVE_AMX
     const auto * scratch = (const glora_amx_scratch *) userdata;
@@ -424,9 +427,10 @@ bool glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph *
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         ggml_tensor * node = ggml_graph_node(gf, i);
         if (!fits(node)) continue;
-        const ggml_tensor * w = node->src[0];
-        const bool copy = w->type == GGML_TYPE_BF16 && (m->wf.source.count(w) || m->wt.source.count(w)
-                       || (w->op == GGML_OP_CUSTOM && w->src[0] && m->frozen_matrix(w->src[0])));
+        ggml_tensor * w = node->src[0];
+        // the backward's transient transposed copy, made in this graph from the frozen matrix w->src[0]
+        const bool transient = w->op == GGML_OP_CUSTOM && w->src[0] && m->frozen_matrix(w->src[0]);
+        const bool copy = w->type == GGML_TYPE_BF16 && (m->wf.source.count(w) || m->wt.source.count(w) || transient);
         // (the LoRA products themselves stay in F32: their operands are the trained parameters)
         const bool lora = (w->flags & GGML_TENSOR_FLAG_PARAM) || (node->src[1]->flags & GGML_TENSOR_FLAG_PARAM);
         const bool f32 = marked && !lora && w->type == GGML_TYPE_F32 && node->src[1]->type == GGML_TYPE_F32;
@@ -444,21 +448,19 @@ bool glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph *
         }
         node->src[2] = xb;
         if (copy) {
-            // the backward's transient transposed copy becomes its packed form, made straight from the
-            // frozen matrix (same size when both sides are whole tiles); a persistent copy is left as it is
-            ggml_tensor * wt = node->src[0];
-            const ggml_tensor * src = wt->src[0];
-            const bool transient = wt->op == GGML_OP_CUSTOM && src && m->frozen_matrix(src);
-            if (transient && wt->ne[0] % kTile == 0 && wt->ne[1] % kTile == 0 && ggml_is_contiguous(wt) &&
+            // a transient copy becomes its packed form, made straight from the frozen matrix (the same
+            // size when both sides are whole tiles); a persistent copy is left as it is
+            const ggml_tensor * src = w->src[0];
+            if (transient && w->ne[0] % kTile == 0 && w->ne[1] % kTile == 0 && ggml_is_contiguous(w) &&
                 (src->type == GGML_TYPE_F32 || src->type == GGML_TYPE_BF16 || ggml_get_type_traits(src->type)->to_float)) {
-                glora_as_custom(ctx, wt, &pack_tmpl, pack_transposed, nullptr);
-                node->src[3] = wt;
+                glora_as_custom(ctx, w, &pack_tmpl, pack_transposed, nullptr);
+                node->src[3] = w;
             }
             continue;
         }
-        ggml_tensor * args[] = {const_cast<ggml_tensor *>(w)};
-        const int64_t kt = (w->ne[0] + kTile - 1) / kTile * kTile, nt = (w->ne[1] + kTile - 1) / kTile * kTile;
-        node->src[3] = ggml_custom_4d(ctx, GGML_TYPE_BF16, kt, nt, 1, 1, args, 1, pack_weights, GGML_N_TASKS_MAX, &s);
+        ggml_tensor * args[] = {w};
+        node->src[3] = ggml_custom_4d(ctx, GGML_TYPE_BF16, whole_tiles(w->ne[0]), whole_tiles(w->ne[1]), 1, 1, args, 1,
+                                      pack_weights, GGML_N_TASKS_MAX, &s);
         ggml_format_name(node->src[3], "%s.tiles", w->name);
     }
     return !rounded.empty();

@@ -150,8 +150,8 @@ struct builder {
     // Causal attention by query chunk: chunk [r0, r1) multiplies with keys [k0, r1) only. Keys past r1
     // are masked for every query of the chunk, and keys before k0 too (another sample's, when k0 > 0), so
     // the result is the full square's up to float summation order. The chunks' outputs go into place in
-    // the [hd, n_head, T, S] layout the output projection reads, whose gradient arrives contiguous: ggml's backward of acc views the gradient with the
-    // forward's strides, so it must not be a permuted view.
+    // the [hd, n_head, T, S] layout the output projection reads, whose gradient arrives contiguous: ggml's
+    // backward of acc views the gradient with the forward's strides, so it must not be a permuted view.
     // q: [hd, T, n_head, S]; k: [hd, T, n_head, S]; vt: [T, hd, n_head, S] -> [hd*n_head, T*S]
     ggml_tensor * chunked_attention(ggml_tensor * q, ggml_tensor * k, ggml_tensor * vt) {
         const glora_model_params & hp = m->hp;
