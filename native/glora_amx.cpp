@@ -414,6 +414,10 @@ bool glora_amx_available() {
 // gradient (n_vocab rows), whose BF16 copy would cost more memory than the rounding costs time.
 // Returns true when it added such nodes (the caller rebuilds the graph in order).
 bool glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf) {
+#ifndef GLORA_HAVE_AMX
+    (void) m, (void) ctx, (void) gf;
+    return false;      // a build without the tiles never sets m->bf16 (glora_amx_available() is false)
+#else
     if (!m->bf16 || !ggml_backend_is_cpu(m->be.main)) return false;
     glora_amx_scratch & s = m->amx;
     ggml_tensor * tmpl = nullptr;
@@ -464,6 +468,7 @@ bool glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph *
         ggml_format_name(node->src[3], "%s.tiles", w->name);
     }
     return !rounded.empty();
+#endif
 }
 
 // Test-only (see ggml_lora.h): out[b][M][N] = x[b][M][K] · w[b][N][K]ᵀ through the AMX op in a graph of its own.

@@ -26,7 +26,20 @@
 
 // A kernel `name##_body(args)` compiled for AVX-512, AVX2 + FMA and the baseline, and `name` the one this
 // CPU runs (chosen at the first call).
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// A build for AVX2-only machines (GLORA_AVX2_ONLY, CMake's GGML_LORA_AVX2_ONLY) has no AVX-512 variant.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(GLORA_AVX2_ONLY)
+#define GLORA_ISA_VARIANTS(name, params, args)                                                         \
+    __attribute__((target("avx2,fma"))) void name##_avx2 params { name##_body args; }                  \
+    void name##_base params { name##_body args; }                                                       \
+    void name params {                                                                                  \
+        static const auto fn = [] {                                                                     \
+            __builtin_cpu_init();                                                                       \
+            if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return name##_avx2;   \
+            return name##_base;                                                                         \
+        }();                                                                                            \
+        fn args;                                                                                        \
+    }
+#elif defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define GLORA_ISA_VARIANTS(name, params, args)                                                         \
     __attribute__((target("avx512f"))) void name##_avx512 params { name##_body args; }                 \
     __attribute__((target("avx2,fma"))) void name##_avx2 params { name##_body args; }                  \
