@@ -177,6 +177,8 @@ def main() -> None:
     model.set_bf16(args.bf16)
     header = {"model": path.name, "model_mib": round(path.stat().st_size / 2**20, 1), "device": model.device,
               "threads": args.threads, "machine": platform.machine(), "cpu_flags": cpu_flags(),
+              # what our ggml was built for: with GGML_LORA_AVX2_ONLY a subset of cpu_flags
+              "ggml_cpu_features": [k for k, v in ggml_lora.cpu_features().items() if v not in ("", "0")],
               "python": sys.version.split()[0], "ggml_lora": ggml_lora.__version__,
               "amx_bf16": ggml_lora.cpu_has_amx_bf16(), "bf16": args.bf16}
     for name in args.config or sorted(CONFIGS):

@@ -96,6 +96,9 @@ def summarize(name: str, runs: dict[str, list[dict]]) -> dict:
         return spread([x[key] / y[key] for x, y in zip(runs[a], runs[b])])
 
     out = {"config": name, "repeats": max(len(r) for r in runs.values())}
+    # the instruction sets each side's kernels were built or limited to (GGML_LORA_AVX2_ONLY; ATEN_CPU_CAPABILITY)
+    for key in ("ggml_cpu_features", "torch_cpu_capability"):
+        out |= next(({key: r[0][key]} for r in runs.values() if key in r[0]), {})
     for impl in runs:
         if impl != "llama":
             out[f"{impl}_train_tokens_per_s"] = med(impl, "train_tokens_per_s")
@@ -137,6 +140,10 @@ def markdown(rows: list[dict], threads: int) -> str:
         cells += [r(s[f"{a}_eval_vs_llama_cpp"]) if f"{a}_eval_vs_llama_cpp" in s else "-"
                   for a in ours if "llama" in present]
         lines.append("| " + " | ".join(cells) + " |")
+    isa = next((s for s in rows if "ggml_cpu_features" in s or "torch_cpu_capability" in s), {})
+    if isa:
+        lines += ["", f"ggml-lora's ggml built for: {' '.join(isa.get('ggml_cpu_features', ['-']))}; "
+                  f"PyTorch's CPU capability: {isa.get('torch_cpu_capability', '-')}"]
     by_name = {s["config"]: s for s in rows}
     if "r8-qv-1x2048-gc" in by_name and "r8-qv-4x512" in by_name and "ours" in present:
         long, short = by_name["r8-qv-1x2048-gc"], by_name["r8-qv-4x512"]

@@ -243,7 +243,11 @@ def header(path: Path, threads: int | None) -> dict:
 
     return {"model": path.name, "device": "cpu", "threads": threads, "machine": platform.machine(),
             "python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "impl": "peft"}
+            "peft": peft.__version__, "impl": "peft",
+            # the instruction sets PyTorch's kernels use: ATen's dispatch, and any limit set on MKL and oneDNN
+            # (ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2: an AVX2-only CPU's)
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **{k.lower(): os.environ[k] for k in ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA") if k in os.environ}}
 
 
 def main() -> None:

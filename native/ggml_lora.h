@@ -29,7 +29,7 @@
 #  define GLORA_API
 #endif
 
-#define GLORA_ABI_VERSION 12
+#define GLORA_ABI_VERSION 13
 
 #ifdef __cplusplus
 extern "C" {
@@ -133,6 +133,10 @@ GLORA_API int32_t glora_model_tensor_info(const glora_model * model, int32_t ind
 GLORA_API int32_t glora_model_read_tensor(const glora_model * model, const char * name, void * dst, uint64_t size);
 /* 1 when this CPU has AMX-BF16 tiles and Linux granted this process their state, else 0 */
 GLORA_API int32_t glora_cpu_has_amx_bf16(void);
+/* The instruction sets this library's ggml CPU backend was built for (ggml's CPU feature list, as
+ * llama.cpp's system info prints it: "AVX2=1;FMA=1;..."), into out (size bytes, NUL-terminated,
+ * truncated to fit); returns the length of the whole list. */
+GLORA_API int32_t glora_cpu_features(char * out, uint64_t size);
 /* bf16 != 0: the products through the frozen weights run on AMX tiles, activations rounded to BF16, sums
  * in F32: the training forward of glora_trainer_params.f16_weights reads the stored blocks (no forward
  * copies) and the backward's transposed copies are BF16 instead of F16. CPU with

@@ -323,6 +323,19 @@ extern "C" GLORA_API int32_t glora_cpu_has_amx_bf16(void) {
     return glora_guard_or(__func__, (int32_t) 0, [] { return (int32_t) (glora_amx_available() ? 1 : 0); });
 }
 
+extern "C" GLORA_API int32_t glora_cpu_features(char * out, uint64_t size) {
+    return glora_guard_or(__func__, (int32_t) 0, [&] {
+        std::string list;
+        ggml_backend_reg_t reg = ggml_backend_cpu_reg();
+        auto get = (ggml_backend_get_features_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_get_features");
+        for (const ggml_backend_feature * f = get ? get(reg) : nullptr; f && f->name; ++f) {
+            list += std::string(list.empty() ? "" : ";") + f->name + "=" + f->value;
+        }
+        if (out && size) snprintf(out, (size_t) size, "%s", list.c_str());
+        return (int32_t) list.size();
+    });
+}
+
 extern "C" GLORA_API int32_t glora_model_set_bf16(glora_model * model, int32_t bf16) {
     return glora_guard(__func__, [&]() -> int32_t {
         GLORA_CHECK_ARG(model != nullptr, "glora_model_set_bf16: NULL model");

@@ -97,3 +97,18 @@ def test_a_llama_made_before_the_protection_is_warned_about(tiny_model_file, mon
             gl.apply_adapters(llm, [])                    # no AMX: nothing to warn about
     finally:
         llm.close()
+
+
+def test_training_and_inference_kernels_are_built_for_the_same_instruction_sets():
+    """Both ggml builds come from one tree; built for different instruction sets (a llama-cpp-python wheel
+    from another machine, or one build with GGML_LORA_AVX2_ONLY and the other native) their kernels sum in
+    other orders, and the parity tests would compare those instead of our graphs."""
+    import platform
+
+    import ggml_lora
+
+    ours = ggml_lora.cpu_features()
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert ours.get("SSE3") == "1", ours
+    enabled = lambda features: sorted(k for k, v in features.items() if v not in ("", "0"))   # noqa: E731
+    assert enabled(ours) == enabled(gl.llama_cpp_features())

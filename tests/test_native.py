@@ -37,6 +37,17 @@ def test_ggml_symbols_are_not_exported():
     assert lib.glora_abi_version() == _native.ABI_VERSION
 
 
+def test_cpu_features_fill_any_buffer_and_say_how_long_the_list_is():
+    lib, ffi = _native.lib, _native.ffi
+    n = lib.glora_cpu_features(ffi.NULL, 0)
+    full = ffi.new("char[]", n + 1)
+    assert lib.glora_cpu_features(full, n + 1) == n and len(ffi.string(full)) == n > 0
+    short = ffi.new("char[]", b"x" * 7 + b"\0")
+    assert lib.glora_cpu_features(short, 5) == n                 # truncated to 4 characters and a NUL
+    assert ffi.string(short) == ffi.string(full)[:4] and short[6] == b"x"
+    assert ggml_lora.cpu_features() == dict(kv.split("=") for kv in ffi.string(full).decode().split(";"))
+
+
 def test_version_handshake_refuses_other_abi(tmp_path):
     pkg = Path(ggml_lora.__file__).resolve().parent
     copy = tmp_path / "ggml_lora"

@@ -59,6 +59,17 @@ def cpu_has_amx_bf16() -> bool:
     return bool(lib.glora_cpu_has_amx_bf16())
 
 
+def cpu_features() -> dict[str, str]:
+    """The instruction sets ggml-lora's own ggml was built for (ggml's CPU feature list, as llama.cpp's system
+    info prints it), e.g. ``{"AVX2": "1", "FMA": "1", "AVX512": "1", "AMX_INT8": "1", ...}``: with
+    ``GGML_NATIVE``, what this machine has; with ``GGML_LORA_AVX2_ONLY``, AVX2, FMA and F16C whatever it has."""
+    n = lib.glora_cpu_features(ffi.NULL, 0)
+    buf = ffi.new("char[]", n + 1)
+    lib.glora_cpu_features(buf, n + 1)
+    text = ffi.string(buf).decode("ascii", "replace")
+    return dict(item.split("=", 1) for item in text.split(";") if "=" in item)
+
+
 __all__ = [
     "ARCHITECTURES",
     "Adapter",
@@ -80,6 +91,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "UnsupportedError",
     "__version__",
+    "cpu_features",
     "cpu_has_amx_bf16",
     "devices",
     "merge_adapters",
