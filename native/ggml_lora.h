@@ -298,6 +298,10 @@ GLORA_API int32_t glora_selftest_amx(const uint16_t * w, const float * x, float 
 GLORA_API int32_t glora_selftest_out_prod(const float * a, const float * b, float * out, int64_t n0, int64_t n1,
                                           int64_t K, int32_t b_transposed, int32_t ours, int32_t n_threads,
                                           int32_t repeats);
+/* Test-only: out[M][N] = x[M][K] · w[N][K]ᵀ, w in F16 (w_f16) or F32, through ggml-lora's FMA kernel for products
+ * through working copies (ours != 0) or ggml's mul_mat; M >= 16. */
+GLORA_API int32_t glora_selftest_fma(const void * w, int32_t w_f16, const float * x, float * out, int64_t K,
+                                     int64_t N, int64_t M, int32_t ours, int32_t n_threads);
 /* Test-only: runs one of the backward's graph rewrites on a small graph that lacks the pattern it
  * rewrites, and returns its status (GLORA_ERR_INTERNAL, naming the tensor, when it refuses as it should).
  * name: "transposed_weights" (an out_prod through a frozen weight that is not W^T dy) or "param_grads" (a

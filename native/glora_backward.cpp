@@ -566,6 +566,7 @@ ggml_cgraph * glora_faster_products(const glora_model * m, ggml_context * ctx, g
     changed = glora_cross_entropy_ops(m, ctx, gf) || changed;
     if (changed) gf = in_order(ctx, gf, graph_size);
     glora_out_prods(m, ctx, gf);      // in place: the same nodes, the same order
+    glora_fma_products(m, ctx, gf);   // likewise
     if (glora_amx_products(m, ctx, gf)) gf = in_order(ctx, gf, graph_size);   // with the rounded rows
     return gf;
 }

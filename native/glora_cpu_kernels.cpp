@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -303,6 +304,155 @@ void glora_as_custom(ggml_context * ctx, ggml_tensor * node, ggml_tensor ** tmpl
     memcpy(node->op_params, (*tmpl)->op_params, sizeof(node->op_params));
 }
 
+// ---- products through F16 / BF16 / F32 working copies, on CPUs without AVX-512 ------------------------
+//
+// ggml multiplies an F16 matrix by rounding x to F16 and converting both sides to F32 inside its inner
+// loop (llamafile's tinyBLAS); on an AVX2 CPU that ran at 70 GFLOP/s on two cores where MKL's sgemm,
+// PyTorch's, ran at 110-125, and these products are three quarters of an F16-copy step. Here w's rows are
+// converted once into an F32 panel that stays in L1/L2 (16 rows of w, k interleaved: panel[k][16]) and a
+// 6 x 16 register block of dst accumulates over a run of k from x's F32 rows and the panel: 12 FMAs for
+// 2 panel loads and 6 broadcasts, as BLAS kernels do. x is not rounded (F32 throughout: closer to the
+// exact product than ggml's F16 path).
+
+typedef float vf8 __attribute__((vector_size(32)));
+
+constexpr int64_t kPanel = 16;      // rows of w (columns of dst) per panel
+constexpr int64_t kPanels = 4;      // panels that share one pass over a block of x's rows
+constexpr int64_t kRunK = 256;      // k per panel (4 panels: 64 KiB)
+constexpr int64_t kBlockM = 6;      // rows of x (of dst) per register block
+
+struct fma_operands {
+    const float * x;  int64_t ldx;      // x's row m at x + m·ldx
+    float       * d;  int64_t ldd;      // dst's row m at d + m·ldd
+};
+
+// dst[m0 .. m0+MR, n0 .. n0+nr] (+)= x[m0 .., k0 .. k0+kc] · panel, nr <= 16
+template <int MR>
+__attribute__((always_inline)) inline void fma_block(const fma_operands & o, int64_t m0, int64_t k0, int64_t kc,
+                                                     const float * panel, int64_t n0, int64_t nr, bool add) {
+    vf8 acc[MR][2];
+    for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = vf8{};
+    const float * xr[MR];
+    for (int i = 0; i < MR; ++i) xr[i] = o.x + (m0 + i) * o.ldx + k0;
+    for (int64_t k = 0; k < kc; ++k) {
+        vf8 b0, b1;
+        memcpy(&b0, panel + k * kPanel, sizeof(b0));
+        memcpy(&b1, panel + k * kPanel + 8, sizeof(b1));
+        for (int i = 0; i < MR; ++i) {
+            const float a = xr[i][k];
+            acc[i][0] += a * b0;
+            acc[i][1] += a * b1;
+        }
+    }
+    for (int i = 0; i < MR; ++i) {
+        float * d = o.d + (m0 + i) * o.ldd + n0;
+        alignas(32) float r[kPanel];
+        memcpy(r, &acc[i][0], sizeof(acc[i][0]));
+        memcpy(r + 8, &acc[i][1], sizeof(acc[i][1]));
+        if (add) {
+            for (int64_t j = 0; j < nr; ++j) d[j] += r[j];
+        } else {
+            memcpy(d, r, (size_t) nr * sizeof(float));
+        }
+    }
+}
+
+// Panels [p0, p1) of dst = x · wᵀ (w: ne = [K, N] in F16, BF16 or F32; x: [K, M] F32; dst: [N, M] F32,
+// rows contiguous), a run of k at a time.
+__attribute__((always_inline)) inline void fma_panels_body(const ggml_tensor * w, const fma_operands & o, int64_t m_begin,
+                                                           int64_t m_end, int64_t p0, int64_t p1) {
+    const int64_t K = w->ne[0], N = w->ne[1];
+    alignas(64) float panels[kPanels][kRunK * kPanel];
+    float row[kRunK];
+    for (int64_t g0 = p0; g0 < p1; g0 += kPanels) {
+        const int64_t ng = std::min(kPanels, p1 - g0);
+        for (int64_t k0 = 0; k0 < K; k0 += kRunK) {
+            const int64_t kc = std::min(kRunK, K - k0);
+            for (int64_t p = 0; p < ng; ++p) {
+                for (int64_t j = 0; j < kPanel; ++j) {
+                    const int64_t n = (g0 + p) * kPanel + j;
+                    if (n >= N) {
+                        for (int64_t k = 0; k < kc; ++k) panels[p][k * kPanel + j] = 0.0f;
+                        continue;
+                    }
+                    const char * src = (const char *) w->data + n * w->nb[1] + k0 * w->nb[0];
+                    switch (w->type) {
+                        case GGML_TYPE_F16:  ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) src, row, kc); break;
+                        case GGML_TYPE_BF16: ggml_cpu_bf16_to_fp32((const ggml_bf16_t *) src, row, kc); break;
+                        default:             memcpy(row, src, (size_t) kc * sizeof(float)); break;
+                    }
+                    for (int64_t k = 0; k < kc; ++k) panels[p][k * kPanel + j] = row[k];
+                }
+            }
+            for (int64_t m0 = m_begin; m0 < m_end; m0 += kBlockM) {
+                const int64_t mr = std::min(kBlockM, m_end - m0);
+                for (int64_t p = 0; p < ng; ++p) {
+                    const int64_t n0 = (g0 + p) * kPanel, nr = std::min(kPanel, N - n0);
+                    switch (mr) {
+                        case 6: fma_block<6>(o, m0, k0, kc, panels[p], n0, nr, k0 > 0); break;
+                        case 5: fma_block<5>(o, m0, k0, kc, panels[p], n0, nr, k0 > 0); break;
+                        case 4: fma_block<4>(o, m0, k0, kc, panels[p], n0, nr, k0 > 0); break;
+                        case 3: fma_block<3>(o, m0, k0, kc, panels[p], n0, nr, k0 > 0); break;
+                        case 2: fma_block<2>(o, m0, k0, kc, panels[p], n0, nr, k0 > 0); break;
+                        default: fma_block<1>(o, m0, k0, kc, panels[p], n0, nr, k0 > 0); break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+GLORA_ISA_VARIANTS(fma_panels, (const ggml_tensor * w, const fma_operands & o, int64_t m_begin, int64_t m_end,
+                                 int64_t p0, int64_t p1), (w, o, m_begin, m_end, p0, p1))
+
+// The custom op: dst = mul_mat(w, x) for a 2-D w and x as fits_fma() admits them. The threads split
+// dst's columns by panel, or, with fewer than 4 panels per thread, x's rows in whole register blocks
+// (each thread then packs every panel itself).
+void fma_mul_mat(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * w = dst->src[0];
+    const ggml_tensor * x = dst->src[1];
+    const int64_t panels = (w->ne[1] + kPanel - 1) / kPanel, M = x->ne[1];
+    const fma_operands o = {(const float *) x->data, (int64_t) (x->nb[1] / sizeof(float)), (float *) dst->data,
+                            (int64_t) (dst->nb[1] / sizeof(float))};
+    if (panels >= 4 * (int64_t) nth) {
+        fma_panels(w, o, 0, M, panels * ith / nth, panels * (ith + 1) / nth);
+        return;
+    }
+    const int64_t blocks = (M + kBlockM - 1) / kBlockM;
+    const int64_t m_begin = blocks * ith / nth * kBlockM, m_end = std::min(M, blocks * (ith + 1) / nth * kBlockM);
+    if (m_begin < m_end) fma_panels(w, o, m_begin, m_end, 0, panels);
+}
+
+bool fits_fma(const ggml_tensor * node) {
+    const ggml_tensor * w = node->src[0];
+    const ggml_tensor * x = node->src[1];
+    return node->op == GGML_OP_MUL_MAT && node->type == GGML_TYPE_F32 && ggml_is_contiguous(node)
+        && (w->type == GGML_TYPE_F16 || w->type == GGML_TYPE_BF16 || w->type == GGML_TYPE_F32)
+        && x->type == GGML_TYPE_F32 && ggml_n_dims(w) <= 2 && ggml_n_dims(x) <= 2 && w->nb[0] == ggml_type_size(w->type)
+        && x->nb[0] == sizeof(float) && x->ne[1] >= 16;
+}
+
+// Whether this CPU runs fma_mul_mat rather than ggml's kernels: without AVX-512 (ggml's AVX-512 F16
+// kernel was not measured against it) and with AVX2 + FMA. GGML_LORA_NO_FMA=1 keeps ggml's kernels.
+bool fma_preferred() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    static const bool yes = [] {
+        const char * off = getenv("GGML_LORA_NO_FMA");
+        if (off && *off && strcmp(off, "0") != 0) return false;
+        __builtin_cpu_init();
+#ifdef GLORA_AVX2_ONLY
+        const bool avx512 = false;
+#else
+        const bool avx512 = __builtin_cpu_supports("avx512f");
+#endif
+        return !avx512 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }();
+    return yes;
+#else
+    return false;
+#endif
+}
+
 // Every F32 out_prod of gf (on the CPU backend) runs as out_prod_f32, in place: same nodes, same order.
 void glora_out_prods(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf) {
     if (!ggml_backend_is_cpu(m->be.main)) return;
@@ -311,6 +461,61 @@ void glora_out_prods(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf
         ggml_tensor * node = ggml_graph_node(gf, i);
         if (fits_out_prod(node)) glora_as_custom(ctx, node, &tmpl, out_prod_f32, nullptr);
     }
+}
+
+constexpr int32_t kFmaMark = 0x31414d46;      // "FMA1", in the op_params slot glora_amx_mark uses
+
+void glora_fma_mark(ggml_tensor * product) { product->op_params[GGML_MAX_OP_PARAMS / sizeof(int32_t) - 1] = kFmaMark; }
+
+// The products through frozen matrices' F16, BF16 or F32 working copies (forward copies, persistent or
+// transient transposed copies) and the marked ones (glora_fma_mark) run as fma_mul_mat, in place, where
+// fma_preferred(); not in BF16 mode (those run on AMX tiles). Graphs without marks through the stored
+// weights (evaluation) keep ggml's kernels: llama.cpp's arithmetic. Returns whether anything changed.
+bool glora_fma_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf) {
+    if (!ggml_backend_is_cpu(m->be.main) || m->bf16 || !fma_preferred()) return false;
+    ggml_tensor * tmpl = nullptr;
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        if (node->op != GGML_OP_MUL_MAT || !fits_fma(node)) continue;
+        const ggml_tensor * w = node->src[0];
+        const bool transient = w->op == GGML_OP_CUSTOM && w->src[0] && m->frozen_matrix(w->src[0]);
+        const bool marked = node->op_params[GGML_MAX_OP_PARAMS / sizeof(int32_t) - 1] == kFmaMark;
+        if (!(m->wf.source.count(w) || m->wt.source.count(w) || transient || marked)) continue;
+        glora_as_custom(ctx, node, &tmpl, fma_mul_mat, nullptr);
+    }
+    return tmpl != nullptr;
+}
+
+// Test-only (see ggml_lora.h): out[M][N] = x[M][K] · w[N][K]ᵀ (w in F16 when w_f16, else F32) through
+// fma_mul_mat (ours != 0) or ggml's mul_mat.
+extern "C" GLORA_API int32_t glora_selftest_fma(const void * w, int32_t w_f16, const float * x, float * out, int64_t K,
+                                                int64_t N, int64_t M, int32_t ours, int32_t n_threads) {
+    return glora_guard(__func__, [&]() -> int32_t {
+        glora_clear_error();
+        GLORA_CHECK_ARG(w && x && out, "glora_selftest_fma: NULL argument");
+        GLORA_CHECK_ARG(K > 0 && N > 0 && M >= 16 && n_threads > 0 && n_threads <= GGML_MAX_N_THREADS,
+                        "glora_selftest_fma: K=%lld, N=%lld and n_threads=%d must be positive and M=%lld at least 16",
+                        (long long) K, (long long) N, n_threads, (long long) M);
+        const ggml_type wt = w_f16 ? GGML_TYPE_F16 : GGML_TYPE_F32;
+        const size_t bytes = (size_t) (K * N) * ggml_type_size(wt) + (size_t) (2 * K * M + N * M) * 4   // + ggml's work
+                           + 16 * ggml_tensor_overhead() + ggml_graph_overhead() + ((size_t) 1 << 20);
+        ggml_init_params ip = {bytes, nullptr, false};
+        ggml_context * ctx = ggml_init(ip);
+        if (!ctx) return glora_fail(GLORA_ERR_OUT_OF_MEMORY, "glora_selftest_fma: %zu bytes", bytes);
+        ggml_tensor * wm = ggml_new_tensor_2d(ctx, wt, K, N);
+        ggml_tensor * xm = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, K, M);
+        memcpy(wm->data, w, ggml_nbytes(wm));
+        memcpy(xm->data, x, ggml_nbytes(xm));
+        ggml_tensor * y = ggml_mul_mat(ctx, wm, xm);
+        ggml_tensor * tmpl = nullptr;
+        if (ours) glora_as_custom(ctx, y, &tmpl, fma_mul_mat, nullptr);
+        ggml_cgraph * gf = ggml_new_graph(ctx);
+        ggml_build_forward_expand(gf, y);
+        const ggml_status st = ggml_graph_compute_with_ctx(ctx, gf, n_threads);
+        if (st == GGML_STATUS_SUCCESS) memcpy(out, y->data, ggml_nbytes(y));
+        ggml_free(ctx);
+        return st == GGML_STATUS_SUCCESS ? GLORA_OK : glora_fail(GLORA_ERR_BACKEND, "glora_selftest_fma: status %d", (int) st);
+    });
 }
 
 // Test-only (see ggml_lora.h): out[n1][n0] = Σ_k a[k][n0]·b[k][n1] (b_transposed: b given as [n1][K]), the

@@ -29,6 +29,8 @@ struct builder {
         // with BF16 products on AMX the stored blocks are multiplied directly, rounded to BF16 as a copy
         // would hold them (glora_model_prepare_f16_forward makes no copies then)
         if (opt.f16_weights && m->bf16 && wm == w && w->type != GGML_TYPE_F32) glora_amx_mark(res);
+        // without them, a stored F16, BF16 or F32 matrix goes where its copy would (glora_fma_products)
+        if (opt.f16_weights && !m->bf16 && wm == w) glora_fma_mark(res);
         for (const glora_active_adapter & aa : opt.adapters) {
             const glora_pair * p = aa.adapter->find(w);
             if (!p) continue;

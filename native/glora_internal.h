@@ -320,6 +320,12 @@ void glora_as_custom(ggml_context * ctx, ggml_tensor * node, ggml_tensor ** tmpl
 void glora_transpose_tile(const char * s, size_t ls, float * d, int64_t ld, int64_t n0, int64_t n1);
 // The F32 out_prods of gf run as a CPU kernel of our own (glora_cpu_kernels.cpp), in place.
 void glora_out_prods(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
+// Products through the frozen matrices' working copies on a CPU without AVX-512, in place: our FMA kernel
+// (glora_cpu_kernels.cpp) instead of ggml's. Returns whether any changed.
+bool glora_fma_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
+// A training forward's product through a stored frozen matrix (f16_weights: the path its copy would
+// take): glora_fma_products takes it too when the matrix is F16, BF16 or F32.
+void glora_fma_mark(ggml_tensor * product);
 // The cross-entropy and its gradient of gf run as CPU kernels of our own that read token ids instead of
 // one-hot labels (glora_cpu_kernels.cpp), in place; true when gf changed (rebuild it to drop the labels).
 bool glora_cross_entropy_ops(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);

@@ -285,6 +285,33 @@ def test_our_out_prod_is_ggmls(n0, n1, K, b_transposed, threads):
     assert np.all(np.abs(outs[1] - outs[0]) <= 2 * bound + 1e-30)
 
 
+@pytest.mark.parametrize("K, N, M", [(576, 1536, 100), (1536, 576, 64), (300, 37, 17), (257, 100, 23),
+                                     (8, 5, 16), (600, 40, 200)])
+@pytest.mark.parametrize("threads", [1, 2, 7])
+@pytest.mark.parametrize("w_f16", [1, 0])
+def test_our_fma_product_is_the_product_of_the_copy(K, N, M, threads, w_f16):
+    # products through F16 copies on CPUs without AVX-512 run in a kernel of our own (fma_mul_mat): panel
+    # and register-block tails, K across several runs of 256, more threads than panels (x's rows split
+    # instead); against float64 of the same F16 values, and x must not be rounded as ggml's F16 path does
+    from ggml_lora._native import ffi, lib
+
+    rng = np.random.default_rng(K + N + M)
+    w = rng.normal(0, 1, (N, K)).astype(np.float16 if w_f16 else np.float32)
+    x = rng.normal(0, 1, (M, K)).astype(np.float32)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T                                 # [M, N]
+    outs = []
+    for ours in (1, 0):
+        out = np.full((M, N), np.nan, np.float32)
+        assert lib.glora_selftest_fma(ffi.cast("void *", w.ctypes.data), w_f16, ffi.cast("float *", x.ctypes.data),
+                                      ffi.cast("float *", out.ctypes.data), K, N, M, ours, threads) == 0
+        outs.append(out)
+    # F32 sums of K products, in runs of 256 added to the result: at most K roundings of partial sums
+    bound = 2 * K * 2.0**-24 * (np.abs(x) @ np.abs(w.astype(np.float64)).T)
+    assert np.all(np.abs(outs[0] - ref) <= bound + 1e-30)
+    if w_f16:   # ggml rounds x to F16 (11 bits): hundreds of times further off than the F32 sums
+        assert np.abs(outs[1] - ref).max() > 30 * np.abs(outs[0] - ref).max()
+
+
 # ---- BF16 weights keep BF16 working copies --------------------------------------------------------
 
 def set_bf16_values(path: Path, name: str, rows: slice, value: float) -> None:
