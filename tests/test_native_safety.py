@@ -312,6 +312,30 @@ def test_our_fma_product_is_the_product_of_the_copy(K, N, M, threads, w_f16):
         assert np.abs(outs[1] - ref).max() > 30 * np.abs(outs[0] - ref).max()
 
 
+def test_gradient_checks_pass_through_the_fma_kernel_on_any_cpu():
+    # CPUs without AVX-512 train through fma_mul_mat (the backward's transposed copies, the F16 forward
+    # copies); GGML_LORA_FMA=1 takes it on any CPU with AVX2 + FMA, so the finite-difference and
+    # same-gradient checks rerun through it here, in a process of their own, on every class CI runs on
+    import os
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if not (re.search(r"\bavx2\b", flags) and re.search(r"\bfma\b", flags)):
+        pytest.skip("the FMA kernel needs AVX2 + FMA")
+    env = {k: v for k, v in os.environ.items() if k != "GGML_LORA_NO_FMA"} | {"GGML_LORA_FMA": "1",
+                                                                               "GGML_LORA_PROFILE": "1"}
+    tests = ["tests/test_training.py::test_gradient_matches_finite_differences",
+             "tests/test_training.py::test_gradient_through_quantized_base",
+             "tests/test_checkpointing.py::test_f16_weights_train_the_dequantized_model",
+             "tests/test_frozen_memory.py::test_transient_copies_give_the_same_gradients"]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                          cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    # the profile at exit: products through F16 copies ran as a custom op (ours), none as ggml's mul_mat
+    assert re.search(r"CUSTOM \[f16 x f32", proc.stderr), proc.stderr[-3000:]
+    assert not re.search(r"MUL_MAT \[f16 x f32", proc.stderr), proc.stderr[-3000:]
+
+
 # ---- BF16 weights keep BF16 working copies --------------------------------------------------------
 
 def set_bf16_values(path: Path, name: str, rows: slice, value: float) -> None:
