@@ -45,8 +45,7 @@
 
 namespace {
 
-constexpr int32_t kAmxMark = 0x31584d41;      // "AMX1" in the last op_params slot of a mul_mat, which ggml
-constexpr int kMarkSlot = GGML_MAX_OP_PARAMS / sizeof(int32_t) - 1;   // leaves unused (0: precision, 1: hint)
+constexpr int32_t kAmxMark = 0x31584d41;      // "AMX1" in a mul_mat's GLORA_MARK_SLOT
 constexpr int64_t kTile = 32;                 // output block: 32 rows of x by 32 rows of w
 constexpr size_t  kPanelBudget = 2u << 20;    // bytes of BF16 x rows a thread keeps at once
 constexpr int64_t kScratchPerK = 72;          // bytes per k of a thread's scratch besides its panel
@@ -389,7 +388,7 @@ void to_amx(ggml_context * ctx, ggml_tensor * node, glora_amx_scratch * s, int n
 
 }  // namespace
 
-void glora_amx_mark(ggml_tensor * product) { product->op_params[kMarkSlot] = kAmxMark; }
+void glora_amx_mark(ggml_tensor * product) { product->op_params[GLORA_MARK_SLOT] = kAmxMark; }
 
 bool glora_amx_available() {
 #ifdef GLORA_HAVE_AMX
@@ -426,19 +425,19 @@ bool glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph *
     bool marked = false;                    // a training forward in BF16: its backward's F32 products too
     for (int i = 0; i < ggml_graph_n_nodes(gf) && !marked; ++i) {
         const ggml_tensor * node = ggml_graph_node(gf, i);
-        marked = node->op == GGML_OP_MUL_MAT && node->op_params[kMarkSlot] == kAmxMark;
+        marked = node->op == GGML_OP_MUL_MAT && node->op_params[GLORA_MARK_SLOT] == kAmxMark;
     }
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         ggml_tensor * node = ggml_graph_node(gf, i);
         if (!fits(node)) continue;
         ggml_tensor * w = node->src[0];
         // the backward's transient transposed copy, made in this graph from the frozen matrix w->src[0]
-        const bool transient = w->op == GGML_OP_CUSTOM && w->src[0] && m->frozen_matrix(w->src[0]);
+        const bool transient = m->transient_copy(w);
         const bool copy = w->type == GGML_TYPE_BF16 && (m->wf.source.count(w) || m->wt.source.count(w) || transient);
         // (the LoRA products themselves stay in F32: their operands are the trained parameters)
         const bool lora = (w->flags & GGML_TENSOR_FLAG_PARAM) || (node->src[1]->flags & GGML_TENSOR_FLAG_PARAM);
         const bool f32 = marked && !lora && w->type == GGML_TYPE_F32 && node->src[1]->type == GGML_TYPE_F32;
-        if (!copy && !f32 && node->op_params[kMarkSlot] != kAmxMark) continue;
+        if (!copy && !f32 && node->op_params[GLORA_MARK_SLOT] != kAmxMark) continue;
         to_amx(ctx, node, &s, m->be.n_threads, &tmpl);
         ggml_tensor * x = node->src[1];
         if (!(copy || m->frozen_matrix(w)) || w->ne[1] >= m->n_vocab || x->ne[0] >= m->n_vocab) continue;

@@ -469,9 +469,9 @@ void glora_out_prods(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf
     }
 }
 
-constexpr int32_t kFmaMark = 0x31414d46;      // "FMA1", in the op_params slot glora_amx_mark uses
+constexpr int32_t kFmaMark = 0x31414d46;      // "FMA1" in a mul_mat's GLORA_MARK_SLOT
 
-void glora_fma_mark(ggml_tensor * product) { product->op_params[GGML_MAX_OP_PARAMS / sizeof(int32_t) - 1] = kFmaMark; }
+void glora_fma_mark(ggml_tensor * product) { product->op_params[GLORA_MARK_SLOT] = kFmaMark; }
 
 // The products through frozen matrices' F16, BF16 or F32 working copies (forward copies, persistent or
 // transient transposed copies) and the marked ones (glora_fma_mark) run as fma_mul_mat, in place, where
@@ -484,9 +484,8 @@ bool glora_fma_products(const glora_model * m, ggml_context * ctx, ggml_cgraph *
         ggml_tensor * node = ggml_graph_node(gf, i);
         if (node->op != GGML_OP_MUL_MAT || !fits_fma(node)) continue;
         const ggml_tensor * w = node->src[0];
-        const bool transient = w->op == GGML_OP_CUSTOM && w->src[0] && m->frozen_matrix(w->src[0]);
-        const bool marked = node->op_params[GGML_MAX_OP_PARAMS / sizeof(int32_t) - 1] == kFmaMark;
-        if (!(m->wf.source.count(w) || m->wt.source.count(w) || transient || marked)) continue;
+        const bool marked = node->op_params[GLORA_MARK_SLOT] == kFmaMark;
+        if (!(m->wf.source.count(w) || m->wt.source.count(w) || m->transient_copy(w) || marked)) continue;
         glora_as_custom(ctx, node, &tmpl, fma_mul_mat, nullptr);
     }
     return tmpl != nullptr;

@@ -180,8 +180,17 @@ struct glora_model {
     ggml_tensor * transposed(const ggml_tensor * w) const;
     // The base weight of w when w is a frozen matrix or its F16 forward copy; NULL otherwise.
     const ggml_tensor * frozen_matrix(const ggml_tensor * w) const;
+    // Whether w is the backward's transient transposed copy of a frozen matrix, made in the graph by a
+    // custom op from it (transient_transposed in glora_backward.cpp).
+    bool transient_copy(const ggml_tensor * w) const {
+        return w->op == GGML_OP_CUSTOM && w->src[0] && frozen_matrix(w->src[0]);
+    }
     ggml_tensor * find(const char * name) const;
 };
+
+// The op_params slot of a mul_mat that the graph builder marks products in for the rewrites that follow
+// (glora_amx_mark, glora_fma_mark); ggml leaves it unused (0: precision, 1: hint).
+constexpr int GLORA_MARK_SLOT = GGML_MAX_OP_PARAMS / sizeof(int32_t) - 1;
 
 // ---- adapters -------------------------------------------------------------------------------------
 
