@@ -2,8 +2,9 @@
 """Fetch the pinned llama-cpp-python sdist through pip and extract its llama.cpp tree.
 
 The sdist is downloaded by package name (pip's ordinary index), checked against the sha256 in
-vendor/PIN, and its ``vendor/llama.cpp`` folder is extracted into ``vendor/llama.cpp``.  Nothing
-here is ever committed; the build calls this script when the tree is missing.
+vendor/PIN, and its ``vendor/llama.cpp`` folder is extracted into ``vendor/llama.cpp``; then every
+``vendor/patches/*.patch`` is applied in name order (vendor/patches/README.md says why each exists).
+Nothing here is ever committed; the build calls this script when the tree is missing.
 
 Usage: python vendor/fetch_llama_cpp.py [--dest DIR] [--sdist FILE]
 """
@@ -64,6 +65,35 @@ def download_sdist(pin: dict[str, str], into: Path) -> Path:
     return path
 
 
+PATCHES = HERE / "patches"
+
+
+def patch_files() -> list[Path]:
+    return sorted(PATCHES.glob("*.patch"))
+
+
+def tree_stamp(pin: dict[str, str]) -> str:
+    """What the extracted tree is: the sdist's sha256 and the sha256 of each patch applied to it, so a
+    tree extracted before a patch was added (or changed) is extracted again."""
+    lines = [pin["sha256"]] + [f"{sha256_of(p)} {p.name}" for p in patch_files()]
+    return "\n".join(lines) + "\n"
+
+
+def apply_patches(tree: Path) -> None:
+    # git apply outside any repository behaves like patch(1); the ceiling keeps git from finding the
+    # repository that vendor/ sits in (it would then apply paths relative to that repository's root)
+    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(tree.parent))
+    gitfile = tree / ".git"     # the sdist keeps llama.cpp's submodule link, which points nowhere here
+    if gitfile.is_file():
+        gitfile.unlink()
+    for p in patch_files():
+        done = subprocess.run(["git", "apply", "-p1", "--whitespace=nowarn", str(p)], cwd=tree, env=env,
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{p.name} does not apply to the pinned tree: {done.stderr.strip()}")
+        print(f"applied {p.name}", file=sys.stderr)
+
+
 def extract_tree(sdist: Path, pin: dict[str, str], dest: Path) -> None:
     prefix = f"{pin['sdist'].removesuffix('.tar.gz')}/vendor/llama.cpp/"
     tmp = Path(tempfile.mkdtemp(prefix="llama.cpp.", dir=dest.parent))
@@ -77,7 +107,8 @@ def extract_tree(sdist: Path, pin: dict[str, str], dest: Path) -> None:
             if not members:
                 raise SystemExit(f"{sdist} has no {prefix} folder")
             tar.extractall(tmp, members=members, filter="data")
-        (tmp / STAMP).write_text(pin["sha256"] + "\n")
+        apply_patches(tmp)
+        (tmp / STAMP).write_text(tree_stamp(pin))
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -93,7 +124,7 @@ def main() -> int:
     args = ap.parse_args()
     pin = read_pin()
     stamp = args.dest / STAMP
-    if stamp.exists() and stamp.read_text().strip() == pin["sha256"]:
+    if stamp.exists() and stamp.read_text() == tree_stamp(pin):
         print(f"{args.dest} already holds llama.cpp from {pin['sdist']}", file=sys.stderr)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
