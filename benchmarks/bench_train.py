@@ -14,7 +14,10 @@ high-water mark so far (Linux), evaluation included; train_peak_rss_mib the mark
 facts-r8-all-b8 trains on the README main job's chat rows, batches of 8 rows of 40-88 tokens drawn as the
 trainer draws them and collated as it collates them (a batch's rows end to end in one sequence, attention
 per row; --no-pack pads every row instead); its tokens/s count real tokens, not padding.
-GGML_LORA_PROFILE=1 adds a table of time per ggml op at exit (stderr).
+GGML_LORA_PROFILE=1 adds a table of time per ggml op at exit (stderr). --device names a ggml device
+(ggml_lora.devices(): CPU, Vulkan0, CUDA0, ...); on a GPU the plan's estimate_mib is the device memory a
+step takes (weights, adapter, optimizer state and compute buffers all live there), and device_share /
+cpu_fallback_ops say where the steps' work ran.
 """
 
 from __future__ import annotations
@@ -125,11 +128,13 @@ def run(model: BaseModel, cfg: Config, steps: int, warmup: int, f16: bool = Fals
         with TrainingContext(ad, gradient_checkpointing=cfg.checkpointing, f16_weights=f16,
                              keep_transposed_weights=keep) as ctx:
             plan = ctx.measure(*shape)
+            model.placement(reset=True)
             times = []
             for i in range(steps + warmup):
                 t0 = time.perf_counter()
                 res = ctx.step([batches[i]], learning_rate=1e-4, step=i + 1, max_grad_norm=1.0)
                 times.append(time.perf_counter() - t0)
+            placed = model.placement(reset=True)
         train_peak = peak_rss_mib()
         loss_sum(model, ad, batches[0], f16_weights=f16)        # warm-up, untimed, like llama.cpp's side
         t0 = time.perf_counter()
@@ -146,7 +151,9 @@ def run(model: BaseModel, cfg: Config, steps: int, warmup: int, f16: bool = Fals
             **({"data": cfg.data, "packed": pack, "sequences_per_step": [int(b.tokens.shape[0]) for b in batches],
                 "padded_tokens_per_step": [int(b.tokens.size) for b in batches], "real_tokens_per_step": real}
                if cfg.data else {}),
-            "estimate_mib": {k: round(v / 2**20, 1) for k, v in plan.items()} | {"total": round(sum(plan.values()) / 2**20, 1)}}
+            "estimate_mib": {k: round(v / 2**20, 1) for k, v in plan.items()} | {"total": round(sum(plan.values()) / 2**20, 1)},
+            # where the training steps' work ran (a GPU run says what fell back to the CPU, if anything)
+            "device_share": round(placed.device_share, 4), "cpu_fallback_ops": list(placed.cpu_ops)}
 
 
 def main() -> None:
@@ -175,7 +182,9 @@ def main() -> None:
         return
     model = BaseModel.load(path, device=args.device, n_threads=args.threads, n_ctx=4096)
     model.set_bf16(args.bf16)
+    device = next(d for d in ggml_lora.devices() if d.name == model.device)
     header = {"model": path.name, "model_mib": round(path.stat().st_size / 2**20, 1), "device": model.device,
+              "device_description": device.description, "device_memory_mib": round(device.memory_total / 2**20),
               "threads": args.threads, "machine": platform.machine(), "cpu_flags": cpu_flags(),
               # what our ggml was built for: with GGML_LORA_AVX2_ONLY a subset of cpu_flags
               "ggml_cpu_features": [k for k, v in ggml_lora.cpu_features().items() if v not in ("", "0")],

@@ -29,7 +29,7 @@
 #  define GLORA_API
 #endif
 
-#define GLORA_ABI_VERSION 13
+#define GLORA_ABI_VERSION 14
 
 #ifdef __cplusplus
 extern "C" {
@@ -129,6 +129,19 @@ GLORA_API void    glora_model_free(glora_model * model);
 GLORA_API const char * glora_model_device(const glora_model * model);
 GLORA_API int32_t glora_model_n_tensors(const glora_model * model);
 GLORA_API int32_t glora_model_tensor_info(const glora_model * model, int32_t index, glora_tensor_info * out);
+/* Where the work of the graphs run since the last reset went (ggml's scheduler may place an op the
+ * model's device lacks on the CPU). Work is estimated per node: 2·M·N·K for a product (MUL_MAT,
+ * OUT_PROD), one per output value for other ops; views and reshapes count nothing. */
+typedef struct glora_placement {
+    double  device_work;         /* on the model's device                                          */
+    double  cpu_work;            /* on the CPU as the scheduler's fallback (0 when the device is
+                                    the CPU)                                                         */
+    int64_t device_nodes;
+    int64_t cpu_nodes;
+    char    cpu_ops[512];        /* the fallback's ops, most work first: "SOFT_MAX_BACK x24, ..."    */
+} glora_placement;
+/* reset != 0 clears the tally after reading it */
+GLORA_API int32_t glora_model_placement(glora_model * model, int32_t reset, glora_placement * out);
 /* raw stored bytes of a weight (size = nbytes), e.g. to prove a training step left it unchanged */
 GLORA_API int32_t glora_model_read_tensor(const glora_model * model, const char * name, void * dst, uint64_t size);
 /* 1 when this CPU has AMX-BF16 tiles and Linux granted this process their state, else 0 */

@@ -24,6 +24,7 @@ int32_t glora_graph_alloc(glora_model * m, ggml_cgraph * gf) {
         return glora_fail(GLORA_ERR_OUT_OF_MEMORY, "could not allocate the compute graph (%d nodes) on %s",
                           ggml_graph_n_nodes(gf), m->be.device_name.c_str());
     }
+    m->placement.record(m->be, m->sched.sched, gf);
     return GLORA_OK;
 }
 
@@ -62,60 +63,6 @@ acc_map accumulators(const glora_trainer * t) {
     return acc;
 }
 
-// ggml's backward of y = mul_mat(W, x) gives dx = out_prod(W, transpose(dy)) = Wᵀ·dy. Through a frozen
-// weight we compute the same product as mul_mat(Wᵀ, dy) with the model's transposed working copy.
-// An out_prod through a weight that has a copy and is left as it is means ggml's backward changed
-// shape: the product would fall back to a slow (CPU-only for quantized W) path, so that is an error.
-// dst = wᵀ in dst's type (F16, BF16 or F32), from a weight w of any type with ne = [n_in, n_out]:
-// dst ne = [n_out, n_in]. The CPU op of the transient transposed copies. A tile is 32 rows of w by 256
-// columns (a multiple of every block size). w in dst's 2-byte type (an F16 forward copy) is moved as
-// 16-bit words, bit for bit what converting through F32 gives; other types are dequantized into a
-// 32 KiB buffer on the stack (no heap allocation inside ggml's worker threads) and each of dst's rows
-// gets its 32 values through ggml's vectorized row conversion. Either way a tile writes one cache line
-// per row of dst. (The per-value scalar conversion this replaces took 15% of an F16-copy step.)
-void dequantize_transpose(ggml_tensor * dst, int ith, int nth, void *) {
-    const ggml_tensor * w = dst->src[0];
-    constexpr int64_t rows = 32, cols = 256;
-    const int64_t n_in = w->ne[0], n_out = w->ne[1];
-    if (w->type == dst->type && ggml_type_size(w->type) == 2 && ggml_blck_size(w->type) == 1) {
-        for (int64_t r0 = (int64_t) ith * rows; r0 < n_out; r0 += (int64_t) nth * rows) {
-            const int64_t nr = std::min(rows, n_out - r0);
-            for (int64_t c0 = 0; c0 < n_in; c0 += cols) {
-                const int64_t nc = std::min(cols, n_in - c0);
-                for (int64_t i = 0; i < nc; ++i) {
-                    auto * d = (uint16_t *) ((char *) dst->data + (c0 + i) * dst->nb[1] + r0 * dst->nb[0]);
-                    const char * src = (const char *) w->data + r0 * w->nb[1] + (c0 + i) * w->nb[0];
-                    for (int64_t r = 0; r < nr; ++r) d[r] = *(const uint16_t *) (src + r * w->nb[1]);
-                }
-            }
-        }
-        return;
-    }
-    const auto * traits = ggml_get_type_traits(w->type);
-    float buf[rows * cols];
-    float col[rows];
-    for (int64_t r0 = (int64_t) ith * rows; r0 < n_out; r0 += (int64_t) nth * rows) {
-        const int64_t nr = std::min(rows, n_out - r0);
-        for (int64_t c0 = 0; c0 < n_in; c0 += cols) {
-            const int64_t nc = std::min(cols, n_in - c0);    // a whole number of blocks: n_in is
-            for (int64_t r = 0; r < nr; ++r) {
-                const char * src = (const char *) w->data + (r0 + r) * w->nb[1] + c0 / traits->blck_size * traits->type_size;
-                if (w->type == GGML_TYPE_F32) memcpy(buf + r * cols, src, (size_t) nc * sizeof(float));
-                else traits->to_float(src, buf + r * cols, nc);
-            }
-            for (int64_t i = 0; i < nc; ++i) {
-                char * d = (char *) dst->data + (c0 + i) * dst->nb[1] + r0 * dst->nb[0];
-                for (int64_t r = 0; r < nr; ++r) col[r] = buf[r * cols + i];
-                switch (dst->type) {
-                    case GGML_TYPE_F16:  ggml_cpu_fp32_to_fp16(col, (ggml_fp16_t *) d, nr); break;
-                    case GGML_TYPE_BF16: ggml_cpu_fp32_to_bf16(col, (ggml_bf16_t *) d, nr); break;
-                    default:             memcpy(d, col, (size_t) nr * sizeof(float)); break;
-                }
-            }
-        }
-    }
-}
-
 // A transposed copy of the frozen matrix w (or its F16 forward copy), ne = [n_out, n_in], made inside
 // the step's graph: its memory is the compute buffer's, allocated just before the one product that
 // reads it and reused by the next. The same values as the persistent copy (w dequantized to F32, then
@@ -123,16 +70,7 @@ void dequantize_transpose(ggml_tensor * dst, int ith, int nth, void *) {
 ggml_tensor * transient_transposed(const glora_model * m, ggml_context * ctx, ggml_tensor * w) {
     const ggml_type type = glora_copy_type(m, m->frozen_matrix(w));
     const ggml_type out_type = m->wf.source.count(w) ? w->type : type;   // a forward copy keeps its type
-    ggml_tensor * wt;
-    if (ggml_backend_is_cpu(m->be.main)) {
-        ggml_tensor * args[] = {w};
-        wt = ggml_custom_4d(ctx, out_type, w->ne[1], w->ne[0], 1, 1, args, 1, dequantize_transpose,
-                            GGML_N_TASKS_MAX, nullptr);
-    } else {
-        // other backends: ops every backend has (the CPU's custom op runs only on the CPU)
-        ggml_tensor * f32 = ggml_is_quantized(w->type) ? ggml_cast(ctx, w, GGML_TYPE_F32) : w;
-        wt = ggml_cpy(ctx, ggml_transpose(ctx, f32), ggml_new_tensor_2d(ctx, out_type, w->ne[1], w->ne[0]));
-    }
+    ggml_tensor * wt = m->be.ops->transposed_weight(ctx, w, out_type);
     ggml_format_name(wt, "%s.T", w->name);
     return wt;
 }
@@ -222,48 +160,11 @@ int32_t weight_loss_rows(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * w) 
     return GLORA_OK;
 }
 
-// dst = src with dims 0 and 1 swapped, F32, dst contiguous; src may have any strides. In square tiles,
-// so that reads and writes both stay within a few cache lines (ggml's cont of a transposed view reads
-// element by element across rows: ~1 GB/s, 17% of a 2048-token step).
-void transpose_f32(ggml_tensor * dst, int ith, int nth, void *) {
-    const ggml_tensor * src = dst->src[0];
-    constexpr int64_t tile = 32;
-    const int64_t n0 = src->ne[0], n1 = src->ne[1], n2 = src->ne[2], n3 = src->ne[3];
-    const int64_t t0 = (n0 + tile - 1) / tile, t1 = (n1 + tile - 1) / tile;
-    const int64_t n_tiles = t0 * t1 * n2 * n3;
-    for (int64_t t = ith; t < n_tiles; t += nth) {
-        const int64_t i3 = t / (t0 * t1 * n2), i2 = t / (t0 * t1) % n2;
-        const int64_t b1 = t / t0 % t1 * tile, b0 = t % t0 * tile;
-        const char * s = (const char *) src->data + i2 * src->nb[2] + i3 * src->nb[3];
-        float * d = (float *) ((char *) dst->data + i2 * dst->nb[2] + i3 * dst->nb[3]);
-        const int64_t e0 = std::min(b0 + tile, n0), e1 = std::min(b1 + tile, n1);
-        if (src->nb[0] == sizeof(float)) {
-            glora_transpose_tile(s + b0 * src->nb[0] + b1 * src->nb[1], src->nb[1], d + b0 * n1 + b1, n1, e0 - b0, e1 - b1);
-            continue;
-        }
-        for (int64_t i0 = b0; i0 < e0; ++i0) {
-            for (int64_t i1 = b1; i1 < e1; ++i1) {
-                d[i0 * n1 + i1] = *(const float *) (s + i0 * src->nb[0] + i1 * src->nb[1]);
-            }
-        }
-    }
-}
-
 // The operand of mul_mat that stands for t in out_prod: tᵀ, contiguous (a transposed view is undone).
 ggml_tensor * transposed_operand(const glora_model * m, ggml_context * ctx, ggml_tensor * t) {
     if (t->op == GGML_OP_TRANSPOSE && ggml_is_contiguous(t->src[0])) return t->src[0];
-    if (!ggml_backend_is_cpu(m->be.main) || t->type != GGML_TYPE_F32) return ggml_cont(ctx, ggml_transpose(ctx, t));
-    ggml_tensor * args[] = {t};
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, t->ne[1], t->ne[0], t->ne[2], t->ne[3], args, 1, transpose_f32,
-                          GGML_N_TASKS_MAX, nullptr);
-}
-
-
-// The nodes of gf, in order, in a new graph; expanding each pulls in the nodes a rewrite gave it.
-ggml_cgraph * in_order(ggml_context * ctx, ggml_cgraph * gf, size_t graph_size) {
-    ggml_cgraph * out = ggml_new_graph_custom(ctx, graph_size, false);
-    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) ggml_build_forward_expand(out, ggml_graph_node(gf, i));
-    return out;
+    if (t->type != GGML_TYPE_F32) return ggml_cont(ctx, ggml_transpose(ctx, t));
+    return m->be.ops->transposed_f32(ctx, t);
 }
 
 // Adds the backward of `loss` to *gf (params accumulate into acc) and returns the loss seed, an input
@@ -290,7 +191,7 @@ int32_t build_backward(const glora_model * m, ggml_context * ctx, ggml_cgraph **
     *seed = ggml_graph_get_grad(*gf, loss);
     ggml_set_input(*seed);
     if ((rc = scale_param_grads(ctx, *gf, t, param_scale))) return rc;
-    *gf = in_order(ctx, *gf, graph_size);   // with the scales
+    *gf = glora_graph_in_order(ctx, *gf, graph_size);   // with the scales
     *gf = glora_faster_products(m, ctx, *gf, graph_size);
     return GLORA_OK;
 }
@@ -524,16 +425,21 @@ int32_t check_one_graph_chunks(const glora_model * m, const glora_batch * batch)
 
 }  // namespace
 
-// ggml's CPU out_prod in F32 is a loop of axpy's of length ne0 over rows, several times slower than its
-// mul_mat kernels (the attention backward spent ~14% of a step there), and far slower for short rows
-// (LoRA's rank: d(A·x) = Bᵀ·d(B·A·x) has rows of `rank` floats). out_prod(a, b) sums over dim 1 of both,
-// mul_mat over dim 0, so out_prod(a, b) = mul_mat(aᵀ, bᵀ), with the same broadcast of a over b's dims 2
-// and 3. Products with long rows but a short side (dA: [n_in, rank]) or a short sum (K = rank) stay as
-// they are: there the axpy's are long and a transpose would cost more than it saves.
-// Returns gf, or a new graph with the transposes in order when any node changed.
+ggml_cgraph * glora_graph_in_order(ggml_context * ctx, ggml_cgraph * gf, size_t graph_size) {
+    ggml_cgraph * out = ggml_new_graph_custom(ctx, graph_size, false);
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) ggml_build_forward_expand(out, ggml_graph_node(gf, i));
+    return out;
+}
+
+// out_prod(a, b) sums over dim 1 of both, mul_mat over dim 0, so out_prod(a, b) = mul_mat(aᵀ, bᵀ), with
+// the same broadcast of a over b's dims 2 and 3. Every backend multiplies fastest through mul_mat (the
+// CPU's out_prod in F32 is a loop of axpy's of length ne0 over rows, several times slower than its
+// mul_mat kernels: the attention backward spent ~14% of a step there). Products with long rows but a
+// short side (dA: [n_in, rank]) or a short sum (K = rank) stay as they are: there the axpy's are long and
+// a transpose would cost more than it saves. Then the device's own rewrite (glora_backend_ops::rewrite),
+// which also puts the new transposes in order (one rebuild of the graph for both).
 ggml_cgraph * glora_faster_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf, size_t graph_size) {
     constexpr int64_t min_dim = 32;
-    const bool cpu = ggml_backend_is_cpu(m->be.main);
     bool changed = false;
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         ggml_tensor * node = ggml_graph_node(gf, i);
@@ -548,27 +454,7 @@ ggml_cgraph * glora_faster_products(const glora_model * m, ggml_context * ctx, g
         memset(node->op_params, 0, sizeof(node->op_params));
         changed = true;
     }
-    // The other way round for LoRA's B·(A·x): a mul_mat whose dot products are `rank` long runs at a
-    // few GFLOP/s on the CPU, while out_prod does it as `rank` long axpy's per output column.
-    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
-        ggml_tensor * node = ggml_graph_node(gf, i);
-        if (node->op != GGML_OP_MUL_MAT || !cpu) continue;
-        ggml_tensor * x = node->src[0];                 // [K, M]
-        ggml_tensor * y = node->src[1];                 // [K, N]
-        if (x->type != GGML_TYPE_F32 || y->type != GGML_TYPE_F32 || ggml_n_dims(x) > 2 || ggml_n_dims(y) > 2) continue;
-        if (x->ne[0] >= min_dim || node->ne[0] < min_dim || node->ne[1] < min_dim) continue;
-        node->src[0] = transposed_operand(m, ctx, x);   // [M, K], contiguous
-        node->src[1] = ggml_transpose(ctx, y);          // [N, K], a view
-        node->op = GGML_OP_OUT_PROD;                    // -> [M, N], mul_mat's shape
-        memset(node->op_params, 0, sizeof(node->op_params));
-        changed = true;
-    }
-    changed = glora_cross_entropy_ops(m, ctx, gf) || changed;
-    if (changed) gf = in_order(ctx, gf, graph_size);
-    glora_out_prods(m, ctx, gf);      // in place: the same nodes, the same order
-    glora_fma_products(m, ctx, gf);   // likewise
-    if (glora_amx_products(m, ctx, gf)) gf = in_order(ctx, gf, graph_size);   // with the rounded rows
-    return gf;
+    return m->be.ops->rewrite(m, ctx, gf, graph_size, changed);
 }
 
 int32_t glora_trainer_backward(glora_trainer * trainer, const glora_batch * batch, float loss_weight,

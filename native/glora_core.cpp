@@ -251,6 +251,12 @@ int32_t glora_backends_init(const char * device, int32_t n_threads, glora_backen
     out->backends.push_back(main);
     out->bufts.push_back(ggml_backend_dev_buffer_type(dev));
 
+    // the one place that asks which device this is: it picks the device's table of hooks
+    out->ops = ggml_backend_is_cpu(main) ? &glora_cpu_backend_ops : &glora_ggml_backend_ops;
+    // ggml-vulkan dispatches row-wise ops (RMS_NORM, ...) as one workgroup per row and asserts that the count
+    // is within the device's maxComputeWorkGroupCount (ggml/src/ggml-vulkan/ggml-vulkan-common.h:258), of
+    // which Vulkan guarantees 65535: a graph of more token rows would abort the process, so it is refused
+    if (strcmp(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev)), "Vulkan") == 0) out->max_rows = 65535;
     if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
         out->cpu = main;
     } else {
@@ -276,6 +282,110 @@ void glora_backends_free(glora_backends * b) {
     b->backends.clear();
     b->bufts.clear();
     b->main = b->cpu = nullptr;
+}
+
+// ---- ggml's ops: the table of a device without special code of its own ------------------------------
+
+static bool no_tiles() { return false; }
+
+static ggml_tensor * ggml_transposed_weight(ggml_context * ctx, ggml_tensor * w, ggml_type out_type) {
+    ggml_tensor * f32 = ggml_is_quantized(w->type) ? ggml_cast(ctx, w, GGML_TYPE_F32) : w;
+    return ggml_cpy(ctx, ggml_transpose(ctx, f32), ggml_new_tensor_2d(ctx, out_type, w->ne[1], w->ne[0]));
+}
+
+static ggml_tensor * ggml_transposed_f32(ggml_context * ctx, ggml_tensor * t) {
+    return ggml_cont(ctx, ggml_transpose(ctx, t));
+}
+
+// ggml's backward leaves views in the sources of some ops (out_prod(x, transpose(dy)) for a product's
+// weight gradient) that a device may take only contiguous (Vulkan's OUT_PROD): the scheduler would run
+// such a node on the CPU. Where the device supports the op once its sources are contiguous, they are made
+// so here, on the device (a copy of a [rank, T]-sized operand at most: the large out_prods became
+// mul_mat in glora_faster_products).
+static ggml_cgraph * ggml_as_built(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf, size_t graph_size,
+                                   bool stale) {
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        if (node->op == GGML_OP_NONE || ggml_backend_supports_op(m->be.main, node)) continue;
+        ggml_tensor * was[GGML_MAX_SRC];
+        bool any = false;
+        for (int s = 0; s < GGML_MAX_SRC; ++s) {
+            was[s] = node->src[s];
+            if (node->src[s] && !ggml_is_contiguous(node->src[s])) {
+                node->src[s] = ggml_cont(ctx, node->src[s]);
+                any = true;
+            }
+        }
+        if (any && ggml_backend_supports_op(m->be.main, node)) {
+            stale = true;
+        } else {
+            std::copy(was, was + GGML_MAX_SRC, node->src);   // no better: leave it to the CPU fallback
+        }
+    }
+    return stale ? glora_graph_in_order(ctx, gf, graph_size) : gf;
+}
+
+const glora_backend_ops glora_ggml_backend_ops = {
+    /*.name              =*/ "ggml",
+    /*.bf16_tiles        =*/ no_tiles,
+    /*.transposed_weight =*/ ggml_transposed_weight,
+    /*.transposed_f32    =*/ ggml_transposed_f32,
+    /*.rewrite           =*/ ggml_as_built,
+};
+
+// ---- placement ------------------------------------------------------------------------------------
+
+// A node's work for the placement report: 2·M·N·K for the products, one per output value otherwise.
+static double node_work(const ggml_tensor * node) {
+    switch (node->op) {
+        case GGML_OP_NONE: case GGML_OP_VIEW: case GGML_OP_RESHAPE: case GGML_OP_PERMUTE: case GGML_OP_TRANSPOSE:
+            return 0.0;
+        case GGML_OP_MUL_MAT:     // sums over src0's rows (ne0)
+            return 2.0 * (double) ggml_nelements(node) * (double) node->src[0]->ne[0];
+        case GGML_OP_OUT_PROD:    // sums over src0's dim 1
+            return 2.0 * (double) ggml_nelements(node) * (double) node->src[0]->ne[1];
+        default:
+            return (double) ggml_nelements(node);
+    }
+}
+
+void glora_placement_tally::record(const glora_backends & be, ggml_backend_sched_t sched, ggml_cgraph * gf) {
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        const double w = node_work(node);
+        if (w == 0.0) continue;
+        ggml_backend_t where = ggml_backend_sched_get_tensor_backend(sched, node);
+        if (where == nullptr || where == be.main) {
+            device_work += w;
+            device_nodes += 1;
+        } else {
+            cpu_work += w;
+            cpu_nodes += 1;
+            auto & op = cpu_ops[ggml_op_desc(node)];
+            op.first += 1;
+            op.second += w;
+        }
+    }
+}
+
+extern "C" GLORA_API int32_t glora_model_placement(glora_model * model, int32_t reset, glora_placement * out) {
+    return glora_guard(__func__, [&]() -> int32_t {
+        GLORA_CHECK_ARG(model != nullptr && out != nullptr, "glora_model_placement: NULL argument");
+        const glora_placement_tally & t = model->placement;
+        out->device_work  = t.device_work;
+        out->cpu_work     = t.cpu_work;
+        out->device_nodes = t.device_nodes;
+        out->cpu_nodes    = t.cpu_nodes;
+        std::vector<std::pair<std::string, std::pair<int64_t, double>>> ops(t.cpu_ops.begin(), t.cpu_ops.end());
+        std::sort(ops.begin(), ops.end(), [](const auto & a, const auto & b) { return a.second.second > b.second.second; });
+        std::string list;
+        for (const auto & op : ops) {
+            list += (list.empty() ? "" : ", ") + op.first + " x" + std::to_string(op.second.first);
+        }
+        copy_str(out->cpu_ops, sizeof(out->cpu_ops), list.c_str());
+        if (reset) model->placement.clear();
+        return GLORA_OK;
+    });
 }
 
 void glora_sched::release() {

@@ -26,11 +26,10 @@ struct builder {
             if (it != m->wf.of.end()) wm = it->second;
         }
         ggml_tensor * res = ggml_mul_mat(ctx, wm, x);
-        // with BF16 products on AMX the stored blocks are multiplied directly, rounded to BF16 as a copy
-        // would hold them (glora_model_prepare_f16_forward makes no copies then)
-        if (opt.f16_weights && m->bf16 && wm == w && w->type != GGML_TYPE_F32) glora_amx_mark(res);
-        // without them, a stored F16, BF16 or F32 matrix goes where its copy would (glora_fma_products)
-        if (opt.f16_weights && !m->bf16 && wm == w) glora_fma_mark(res);
+        // a training forward that may trade llama.cpp's arithmetic for speed (f16_weights) multiplies this
+        // stored matrix itself: the backend may run it as it runs a working copy (the CPU: AMX tiles in
+        // BF16, or its FMA kernel; glora_model_prepare_f16_forward makes no copies in BF16 mode)
+        if (opt.f16_weights && wm == w) glora_hint(res, GLORA_HINT_FROZEN);
         for (const glora_active_adapter & aa : opt.adapters) {
             const glora_pair * p = aa.adapter->find(w);
             if (!p) continue;
@@ -69,7 +68,7 @@ struct builder {
     // multiplies q, k, the probabilities and v in bfloat16.
     ggml_tensor * attn_mm(ggml_tensor * a, ggml_tensor * b) {
         ggml_tensor * t = ggml_mul_mat(ctx, a, b);
-        if (opt.f16_weights && m->bf16) glora_amx_mark(t);
+        if (opt.f16_weights) glora_hint(t, GLORA_HINT_ATTENTION);
         return t;
     }
 
@@ -348,6 +347,13 @@ size_t glora_graph_budget(const glora_model * m, const glora_batch * batch, cons
 
 int32_t glora_check_graph_budget(const glora_model * m, const glora_batch * batch, const glora_graph_options & opt,
                                  bool backward) {
+    const int64_t rows = (int64_t) batch->n_seq * batch->n_tokens;
+    if (rows > m->be.max_rows) {
+        return glora_fail(GLORA_ERR_INVALID_ARGUMENT, "a batch of %lld token rows (%d x %d) is more than %s takes in "
+                          "one graph (%lld); lower batch_size or max_seq_length (gradient_accumulation_steps keeps "
+                          "the step's size)", (long long) rows, batch->n_seq, batch->n_tokens,
+                          m->be.device_name.c_str(), (long long) m->be.max_rows);
+    }
     const size_t budget = glora_graph_budget(m, batch, opt, backward);
     if (budget <= GLORA_MAX_GRAPH_NODES) return GLORA_OK;
     // the longest sequence whose graph fits, by bisection (the budget grows with the length)

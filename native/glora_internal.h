@@ -7,6 +7,7 @@
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 
+#include <map>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
@@ -71,6 +72,8 @@ std::string glora_shape_str(const ggml_tensor * t);
 
 // ---- backends -------------------------------------------------------------------------------------
 
+struct glora_backend_ops;
+
 // The device the model lives on plus the CPU as the scheduler's fallback (the last backend).
 struct glora_backends {
     std::vector<ggml_backend_t>             backends;   // [device, ..., cpu]
@@ -79,6 +82,8 @@ struct glora_backends {
     ggml_backend_t                          cpu  = nullptr;
     std::string                             device_name;
     int                                     n_threads = 1;   // the CPU backend's
+    const glora_backend_ops               * ops = nullptr;     // this device's hooks (see below)
+    int64_t                                 max_rows = INT64_MAX;   // token rows one graph may hold here
 };
 
 int32_t glora_backends_init(const char * device, int32_t n_threads, glora_backends * out);
@@ -99,6 +104,16 @@ struct glora_sched {
     void release();
 };
 int32_t glora_sched_fit(const glora_backends & be, glora_sched * s, ggml_cgraph * gf);
+
+// Where the nodes of the graphs run so far were placed, tallied at allocation (glora_graph_alloc).
+struct glora_placement_tally {
+    double                         device_work = 0, cpu_work = 0;
+    int64_t                        device_nodes = 0, cpu_nodes = 0;
+    std::map<std::string, std::pair<int64_t, double>> cpu_ops;   // op name -> (nodes, work)
+
+    void record(const glora_backends & be, ggml_backend_sched_t sched, ggml_cgraph * gf);
+    void clear() { *this = glora_placement_tally(); }
+};
 
 // ---- model ----------------------------------------------------------------------------------------
 
@@ -161,6 +176,7 @@ struct glora_model {
     std::vector<glora_layer> layers;
 
     glora_sched              sched;                   // runs every graph of the model
+    glora_placement_tally    placement;               // where the graphs' work ran (glora_model_placement)
 
     // Transposed working copies for the backward pass: weight ne = [n_in, n_out] -> ne = [n_out, n_in]
     // (F16; F32 and BF16 weights keep their type). dx = Wᵀ·dy then runs as mul_mat, which every backend has and
@@ -189,7 +205,7 @@ struct glora_model {
 };
 
 // The op_params slot of a mul_mat that the graph builder marks products in for the rewrites that follow
-// (glora_amx_mark, glora_fma_mark); ggml leaves it unused (0: precision, 1: hint).
+// (glora_hint); ggml leaves it unused (0: precision, 1: hint).
 constexpr int GLORA_MARK_SLOT = GGML_MAX_OP_PARAMS / sizeof(int32_t) - 1;
 
 // ---- adapters -------------------------------------------------------------------------------------
@@ -313,14 +329,56 @@ int32_t glora_model_prepare_backward(glora_model * model);
 // or BF16 when the model's copies are BF16 (glora_model_set_bf16).
 ggml_type glora_copy_type(const glora_model * m, const ggml_tensor * w);
 
+int32_t glora_model_prepare_f16_forward(glora_model * model);
+
+// ---- backend-specific code ------------------------------------------------------------------------
+//
+// The graph code says what it computes; what a backend does beyond ggml's own ops is in its table of
+// hooks (glora_backend_ops), chosen once per model from its device (glora_backends_init). The CPU's is
+// native/cpu/ (our kernels as custom ops, AMX and FMA products, transposes, cross-entropy). A device
+// without a table of its own (Vulkan, CUDA, Metal) gets glora_ggml_backend_ops: ggml's ops as built.
+// Adding a backend's special code is a table in a folder of its own and a line in glora_backends_init.
+
+// What the graph builder says of a product, kept in op_params[GLORA_MARK_SLOT]: a backend's rewrite may
+// choose a kernel for it (reduced precision included), and one that knows no kernel leaves it alone.
+enum glora_product_hint : int32_t {
+    GLORA_HINT_NONE      = 0,
+    GLORA_HINT_FROZEN    = 0x4e5a5246,   // a training forward's product through a stored frozen matrix
+    GLORA_HINT_ATTENTION = 0x4e545441,   // a training forward's attention product (q·k, p·v)
+};
+inline void glora_hint(ggml_tensor * product, glora_product_hint hint) { product->op_params[GLORA_MARK_SLOT] = hint; }
+inline glora_product_hint glora_hint_of(const ggml_tensor * product) {
+    return (glora_product_hint) product->op_params[GLORA_MARK_SLOT];
+}
+
+struct glora_backend_ops {
+    const char * name;
+    // products in bfloat16 on tiles (glora_model_set_bf16)
+    bool (*bf16_tiles)();
+    // wᵀ in out_type (ne = [n_out, n_in]), made inside a graph from the frozen matrix w of any stored type
+    ggml_tensor * (*transposed_weight)(ggml_context * ctx, ggml_tensor * w, ggml_type out_type);
+    // tᵀ, contiguous, for an F32 t of any strides
+    ggml_tensor * (*transposed_f32)(ggml_context * ctx, ggml_tensor * t);
+    // a training or loss graph with the backend's kernels in it: gf (changed in place or not) or a new graph
+    // of the same computation made in ctx. `stale`: nodes of gf have new sources that gf does not hold
+    // yet, so the result must be a graph rebuilt in order (glora_graph_in_order; the graph context has
+    // room for two rebuilds). Every graph whose numbers must agree with a training graph's goes through
+    // it (glora_faster_products).
+    ggml_cgraph * (*rewrite)(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf, size_t graph_size,
+                             bool stale);
+};
+extern const glora_backend_ops glora_ggml_backend_ops;   // glora_core.cpp
+extern const glora_backend_ops glora_cpu_backend_ops;    // cpu/glora_cpu_backend.cpp
+
+// The nodes of gf, in order, in a new graph; expanding each pulls in the nodes a rewrite gave it.
+ggml_cgraph * glora_graph_in_order(ggml_context * ctx, ggml_cgraph * gf, size_t graph_size);
+
+// -- the CPU's (native/cpu/) --
 // AMX-BF16 tiles usable by this process (CPU support, and Linux granted the tile state); the first call asks.
 bool glora_amx_available();
-// Marks a training forward's product through a stored frozen weight for the AMX op (model->bf16).
-void glora_amx_mark(ggml_tensor * product);
-// Products through BF16 working copies of frozen matrices, and marked ones, run on AMX tiles (model->bf16);
+// Products through BF16 working copies of frozen matrices, and hinted ones, run on AMX tiles (model->bf16);
 // true when it added nodes (each x rounded to BF16 once), so that gf must be rebuilt in order.
 bool glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
-int32_t glora_model_prepare_f16_forward(glora_model * model);
 // node becomes the custom op fn (all threads, userdata) in place, keeping its sources; the op's parameters
 // come from *tmpl, one template tensor per graph and op made on first use (so a rewrite adds one tensor
 // to the graph's context, not one per node).
@@ -328,16 +386,13 @@ void glora_as_custom(ggml_context * ctx, ggml_tensor * node, ggml_tensor ** tmpl
 // d[i0·ld + i1] = the float at s + i0·4 + i1·ls bytes, for i0 < n0, i1 < n1: a tile of a transpose.
 void glora_transpose_tile(const char * s, size_t ls, float * d, int64_t ld, int64_t n0, int64_t n1);
 // The F32 out_prods of gf run as a CPU kernel of our own (glora_cpu_kernels.cpp), in place.
-void glora_out_prods(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
-// Products through the frozen matrices' working copies on a CPU without AVX-512, in place: our FMA kernel
-// (glora_cpu_kernels.cpp) instead of ggml's. Returns whether any changed.
+void glora_out_prods(ggml_context * ctx, ggml_cgraph * gf);
+// Products through the frozen matrices' working copies, and those hinted GLORA_HINT_FROZEN, on a CPU
+// without AVX-512, in place: our FMA kernel (glora_cpu_kernels.cpp) instead of ggml's. Returns whether any changed.
 bool glora_fma_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
-// A training forward's product through a stored frozen matrix (f16_weights: the path its copy would
-// take): glora_fma_products takes it too when the matrix is F16, BF16 or F32.
-void glora_fma_mark(ggml_tensor * product);
 // The cross-entropy and its gradient of gf run as CPU kernels of our own that read token ids instead of
 // one-hot labels (glora_cpu_kernels.cpp), in place; true when gf changed (rebuild it to drop the labels).
-bool glora_cross_entropy_ops(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
+bool glora_cross_entropy_ops(ggml_context * ctx, ggml_cgraph * gf);
 
 // Node budget of the graph glora_build_forward builds from (batch, opt), with ggml's backward and the
 // rewrites of glora_backward.cpp when `backward`: an upper bound on its nodes and on its leafs, from the

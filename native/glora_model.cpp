@@ -340,13 +340,10 @@ extern "C" GLORA_API int32_t glora_model_set_bf16(glora_model * model, int32_t b
     return glora_guard(__func__, [&]() -> int32_t {
         GLORA_CHECK_ARG(model != nullptr, "glora_model_set_bf16: NULL model");
         GLORA_CHECK_ARG(bf16 == 0 || bf16 == 1, "bf16=%d must be 0 or 1", bf16);
-        if (bf16 && !ggml_backend_is_cpu(model->be.main)) {
-            return glora_fail(GLORA_ERR_UNSUPPORTED, "bf16 products run on AMX tiles, on the CPU only; "
-                              "the model is on %s", model->be.device_name.c_str());
-        }
-        if (bf16 && !glora_amx_available()) {
-            return glora_fail(GLORA_ERR_UNSUPPORTED, "bf16 products need a CPU with AMX-BF16 (Intel Sapphire "
-                              "Rapids or later) and a Linux kernel that grants its tile state; this one has none");
+        if (bf16 && !model->be.ops->bf16_tiles()) {
+            return glora_fail(GLORA_ERR_UNSUPPORTED, "bf16 products run on AMX-BF16 tiles (an Intel CPU of Sapphire "
+                              "Rapids or later, with a Linux kernel that grants its tile state); %s has none "
+                              "(%s backend)", model->be.device_name.c_str(), model->be.ops->name);
         }
         if (model->bf16 != (bf16 != 0)) {    // copies made in the other type are made again on next use
             model->wf.release();

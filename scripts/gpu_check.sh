@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One prepared check for an NVIDIA H200 machine (issue 8): build for sm_90 only, then on CUDA0 run the
-# parity, gradient and round-trip tests on tiny models and the training benchmark on a 1B-class llama
-# made on the spot, printing JSON. Prepare with scripts/prepare_gpu_bundle.sh; fits one 10-minute call.
+# One prepared check for an NVIDIA H100/H200 machine: build for sm_90 only, then on CUDA0 run the device
+# tests (pytest -m device: the subset CI runs on Vulkan/lavapipe), the parity, gradient and round-trip
+# tests on tiny models, and the training benchmark on a 1B-class llama made on the spot, printing JSON.
+# Prepare with scripts/prepare_gpu_bundle.sh; fits one 10-minute call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
@@ -20,8 +21,10 @@ python3 -c "import ggml_lora, json; print(json.dumps([d.__dict__ for d in ggml_l
 # the benchmark below runs even when a test fails (its numbers still help); the script's exit status is
 # the tests' (a failing GPU test must not look like a pass)
 tests_rc=0
+python3 -m pytest -q -p no:cacheprovider -s -m device tests/test_device.py > build/gpu-device-tests.log 2>&1 || tests_rc=$?
+{ grep -E "device |passed|failed|Error|placement" build/gpu-device-tests.log || true; } | tail -n 30
 python3 -m pytest -q -p no:cacheprovider -s tests/test_training.py tests/test_checkpointing.py tests/test_trainer.py tests/test_parity.py tests/test_adapter_files.py \
-    -k "not smollm2 and not round_trip" > build/gpu-tests.log 2>&1 || tests_rc=$?
+    -k "not smollm2 and not round_trip" > build/gpu-tests.log 2>&1 || tests_rc=$(( tests_rc ? tests_rc : $? ))
 { grep -E "worst|parity|max relative|passed|failed|Error" build/gpu-tests.log || true; } | tail -n 40
 
 # a 1B-class llama with random F16 weights (TinyLlama's shape), then throughput and GPU memory

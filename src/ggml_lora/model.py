@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import gguf_file
+from . import gguf_file, policy
 from ._handles import Batch, NativeHandle
 from ._native import check, ffi, lib
 from .arch import LM_HEAD, TARGET_MODULES, HParams
@@ -48,6 +49,32 @@ class _MappedFile:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a run's graph work went (:meth:`BaseModel.placement`). Work is estimated per node: 2·M·N·K for a
+    matrix product, one per output value for other ops."""
+
+    device: str                 # the model's device
+    device_work: float
+    cpu_work: float             # placed on the CPU as the fallback for ops the device lacks
+    device_nodes: int
+    cpu_nodes: int
+    cpu_ops: tuple[str, ...]    # "OP xN", most work first
+
+    @property
+    def device_share(self) -> float:
+        """The share of the work that ran on the model's device (1.0 when nothing ran yet)."""
+        total = self.device_work + self.cpu_work
+        return self.device_work / total if total else 1.0
+
+    def line(self) -> str:
+        """One line for the train log."""
+        where = f"{self.device_share:.1%} of the step's work on {self.device}"
+        if not self.cpu_nodes:
+            return where
+        return f"{where}; on the CPU fallback: {', '.join(self.cpu_ops)}"
 
 
 class BaseModel(NativeHandle):
@@ -112,7 +139,7 @@ class BaseModel(NativeHandle):
         self._name = name if isinstance(name, str) else None
         self._sha256 = None
         self._source = None
-        if use_mmap and self.device == "CPU":          # the weights are views of the mapped file
+        if use_mmap and policy.is_cpu(self.device):    # the weights are views of the mapped file
             self._source = _MappedFile(path)
         # self._lock (from _set_handle): one native call at a time for the model and everything made
         # from it, since graphs and the scheduler are per model; trainers or threads sharing the model
@@ -143,6 +170,17 @@ class BaseModel(NativeHandle):
     def device(self) -> str:
         with self._using() as ptr:
             return ffi.string(lib.glora_model_device(ptr)).decode()
+
+    def placement(self, reset: bool = False) -> Placement:
+        """Where the work of this model's graphs ran since the last reset: on its device, or on the CPU where
+        ggml's scheduler placed an op the device lacks. ``reset`` starts a new tally after reading."""
+        out = ffi.new("glora_placement *")
+        with self._using() as ptr:
+            check(lib.glora_model_placement(ptr, 1 if reset else 0, out), "reading the placement tally")
+        ops = ffi.string(out.cpu_ops).decode()
+        return Placement(device=self.device, device_work=out.device_work, cpu_work=out.cpu_work,
+                         device_nodes=out.device_nodes, cpu_nodes=out.cpu_nodes,
+                         cpu_ops=tuple(o for o in ops.split(", ") if o))
 
     @property
     def bf16(self) -> bool:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, policy
 from .adapter import Adapter
 from .config import LoRAConfig, TrainingConfig, learning_rate_at, warmup_steps
 from .errors import (
@@ -36,7 +36,7 @@ from .errors import (
     TrainingDivergedError,
     UnsupportedError,
 )
-from .model import BaseModel
+from .model import BaseModel, Placement
 from .reporting import MetricsLog, Progress, call_hooks, check_reporters, make_reporters, peak_rss_bytes, plot_losses
 from .training import TrainingContext, loss_sum
 
@@ -68,6 +68,7 @@ class TrainingHistory:
     checkpoint_path: Path | None = None     # the newest checkpoint written
     data: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)   # the estimate checked before the first step (bytes)
+    placement: Placement | None = None      # where the first step's work ran (device vs the CPU fallback)
 
     @property
     def losses(self) -> list[float]:
@@ -307,6 +308,7 @@ class LoRATrainer:
         try:
             if valid_rows and cfg.eval_every and start == 0:
                 self._eval_and_report(valid_rows, 0, metrics, history, callbacks, progress)
+            self.model.placement(reset=True)     # each step's record tells where that step's work ran
             for step in range(start + 1, total + 1):
                 lr = learning_rate_at(cfg, step, total)
                 batches, n_tokens, n_step_tokens, epoch = next_batches(step)
@@ -319,6 +321,11 @@ class LoRATrainer:
                        "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else 0.0,
                        "elapsed_s": elapsed, "peak_rss_bytes": peak_rss_bytes()}
                 rec.update(self._step_metrics)
+                placement = self.model.placement(reset=True)
+                rec["device_share"] = placement.device_share
+                if history.placement is None:
+                    history.placement = placement
+                    self._report_placement(placement, progress)
                 if self.comm.size > 1:
                     rec["processes"], rec["allreduce_bytes"] = self.comm.size, self.reduced_bytes
                 if self.adalora is not None:
@@ -504,6 +511,7 @@ class LoRATrainer:
         t = time.perf_counter()
         rec = {"type": "eval", "step": step, **self._evaluate_rows(rows, self.config.batch_size),
                "eval_s": time.perf_counter() - t}
+        self.model.placement(reset=True)       # evaluation's graphs are no training step's
         metrics.write(rec)
         history.evals.append(rec)
         progress.message(f"step {step}: validation loss {rec['val_loss']:.4f}"
@@ -568,9 +576,7 @@ class LoRATrainer:
         there than ggml's F16 or BF16 kernels); True where one has none: the model's UnsupportedError."""
         on = self.config.bf16
         if on is None:
-            from . import cpu_has_amx_bf16
-
-            on = self.model.device.upper().startswith("CPU") and cpu_has_amx_bf16()
+            on = policy.amx_bf16_applies(self.model.device)
             if self.comm.size > 1:
                 on = all(self.comm.allgather(on))
             if on:
@@ -578,10 +584,17 @@ class LoRATrainer:
                          "(bf16=False keeps F16 copies and ggml's kernels)")
         self.model.set_bf16(on)
 
+    def _report_placement(self, placement: Placement, progress: Progress) -> None:
+        """One line on where the first step ran; a warning when part of it fell back to the CPU."""
+        progress.message(f"placement: {placement.line()}")
+        warning = policy.fallback_warning(placement.device, placement.device_share, placement.cpu_ops)
+        if warning:
+            log.warning(warning)
+
     def _auto_f16_candidate(self) -> bool:
         """f16_weights=None may choose F16 copies only on a CPU (where ggml's F16 products beat its
         quantized ones; measured in benchmarks/README.md) and for a model with quantized matrices."""
-        return self.model.device.upper().startswith("CPU")
+        return policy.f16_copies_may_help(self.model.device)
 
     def _choose_f16_weights(self, seq_len: int) -> None:
         """f16_weights=None: keep the F16 copies (faster on CPU) only when they take at most a quarter of the
@@ -599,7 +612,7 @@ class LoRATrainer:
             if self.config.memory_limit_gib is not None:
                 budget = int(self.config.memory_limit_gib * 2**30)
             else:
-                free = available_memory(self.model.device)
+                free = policy.available_memory(self.model.device)
                 # the weights, adapter and working copies that exist already are not in MemAvailable
                 budget = None if free is None else free + est["weights"] + est["adapter"]
             chosen = est["f16_weights"] > 0 and budget is not None and \
@@ -630,7 +643,7 @@ class LoRATrainer:
         if cfg.memory_limit_gib is not None:
             budget, what = int(cfg.memory_limit_gib * 2**30) - (est["total"] - to_come), "memory_limit_gib"
         else:
-            budget, what = available_memory(self.model.device), f"available on {self.model.device}"
+            budget, what = policy.available_memory(self.model.device), f"available on {self.model.device}"
         if budget is not None and to_come > budget:
             return to_come, budget, what
         return None
@@ -810,25 +823,6 @@ class LoRATrainer:
             for s, h in previous.items():
                 signal.signal(s, h)
         return restore
-
-
-def available_memory(device: str) -> int | None:
-    """Bytes free on ``device``: MemAvailable for the CPU, the backend's free memory for a GPU."""
-    if device.upper().startswith("CPU"):
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
-    from . import devices
-
-    for d in devices():
-        if d.name == device:
-            return d.memory_free or None
-    return None
 
 
 __all__ = ["LoRATrainer", "TrainingHistory", "check_writable", "resolve_chat_template"]

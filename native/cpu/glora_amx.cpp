@@ -45,7 +45,6 @@
 
 namespace {
 
-constexpr int32_t kAmxMark = 0x31584d41;      // "AMX1" in a mul_mat's GLORA_MARK_SLOT
 constexpr int64_t kTile = 32;                 // output block: 32 rows of x by 32 rows of w
 constexpr size_t  kPanelBudget = 2u << 20;    // bytes of BF16 x rows a thread keeps at once
 constexpr int64_t kScratchPerK = 72;          // bytes per k of a thread's scratch besides its panel
@@ -388,7 +387,13 @@ void to_amx(ggml_context * ctx, ggml_tensor * node, glora_amx_scratch * s, int n
 
 }  // namespace
 
-void glora_amx_mark(ggml_tensor * product) { product->op_params[GLORA_MARK_SLOT] = kAmxMark; }
+// The products the graph builder described for reduced precision that go to the tiles: a training
+// forward's attention, and its products through stored frozen matrices of a type other than F32 (an F32
+// matrix keeps its F32 product, as PyTorch's autocast would not round a float32 weight it has no copy of).
+static bool amx_hinted(const ggml_tensor * node) {
+    const glora_product_hint h = glora_hint_of(node);
+    return h == GLORA_HINT_ATTENTION || (h == GLORA_HINT_FROZEN && node->src[0]->type != GGML_TYPE_F32);
+}
 
 bool glora_amx_available() {
 #ifdef GLORA_HAVE_AMX
@@ -400,11 +405,11 @@ bool glora_amx_available() {
 }
 
 // Replaces by the AMX op each product through a BF16 working copy of a frozen matrix (persistent or
-// transient transposed copy), each forward product the graph builder marked (glora_amx_mark: the
-// training forward through a stored weight, in place of a forward copy, and the attention's products),
-// and in a graph with marks every other F32 product that fits but the LoRA products (the attention's
-// backward). Products of graphs without marks through the stored weights keep ggml's kernels:
-// evaluation stays llama.cpp's arithmetic.
+// transient transposed copy), each forward product the graph builder hinted (amx_hinted: the training
+// forward through a stored weight, in place of a forward copy, and the attention's products), and in a
+// graph with hints every other F32 product that fits but the LoRA products (the attention's backward).
+// Products of graphs without hints through the stored weights keep ggml's kernels: evaluation stays
+// llama.cpp's arithmetic.
 //
 // A 2-D product's x (one matrix: the products through frozen weights) is rounded to BF16 once, in a node
 // of its own that every product reading it shares (q, k and v read one x; gate and up another): otherwise
@@ -417,7 +422,7 @@ bool glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph *
     (void) m, (void) ctx, (void) gf;
     return false;      // a build without the tiles never sets m->bf16 (glora_amx_available() is false)
 #else
-    if (!m->bf16 || !ggml_backend_is_cpu(m->be.main)) return false;
+    if (!m->bf16) return false;
     glora_amx_scratch & s = m->amx;
     ggml_tensor * tmpl = nullptr;
     ggml_tensor * pack_tmpl = nullptr;
@@ -425,7 +430,7 @@ bool glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph *
     bool marked = false;                    // a training forward in BF16: its backward's F32 products too
     for (int i = 0; i < ggml_graph_n_nodes(gf) && !marked; ++i) {
         const ggml_tensor * node = ggml_graph_node(gf, i);
-        marked = node->op == GGML_OP_MUL_MAT && node->op_params[GLORA_MARK_SLOT] == kAmxMark;
+        marked = node->op == GGML_OP_MUL_MAT && amx_hinted(node);
     }
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         ggml_tensor * node = ggml_graph_node(gf, i);
@@ -437,7 +442,7 @@ bool glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph *
         // (the LoRA products themselves stay in F32: their operands are the trained parameters)
         const bool lora = (w->flags & GGML_TENSOR_FLAG_PARAM) || (node->src[1]->flags & GGML_TENSOR_FLAG_PARAM);
         const bool f32 = marked && !lora && w->type == GGML_TYPE_F32 && node->src[1]->type == GGML_TYPE_F32;
-        if (!copy && !f32 && node->op_params[GLORA_MARK_SLOT] != kAmxMark) continue;
+        if (!copy && !f32 && !amx_hinted(node)) continue;
         to_amx(ctx, node, &s, m->be.n_threads, &tmpl);
         ggml_tensor * x = node->src[1];
         if (!(copy || m->frozen_matrix(w)) || w->ne[1] >= m->n_vocab || x->ne[0] >= m->n_vocab) continue;

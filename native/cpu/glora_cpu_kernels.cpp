@@ -460,8 +460,7 @@ bool fma_preferred() {
 }
 
 // Every F32 out_prod of gf (on the CPU backend) runs as out_prod_f32, in place: same nodes, same order.
-void glora_out_prods(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf) {
-    if (!ggml_backend_is_cpu(m->be.main)) return;
+void glora_out_prods(ggml_context * ctx, ggml_cgraph * gf) {
     ggml_tensor * tmpl = nullptr;
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         ggml_tensor * node = ggml_graph_node(gf, i);
@@ -469,22 +468,18 @@ void glora_out_prods(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf
     }
 }
 
-constexpr int32_t kFmaMark = 0x31414d46;      // "FMA1" in a mul_mat's GLORA_MARK_SLOT
-
-void glora_fma_mark(ggml_tensor * product) { product->op_params[GLORA_MARK_SLOT] = kFmaMark; }
-
 // The products through frozen matrices' F16, BF16 or F32 working copies (forward copies, persistent or
-// transient transposed copies) and the marked ones (glora_fma_mark) run as fma_mul_mat, in place, where
-// fma_preferred(); not in BF16 mode (those run on AMX tiles). Graphs without marks through the stored
+// transient transposed copies) and those hinted GLORA_HINT_FROZEN run as fma_mul_mat, in place, where
+// fma_preferred(); not in BF16 mode (those run on AMX tiles). Graphs without hints through the stored
 // weights (evaluation) keep ggml's kernels: llama.cpp's arithmetic. Returns whether anything changed.
 bool glora_fma_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf) {
-    if (!ggml_backend_is_cpu(m->be.main) || m->bf16 || !fma_preferred()) return false;
+    if (m->bf16 || !fma_preferred()) return false;
     ggml_tensor * tmpl = nullptr;
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         ggml_tensor * node = ggml_graph_node(gf, i);
         if (node->op != GGML_OP_MUL_MAT || !fits_fma(node)) continue;
         const ggml_tensor * w = node->src[0];
-        const bool marked = node->op_params[GLORA_MARK_SLOT] == kFmaMark;
+        const bool marked = glora_hint_of(node) == GLORA_HINT_FROZEN;
         if (!(m->wf.source.count(w) || m->wt.source.count(w) || m->transient_copy(w) || marked)) continue;
         glora_as_custom(ctx, node, &tmpl, fma_mul_mat, nullptr);
     }
@@ -559,8 +554,7 @@ extern "C" GLORA_API int32_t glora_selftest_out_prod(const float * a, const floa
 // The cross-entropy of gf (glora_build_loss: ggml's op with the rows' token ids as an extra src[2]) and
 // its gradient run as ce_rows + SUM and ce_back, in place; the one-hot labels are read no more (the
 // caller rebuilds the graph, which drops them). Returns whether anything changed.
-bool glora_cross_entropy_ops(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf) {
-    if (!ggml_backend_is_cpu(m->be.main)) return false;
+bool glora_cross_entropy_ops(ggml_context * ctx, ggml_cgraph * gf) {
     std::vector<std::pair<const ggml_tensor *, ggml_tensor *>> ids_of;    // one-hot labels -> token ids
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         ggml_tensor * node = ggml_graph_node(gf, i);
