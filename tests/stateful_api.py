@@ -1,4 +1,4 @@
-"""Random sequences of ggml-lora's public API (issue 14), run by test_stateful.py in a child process so
+"""Random sequences of ggml-lora's public API, run by test_stateful.py in a child process so
 that a crash shows up as a signal instead of killing pytest.
 
     python tests/stateful_api.py MODEL.gguf N_EXAMPLES

@@ -1,4 +1,5 @@
-"""Issue 4 (part): adapters as GGUF files, round trip in llama-cpp-python, hot swap, bad files."""
+"""Adapters as GGUF files: llama-cpp-python loads what we save and gives our logits, save/load/save is
+byte-identical, bad or interrupted files fail cleanly, and files get the umask's permissions."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 16: bfloat16 working copies multiplied on AMX tiles (TrainingConfig.bf16, BaseModel.set_bf16).
+"""bfloat16 products on AMX tiles (TrainingConfig.bf16, BaseModel.set_bf16) give the product of the bf16 values.
 
 Where the CPU has AMX-BF16 the products through the working copies of the frozen weights run in a kernel
 of our own; the checks of that kernel run only there. Everywhere: asking for it where the CPU has no AMX

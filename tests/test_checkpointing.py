@@ -1,5 +1,5 @@
-"""Issue 6: gradient checkpointing gives the gradients of the one-graph backward, and
-estimate_memory predicts what a step really takes."""
+"""Gradient checkpointing gives the gradients of the one-graph backward, F16 working copies train and
+evaluate the dequantized model, and estimate_memory predicts what a step really takes."""
 
 from __future__ import annotations
 

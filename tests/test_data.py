@@ -1,4 +1,5 @@
-"""Issue 4 data: formats, loss masks under three chat templates, packing, truncation, splits, errors."""
+"""Training data: every format parses, loss masks cover exactly the supervised tokens under three chat
+templates, packing leaves losses unchanged, truncation and splits are counted, errors name file and row."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Issue 20: data-parallel training over MPI, with real processes (`mpiexec -n 2`, MPICH from PyPI).
+"""Data-parallel training over MPI gives what one process gives on the same global batch, with real
+processes (`mpiexec -n 2`, MPICH from PyPI).
 
 The reference for every distributed run is one process training on the same global batch: the rows of
 each optimizer step, their order and their dropout masks are the same, so the only differences allowed

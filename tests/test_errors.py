@@ -1,4 +1,5 @@
-"""Issue 2 bad input: each raises a named Python exception and the process lives on."""
+"""Bad input (missing, foreign or truncated files, unknown architectures and modules, out-of-range tokens,
+over-long or ragged batches) raises a named Python exception and the process lives on."""
 
 from __future__ import annotations
 

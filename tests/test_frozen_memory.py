@@ -1,4 +1,4 @@
-"""Issue 15: the frozen base costs its stored size. The backward's transposed copies of the frozen
+"""The frozen base costs its stored size. The backward's transposed copies of the frozen
 matrices are made inside each step's compute buffer by default (keep_transposed_weights=False) instead
 of being kept for the model's lifetime, and the gradients are bit-identical either way: the transient
 copy holds the same values (the weight dequantized to F32, rounded to F16, or BF16/F32 for those types).

@@ -1,4 +1,4 @@
-"""Issue 7 (part): mutated GGUF files (a tiny model and an adapter) never take the process down.
+"""Mutated GGUF files (a tiny model and an adapter) never take the process down.
 
 Every case either loads (and runs a forward pass) or raises one of our exceptions (or OSError); a crash
 in ggml would kill pytest and fail CI. The default run is 2,000 cases per target; set GGML_LORA_FUZZ_CASES for

@@ -1,4 +1,4 @@
-"""Issue 14: no sequence of public calls reaches native code with a freed or shared-in-use pointer.
+"""No sequence of public calls reaches native code with a freed or shared-in-use pointer.
 
 A BaseModel owns its Adapters and an Adapter its TrainingContexts: children keep their parent
 alive, closing a parent closes its children, and every method of a closed object raises ValueError

@@ -1,4 +1,4 @@
-"""Issue 14: llama-cpp-python never takes the AMX path that crashes the pinned llama.cpp.
+"""llama-cpp-python never takes the AMX path that crashes the pinned llama.cpp.
 
 On CPUs with AMX the pinned llama.cpp puts Q4_x/Q8_0 weights into its AMX extra buffer type and dies
 with SIGILL on the first longer prompt. Importing ggml_lora turns llama.cpp's extra buffer types off by

@@ -1,4 +1,5 @@
-"""Issue 18 (part): merging adapters into a GGUF, checked against llama.cpp applying the same adapters."""
+"""Merging adapters into a GGUF gives what llama.cpp computes applying the same adapters, within each
+type's own quantization error; untargeted tensors stay byte for byte, and refusals write nothing."""
 
 from __future__ import annotations
 

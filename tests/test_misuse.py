@@ -1,4 +1,5 @@
-"""Issue 14, point 6: small misuses that reached native code (or gave a silent wrong answer) now raise."""
+"""Small misuses (batches native code would read past, thread counts out of range, adapters on weights
+llama.cpp does not adapt, a non-finite step) raise or say so instead of reaching native code."""
 
 from __future__ import annotations
 

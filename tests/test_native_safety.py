@@ -1,4 +1,4 @@
-"""Issue 14, crash-proof: nothing Python can call makes the native library abort the process.
+"""Nothing Python can call makes the native library abort the process.
 
 ggml asserts and C++ exceptions escaping the C ABI kill the whole Python process, so every test that
 could provoke one runs it in a child process: an abort then shows as a failed test (a negative return

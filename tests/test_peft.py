@@ -1,4 +1,5 @@
-"""Issue 4: PEFT export and import (safetensors), checked against the real peft/transformers when installed."""
+"""PEFT export and import (safetensors): GGUF -> PEFT -> GGUF is bitwise identical, patterns and rsLoRA fold
+into B, unsupported features are refused, and real peft/transformers load the export when installed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 14: random sequences of the public API never crash the process and stay consistent.
+"""Random sequences of the public API never crash the process and stay consistent.
 
 The state machine lives in stateful_api.py and runs in a child process: a segfault or a ggml abort
 there fails this test with its signal instead of killing pytest. CI runs 500 sequences (about a

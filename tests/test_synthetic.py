@@ -1,4 +1,4 @@
-"""Issue 15: benchmarks/synthetic.py writes models of real shape that llama.cpp and ggml-lora both load."""
+"""benchmarks/synthetic.py writes models of real shape that llama.cpp and ggml-lora both load."""
 
 from __future__ import annotations
 
