@@ -12,7 +12,7 @@ import numpy as np
 from . import gguf_file
 from ._handles import Batch, NativeHandle
 from ._native import check, ffi, lib
-from .arch import LM_HEAD, TARGET_MODULES, HParams
+from .arch import LM_HEAD, HParams
 from .errors import ContextLengthError, GGMLLoRAError, InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -98,6 +98,17 @@ class BaseModel(NativeHandle):
         params.rms_eps = hp.rms_eps
         params.kq_scale = hp.kq_scale
         params.use_mmap = 1 if use_mmap else 0
+        spec = hp.spec
+        params.embd_scale = hp.embd_scale
+        params.ffn_act = spec.ffn_act
+        params.scale_q = 1 if spec.scale_q else 0
+        params.attn_softcap = hp.attn_softcap
+        params.final_softcap = hp.final_softcap
+        params.n_swa = hp.n_swa
+        swa_layers = ffi.new("uint8_t[]", [1 if f else 0 for f in hp.swa_layers] or [0])  # alive for the call
+        params.swa_layers = swa_layers if hp.n_swa > 0 else ffi.NULL
+        params.rope_freq_base_swa = hp.rope_freq_base_swa
+        params.rope_freq_scale_swa = hp.rope_freq_scale_swa
         out = ffi.new("glora_model **")
         check(lib.glora_model_load(str(path).encode(), params, out), f"loading {path}")
 
@@ -170,7 +181,7 @@ class BaseModel(NativeHandle):
     @property
     def target_modules(self) -> tuple[str, ...]:
         """The PEFT names of the modules that can carry LoRA in this model."""
-        return tuple(TARGET_MODULES) + (() if self.tied_embeddings else (LM_HEAD,))
+        return tuple(self.hparams.spec.modules) + (() if self.tied_embeddings else (LM_HEAD,))
 
     def weight_shape(self, name: str) -> tuple[int, int]:
         """(n_in, n_out) of a 2-D weight: ggml ne = [n_in, n_out]."""
