@@ -179,6 +179,7 @@ def write_tiny_model(
     final_softcap: float | None = None,
     rope_scale: float | None = None,
     n_rot: int | None = None,
+    longrope: bool = False,
 ) -> pathlib.Path:
     """Write a random `arch` model to `path` and return it as a Path.
 
@@ -198,7 +199,8 @@ def write_tiny_model(
     `rope_scale` (gemma3: a linear rope.scaling.factor of the global layers; their base is 1e6, the
     sliding-window layers' 10000). gemma3 carries per-head q/k norms.
     phi3: fused attn_qkv and ffn_up = [gate; up], untied output by default is up to `tied`, and
-    `n_rot` (rope.dimension_count) below head_dim for partial rotary; n_head * head_dim must be n_embd.
+    `n_rot` (rope.dimension_count) below head_dim for partial rotary; n_head * head_dim must be n_embd;
+    `longrope` adds Phi-3.5-style rope_factors_long/short tensors (ne = [n_rot/2]).
     """
     if arch not in _ARCH_DEFAULTS:
         raise ValueError(f"unsupported arch {arch!r}; expected one of {ARCHS}")
@@ -304,6 +306,11 @@ def write_tiny_model(
     else:
         f32("output_norm.weight", norm(n_embd, LOGIT_STD / math.sqrt(n_embd)))
         mat("output.weight", rng.standard_normal((n_vocab, n_embd), dtype=np.float32))
+    if longrope:
+        if arch != "phi3":
+            raise ValueError("longrope is only written for phi3")
+        f32("rope_factors_long.weight", np.linspace(1.0, 4.0, n_rot // 2))
+        f32("rope_factors_short.weight", np.ones(n_rot // 2))
     if rope_freqs:
         # One global tensor (no block index): llama.cpp loads it for layer 0 and
         # marks it TENSOR_DUPLICATED for the others. ne = [head_dim/2]; rope divides
