@@ -163,3 +163,81 @@ def test_longrope_factors_are_refused_by_name(tiny_model_file):
     """Phi-3.5 / Phi-4-mini carry LongRoPE factors, which this forward does not apply: a clear error."""
     with pytest.raises(UnsupportedError, match="LongRoPE"):
         BaseModel.load(tiny_model_file("phi3", "f32", n_rot=8, longrope=True))
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "phi3"])
+def test_graphs_fit_their_node_budget(tiny_model_file, arch):
+    """As test_native_safety's grid for llama: every projection (and the untied head) adapted, with and
+    without dropout and checkpointing, 2 to 700 rows (three attention chunks, sliding-window masks of
+    their own): each graph stays under the node budget glora_graph_budget gave it."""
+    import logging
+    import re
+
+    graphs = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            m = re.match(r"graph: (\d+) nodes, (\d+) leafs, budget (\d+)", record.getMessage())
+            if m:
+                graphs.append(tuple(int(x) for x in m.groups()))
+
+    log = logging.getLogger("ggml_lora.ggml")
+    handler, level = Collect(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        path = tiny_model_file(arch, "q8_0", **(MODELS[arch] | {"n_layers": 2, "n_ctx_train": 4096}))
+        with BaseModel.load(path, n_threads=N_THREADS) as model:
+            for dropout in (0.0, 0.1):
+                with Adapter.init(model, LoRAConfig(rank=4, target_modules=model.target_modules, dropout=dropout)) as ad:
+                    for checkpointing in (False, True):
+                        with TrainingContext(ad, gradient_checkpointing=checkpointing) as ctx:
+                            for n in (2, 300, 700):
+                                tokens = np.random.default_rng(n).integers(0, model.n_vocab, (1, n))
+                                batch = loss_batch(model, tokens)
+                                ctx.accumulate(batch, batch.n_loss)
+                                assert np.isfinite(ctx.grad_norm())
+                                ctx.zero_grad()
+                    model.logits(np.zeros(700, dtype=np.int32), ad)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert len(graphs) > 20
+    for nodes, leafs, budget in graphs:
+        assert nodes < budget and leafs < budget, (nodes, leafs, budget)
+    print(f"{arch}: largest share of a budget used: {max(n / b for n, _, b in graphs):.2f}")
+
+
+def test_loss_in_attention_chunks_is_the_loss_of_the_logits(tiny_model_file):
+    """Training graphs attend in chunks of 256 queries with sliding-window masks of their own; over 600 rows
+    their loss equals the cross-entropy of llama.cpp's unchunked forward (float32 sums in another order:
+    1e-5 relative)."""
+    path = tiny_model_file("gemma3", "f32", **MODELS["gemma3"])
+    with BaseModel.load(path, n_threads=N_THREADS, n_ctx=1024) as model:
+        tokens = np.random.default_rng(7).integers(0, model.n_vocab, 600)
+        loss = evaluate(model, None, tokens[None, :])[0]
+        z = model.logits(tokens).astype(np.float64)[:-1]
+        z -= z.max(axis=-1, keepdims=True)
+        ref = float(-(z[np.arange(599), tokens[1:]] - np.log(np.exp(z).sum(axis=-1))).mean())
+        assert loss == pytest.approx(ref, rel=1e-5)
+
+
+def test_chat_data_needs_a_template_or_a_builtin(tiny_model_file):
+    """The tiny models have no tokenizer.chat_template, like Gemma 3 270M: chat data is refused with the
+    ways out named; a built-in by name (--chat-template gemma) renders Gemma's turns and supervises only
+    the model's."""
+    from ggml_lora.data import load_dataset
+    from ggml_lora.errors import DatasetError
+    from ggml_lora.trainer import resolve_chat_template
+
+    chat = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Vastrell?"},
+                          {"role": "assistant", "content": "Quennick."}]}]
+    with BaseModel.load(tiny_model_file("gemma3", "f32", **MODELS["gemma3"]), n_threads=N_THREADS) as model:
+        with pytest.raises(DatasetError, match="chat data needs a chat template.*built-in: chatml, gemma, llama3"):
+            load_dataset(chat, model, max_seq_length=64)
+        samples, _ = load_dataset(chat, model, max_seq_length=64, chat_template=resolve_chat_template("gemma"))
+        tokens, mask = samples[0].tokens, samples[0].mask
+        assert "<start_of_turn>user\nBe brief.\n\nCapital of Vastrell?<end_of_turn>" in model.detokenize(tokens)
+        assert model.detokenize(tokens[mask]).strip() == "Quennick.<end_of_turn>"
+    with pytest.raises(InvalidArgumentError, match="built-in"):
+        resolve_chat_template("no-such-template")

@@ -253,8 +253,8 @@ class TrainingConfig:
                                   "than memory (needs max_steps; rows are not packed)")
     shuffle_buffer: int = _opt(1000, "with streaming: rows are shuffled within a window of this many")
     train_on_prompt: bool = _opt(False, "prompt/completion and chat data: also put loss on the prompt")
-    chat_template: str | None = _opt(None, "Jinja chat template (a file path or the template text); "
-                                           "default: the GGUF's tokenizer.chat_template")
+    chat_template: str | None = _opt(None, "Jinja chat template (a file path, the template text, or a built-in: "
+                                           "chatml, gemma, llama3); default: the GGUF's tokenizer.chat_template")
     valid_fraction: float = _opt(0.0, "hold out this fraction of the training samples for validation "
                                       "when no validation data is given")
     seed: int = _opt(0, "seeds data order, splits and dropout")
