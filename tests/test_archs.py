@@ -241,3 +241,35 @@ def test_chat_data_needs_a_template_or_a_builtin(tiny_model_file):
         assert model.detokenize(tokens[mask]).strip() == "Quennick.<end_of_turn>"
     with pytest.raises(InvalidArgumentError, match="built-in"):
         resolve_chat_template("no-such-template")
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "phi3"])
+def test_peft_export_uses_the_architectures_module_names_and_round_trips(tiny_model_file, tmp_path, arch):
+    """phi3's fused pairs are PEFT's qkv_proj and gate_up_proj (one lora_A/lora_B each, rows in the fused
+    [q; k; v] and [gate; up] order both sides use); gemma keeps HF's row order (NEOX rope, no permutation).
+    GGUF -> PEFT -> GGUF is byte for byte the same file."""
+    pytest.importorskip("safetensors")
+    import json
+
+    from safetensors import safe_open
+
+    from ggml_lora.peft import export_peft, import_peft
+
+    with BaseModel.load(tiny_model_file(arch, "q8_0", **MODELS[arch]), n_threads=N_THREADS) as model:
+        with Adapter.init(model, LoRAConfig(rank=4, alpha=8, target_modules=model.target_modules, seed=1)) as ad:
+            randomize(ad, seed=2)
+            first = ad.save(tmp_path / "first.gguf")
+        with Adapter.load(model, first) as loaded:
+            export_peft(loaded, tmp_path / "peft")
+        cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+        assert set(cfg["target_modules"]) == set(model.target_modules)
+        with safe_open(str(tmp_path / "peft" / "adapter_model.safetensors"), framework="numpy") as f:
+            keys = set(f.keys())
+        if arch == "phi3":
+            assert "base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight" in keys
+            assert "base_model.model.model.layers.1.mlp.gate_up_proj.lora_A.weight" in keys
+        else:
+            assert "base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight" in keys
+        with import_peft(tmp_path / "peft", model) as back:
+            second = back.save(tmp_path / "second.gguf")
+        assert first.read_bytes() == second.read_bytes()
