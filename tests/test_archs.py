@@ -18,10 +18,11 @@ from ggml_lora.training import TrainingContext, evaluate, loss_batch
 
 # Each with what makes it differ from llama switched on where a short test can see it: a sliding window
 # of 8 (gemma2's period 2 makes layer 1 global, gemma3's period 6 layer 5), softcaps that bite on the
-# tiny models' logits of std ~2.5 (gemma2's defaults 50/30 would be the identity there), gemma3's global
-# rope scale, phi3's partial rotary (8 of 16 dims) and untied LM head.
+# tiny models' logits of std ~2.5 (gemma2's defaults 50/30 would be the identity there), a linear rope scale
+# (gemma2: every layer's; gemma3: the global layers' only),
+# phi3's partial rotary (8 of 16 dims) and untied LM head.
 MODELS = {
-    "gemma2": {"attn_softcap": 2.0, "final_softcap": 4.0},
+    "gemma2": {"attn_softcap": 2.0, "final_softcap": 4.0, "rope_scale": 2.0},
     "gemma3": {"n_layers": 6, "head_dim": 32, "rope_scale": 2.0, "final_softcap": 5.0},
     "phi3": {"n_rot": 8, "tied": False},
 }

@@ -100,7 +100,7 @@ def read_hparams(reader, path: str) -> tuple[HParams, dict[str, TensorMeta]]:
         rope_freq_base=key("rope.freq_base", float, spec.rope_freq_base),
         rope_freq_scale=freq_scale,
         rope_type=spec.rope_type,
-        **_arch_hparams(spec, reader, tensors, key, path, n_layers=key("block_count", int)),
+        **_arch_hparams(spec, reader, tensors, key, path, n_layers=key("block_count", int), freq_scale=freq_scale),
     )
     # the native side takes these as int32/float: out-of-range values are format errors, not overflows
     for key_name, value in (("block_count", hp.n_layers), ("embedding_length", hp.n_embd),
@@ -126,7 +126,7 @@ def read_hparams(reader, path: str) -> tuple[HParams, dict[str, TensorMeta]]:
 
 
 def _arch_hparams(spec: ArchSpec, reader, tensors: dict[str, TensorMeta], key, path: str,
-                  n_layers: int) -> dict[str, Any]:
+                  n_layers: int, freq_scale: float) -> dict[str, Any]:
     """Softcaps, sliding window and its rope, as llama.cpp's loaders of gemma2/gemma3/phi3 read them;
     what we cannot compute (LongRoPE) is refused here, by name."""
     arch = spec.name
@@ -172,9 +172,11 @@ def _arch_hparams(spec: ArchSpec, reader, tensors: dict[str, TensorMeta], key, p
     out.update(n_swa=n_swa, swa_layers=flags)
     if n_swa >= 2**31:
         raise GGUFFormatError(f"{path}: {arch}.attention.sliding_window={n_swa} is out of range")
-    # gemma2 defaults the local base to the global one, gemma3 to 10000 (gemma2.cpp:8-11, llama-hparams.h:151)
+    # gemma2 gives its local layers the global base and scale unless the file has a local base; gemma3
+    # gives them base 10000 (or the file's) and scale 1 (gemma2.cpp:8-11, gemma3.cpp:9, llama-hparams.h:151-153)
     default_base = key("rope.freq_base", float, spec.rope_freq_base) if arch == "gemma2" else 10000.0
     out["rope_freq_base_swa"] = key("rope.freq_base_swa", float, default_base)
+    out["rope_freq_scale_swa"] = freq_scale if arch == "gemma2" else 1.0
     if not (math.isfinite(out["rope_freq_base_swa"]) and 0.0 < out["rope_freq_base_swa"] < 3.0e38):
         raise GGUFFormatError(f"{path}: {arch}.rope.freq_base_swa={out['rope_freq_base_swa']} must be positive")
     return out
