@@ -64,14 +64,14 @@ def test_gemma3_trained_adapter_scores_in_llama_cpp_with_our_loss(gemma3, gemma3
     Our reported loss comes from the training graph (all query heads expanded, attention in chunks),
     which sums in another order than llama.cpp's forward; Gemma 3 amplifies such last-bit differences
     (one kernel's summation order moved single logits by 0.4 before the forward used llama.cpp's
-    kernels), so the bound is 1e-2 nats on a mean loss of about 3 (measured: see the printed numbers).
+    kernels), so the bound is 1e-2 nats (measured: 1.2e-3 on a loss of 0.58 after three steps from 3.42).
     """
     text = TEXTS[0]
-    tokens = np.asarray(gemma3.tokenize(text)[:160])
+    tokens = np.asarray(gemma3.tokenize(text))          # 139 tokens
     cfg = LoRAConfig(rank=8, alpha=16, target_modules=("q_proj", "v_proj", "o_proj", "down_proj"), seed=2)
     with Adapter.init(gemma3, cfg) as ad, TrainingContext(ad, gradient_checkpointing=True) as ctx:
         batch = loss_batch(gemma3, tokens[None, :])
-        losses = [ctx.step([batch], learning_rate=2e-3, step=s) for s in range(1, 4)]
+        losses = [ctx.step([batch], learning_rate=2e-3, step=s).loss for s in range(1, 4)]
         saved = ad.save(tmp_path / "trained.gguf")
         ours = evaluate(gemma3, ad, tokens[None, :])[0]
         base = evaluate(gemma3, None, tokens[None, :])[0]
