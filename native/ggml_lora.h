@@ -208,6 +208,11 @@ typedef struct glora_batch {
  * n_adapters == 0; scales[i] multiplies adapter i (llama.cpp's user scale). */
 GLORA_API int32_t glora_logits(glora_model * model, const glora_adapter * const * adapters, const float * scales,
                                int32_t n_adapters, const glora_batch * batch, float * out);
+/* on != 0: glora_logits multiplies by copies of the weights that llama.cpp (with its default
+ * use_extra_bufts) stores repacked in the CPU's extra buffer types, made on first use (extra memory for
+ * those weights only), so that it runs llama.cpp's kernels for them; 0 (the default): the stored weights,
+ * as llama.cpp runs with use_extra_bufts = false. CPU only; elsewhere a no-op. */
+GLORA_API int32_t glora_model_set_llama_weights(glora_model * model, int32_t on);
 
 /* sum over batch->loss_rows of the next-token cross-entropy (natural log). f16_weights != 0: through
  * the model's F16 copies of its quantized weights (made on first use and kept with the model, 2 bytes

@@ -199,6 +199,7 @@ struct glora_model {
     // Twins of the weights llama.cpp stores repacked in the CPU's extra buffer types, for the
     // llama.cpp-exact forward (glora_model_prepare_llama_weights); made on first use.
     glora_llama_weights      wr;
+    bool                     llama_weights = false;   // glora_logits uses wr (glora_model_set_llama_weights)
     // Products on AMX tiles in BF16, transposed copies in BF16, no forward copies (glora_model_set_bf16).
     bool                     bf16 = false;
     mutable glora_amx_scratch amx;

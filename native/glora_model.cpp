@@ -368,6 +368,15 @@ extern "C" GLORA_API int32_t glora_cpu_features(char * out, uint64_t size) {
     });
 }
 
+extern "C" GLORA_API int32_t glora_model_set_llama_weights(glora_model * model, int32_t on) {
+    return glora_guard(__func__, [&]() -> int32_t {
+        GLORA_CHECK_ARG(model != nullptr, "glora_model_set_llama_weights: NULL model");
+        GLORA_CHECK_ARG(on == 0 || on == 1, "on=%d must be 0 or 1", on);
+        model->llama_weights = on != 0;
+        return GLORA_OK;
+    });
+}
+
 extern "C" GLORA_API int32_t glora_model_set_bf16(glora_model * model, int32_t bf16) {
     return glora_guard(__func__, [&]() -> int32_t {
         GLORA_CHECK_ARG(model != nullptr, "glora_model_set_bf16: NULL model");

@@ -281,12 +281,25 @@ class BaseModel(NativeHandle):
         pairs = self._adapter_list(adapter, scale)
         batch = Batch(arr)
         n = len(pairs)
+        self._follow_llama_cpp()
         scales = ffi.new("float[]", [float(s) for _, s in pairs] or [0.0])
         out = np.empty((arr.shape[0], arr.shape[1], self.n_vocab), dtype=np.float32)
         with self._using() as ptr:
             handles = ffi.new("glora_adapter *[]", [a._handle() for a, _ in pairs] or [ffi.NULL])
             check(lib.glora_logits(ptr, handles, scales, n, batch.c, ffi.cast("float *", ffi.from_buffer(out))))
         return out[0] if single else out
+
+    def _follow_llama_cpp(self) -> None:
+        """Run the kernels llama-cpp-python in this process runs: with its default use_extra_bufts (off
+        where ggml_lora.llama.protect_llama_cpp turned it off) it stores some quantized weights repacked
+        for kernels of their own, whose sums round differently (up to 4 in a logit of Gemma 3 270M)."""
+        from .llama import llama_uses_extra_buffers
+
+        on = llama_uses_extra_buffers()
+        if getattr(self, "_llama_weights", None) != on:
+            with self._using() as ptr:
+                check(lib.glora_model_set_llama_weights(ptr, int(on)))
+            self._llama_weights = on
 
     def evaluate(self, tokens, adapter: Adapter | None = None, loss_mask=None, scale: float = 1.0,
                  f16_weights: bool = False) -> tuple[float, int]:
