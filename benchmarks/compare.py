@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_train import CONFIGS, default_model
+from bench_train import CONFIGS, resolve_model
 from peft_baseline import bench_tokens
 
 HERE = Path(__file__).resolve().parent
@@ -185,7 +185,7 @@ def main() -> None:
     ap.add_argument("--quality-steps", type=int, default=30)
     ap.add_argument("--llama-cpp-eval", metavar="CONFIG", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    path = args.model or default_model()
+    path = resolve_model(args.model)
     if args.llama_cpp_eval:
         print(json.dumps(llama_cpp_eval(path, args.llama_cpp_eval, args.threads, args.steps + args.warmup)))
         return

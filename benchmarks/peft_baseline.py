@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_train import CONFIGS, Config, default_model, peak_rss_mib
+from bench_train import CONFIGS, Config, peak_rss_mib, resolve_model
 from ggml_lora.training import TrainingContext
 
 os.environ.setdefault("TQDM_DISABLE", "1")     # transformers' GGUF dequantization bar; read when tqdm is imported
@@ -266,7 +266,7 @@ def main() -> None:
     ap.add_argument("--rows", type=Path, help="chat rows written by bench_train.py --write-rows (facts configuration)")
     ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)   # one configuration, here
     args = ap.parse_args()
-    path = args.model or default_model()
+    path = resolve_model(args.model)
     if args.load_only:
         print(json.dumps(header(path, args.threads) | load_only(path, args.precision)), flush=True)
         return

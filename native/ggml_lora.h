@@ -29,7 +29,7 @@
 #  define GLORA_API
 #endif
 
-#define GLORA_ABI_VERSION 14
+#define GLORA_ABI_VERSION 15
 
 #ifdef __cplusplus
 extern "C" {
@@ -95,6 +95,11 @@ enum glora_rope_type {
     GLORA_ROPE_NEOX = 2          /* rotate halves (x[i], x[i + n_rot/2])        */
 };
 
+enum glora_ffn_act {
+    GLORA_FFN_SWIGLU = 0,        /* silu(gate·x) * (up·x): llama, qwen, phi3 (gate and up fused)  */
+    GLORA_FFN_GEGLU  = 1         /* gelu(gate·x) * (up·x), ggml's tanh GELU: gemma2, gemma3       */
+};
+
 /* What the GGUF's metadata says about the architecture; the Python side reads and checks it. The
  * tensors themselves (and so n_embd, n_ff, n_vocab, biases, q/k norms) come from the file. */
 typedef struct glora_model_params {
@@ -113,6 +118,19 @@ typedef struct glora_model_params {
     float        kq_scale;       /* attention logit scale, usually 1/sqrt(head_dim)              */
     int32_t      use_mmap;       /* CPU: map the file instead of reading it (weights cost only the
                                   * pages touched, shared with the page cache); ignored elsewhere  */
+    /* What an architecture does differently from llama; zero everywhere is llama's block. */
+    float        embd_scale;     /* token embeddings times this (gemma: sqrt(n_embd)); 0 means 1  */
+    int32_t      ffn_act;        /* enum glora_ffn_act                                           */
+    int32_t      scale_q;        /* 1: Q times kq_scale before the product and softmax scale 1, as
+                                  * llama.cpp's gemma and phi3 graphs do; 0: scale in the softmax  */
+    float        attn_softcap;   /* cap·tanh(kq/cap) on the attention logits (gemma2); 0: none   */
+    float        final_softcap;  /* cap·tanh(logits/cap) (gemma2, some gemma3); 0: none          */
+    int32_t      n_swa;          /* sliding window: key p0 hidden from query p1 when p1-p0 >= n_swa,
+                                  * in the layers flagged in swa_layers; 0: no sliding window     */
+    const uint8_t * swa_layers;  /* n_layer flags (1: sliding-window layer), read at load; may be
+                                  * NULL when n_swa is 0                                           */
+    float        rope_freq_base_swa;   /* rope of the sliding-window layers                      */
+    float        rope_freq_scale_swa;
 } glora_model_params;
 
 typedef struct glora_tensor_info {
@@ -203,6 +221,11 @@ typedef struct glora_batch {
  * n_adapters == 0; scales[i] multiplies adapter i (llama.cpp's user scale). */
 GLORA_API int32_t glora_logits(glora_model * model, const glora_adapter * const * adapters, const float * scales,
                                int32_t n_adapters, const glora_batch * batch, float * out);
+/* on != 0: glora_logits multiplies by copies of the weights that llama.cpp (with its default
+ * use_extra_bufts) stores repacked in the CPU's extra buffer types, made on first use (extra memory for
+ * those weights only), so that it runs llama.cpp's kernels for them; 0 (the default): the stored weights,
+ * as llama.cpp runs with use_extra_bufts = false. CPU only; elsewhere a no-op. */
+GLORA_API int32_t glora_model_set_llama_weights(glora_model * model, int32_t on);
 
 /* sum over batch->loss_rows of the next-token cross-entropy (natural log). f16_weights != 0: through
  * the model's F16 copies of its quantized weights (made on first use and kept with the model, 2 bytes

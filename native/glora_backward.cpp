@@ -167,6 +167,86 @@ ggml_tensor * transposed_operand(const glora_model * m, ggml_context * ctx, ggml
     return m->be.ops->transposed_f32(ctx, t);
 }
 
+// ggml's autodiff has no backward for GEGLU or tanh (ggml.c, ggml_compute_backward aborts on both), which
+// gemma's FFN and softcaps use. Before ggml_build_backward_expand each such node takes, for the moment,
+// an op of the same shape whose backward ggml has and whose gradient nodes can be found again; after
+// it, the node gets its own op back and those gradient nodes the derivative of the real op, made of
+// ops every backend has. The forward keeps llama.cpp's kernels, so its values do not change.
+//  - geglu(g, u) = gelu(g)·u stands in as swiglu(g, u) = silu(g)·u, whose backward is dg = silu_back(dy·u, g)
+//    and du = silu(g)·dy (ggml.c, GGML_GLU_OP_SWIGLU): silu_back(a, g) becomes a·gelu'(g), silu(g)
+//    becomes gelu(g).
+//  - tanh(x) stands in as exp(x), whose backward is mul(exp(x), dy) (GGML_UNARY_OP_EXP): the first
+//    factor becomes 1 - tanh(x)².
+struct stand_in {
+    ggml_tensor * node;
+    bool          geglu;     // else tanh
+};
+
+std::vector<stand_in> put_stand_ins(ggml_cgraph * gf) {
+    std::vector<stand_in> out;
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        int32_t * params = (int32_t *) node->op_params;
+        if (node->op == GGML_OP_GLU && ggml_get_glu_op(node) == GGML_GLU_OP_GEGLU && node->src[1]) {
+            params[0] = GGML_GLU_OP_SWIGLU;
+            out.push_back({node, true});
+        } else if (node->op == GGML_OP_UNARY && ggml_get_unary_op(node) == GGML_UNARY_OP_TANH) {
+            params[0] = GGML_UNARY_OP_EXP;
+            out.push_back({node, false});
+        }
+    }
+    return out;
+}
+
+// d gelu(g) / dg of ggml's tanh approximation, gelu(g) = 0.5·g·(1 + tanh(c·g·(1 + a·g²)))
+// (ggml-cpu/vec.h: GELU_COEF_A, SQRT_2_OVER_PI):
+// gelu'(g) = 0.5·(1 + t) + 0.5·c·g·(1 - t²)·(1 + 3a·g²), t = tanh(c·g·(1 + a·g²))
+ggml_tensor * gelu_derivative(ggml_context * ctx, ggml_tensor * g) {
+    constexpr float a = 0.044715f, c = 0.79788456080286535587989211986876f;
+    ggml_tensor * g2 = ggml_sqr(ctx, g);
+    ggml_tensor * t  = ggml_tanh(ctx, ggml_scale(ctx, ggml_mul(ctx, g, ggml_scale_bias(ctx, g2, a, 1.0f)), c));
+    ggml_tensor * dt = ggml_mul(ctx, ggml_scale_bias(ctx, ggml_sqr(ctx, t), -1.0f, 1.0f),
+                                ggml_scale_bias(ctx, g2, 3.0f * a, 1.0f));
+    return ggml_add(ctx, ggml_scale_bias(ctx, t, 0.5f, 0.5f), ggml_scale(ctx, ggml_mul(ctx, g, dt), 0.5f * c));
+}
+
+int32_t remove_stand_ins(ggml_context * ctx, ggml_cgraph * gf, const std::vector<stand_in> & stand_ins) {
+    for (const stand_in & si : stand_ins) {
+        ggml_tensor * node = si.node;
+        int32_t * params = (int32_t *) node->op_params;
+        params[0] = si.geglu ? GGML_GLU_OP_GEGLU : GGML_UNARY_OP_TANH;
+        ggml_tensor * dy = ggml_graph_get_grad(gf, node);
+        if (!dy) continue;                        // nothing below it needs a gradient
+        ggml_tensor * g = node->src[0];
+        ggml_tensor * deriv = nullptr;            // made once, for the first gradient node that needs it
+        int found = 0;
+        for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+            ggml_tensor * n = ggml_graph_node(gf, i);
+            if (si.geglu && n->op == GGML_OP_SILU_BACK && n->src[1] == g) {
+                if (!deriv) deriv = gelu_derivative(ctx, g);
+                n->op = GGML_OP_MUL;              // (dy·u)·gelu'(g), silu_back's shape
+                memset(n->op_params, 0, sizeof(n->op_params));
+                n->src[1] = deriv;
+                ++found;
+            } else if (si.geglu && n->op == GGML_OP_UNARY && ggml_get_unary_op(n) == GGML_UNARY_OP_SILU &&
+                       n->src[0] == g) {
+                ((int32_t *) n->op_params)[0] = GGML_UNARY_OP_GELU;   // du = gelu(g)·dy
+                ++found;
+            } else if (!si.geglu && n->op == GGML_OP_MUL && n->src[0] == node && n->src[1] == dy) {
+                n->src[0] = ggml_scale_bias(ctx, ggml_sqr(ctx, node), -1.0f, 1.0f);   // (1 - tanh²)·dy
+                ++found;
+            }
+        }
+        if (!found) {
+            return glora_fail(GLORA_ERR_INTERNAL, "backward: no gradient node of '%s' (%s) to give its derivative; "
+                              "ggml's backward of %s changed", node->name, si.geglu ? "geglu" : "tanh",
+                              si.geglu ? "swiglu" : "exp");
+        }
+    }
+    return GLORA_OK;
+}
+}
+
 // Adds the backward of `loss` to *gf (params accumulate into acc) and returns the loss seed, an input
 // set to 1 so that the accumulators are not reset by ggml_graph_reset. *gf may be replaced by a graph
 // of the same computation with faster ops.
@@ -184,8 +264,11 @@ int32_t build_backward(const glora_model * m, ggml_context * ctx, ggml_cgraph **
         auto it = acc.find(ggml_graph_node(*gf, i));
         if (it != acc.end()) grad_accs[(size_t) i] = it->second;
     }
+    const std::vector<stand_in> stand_ins = put_stand_ins(*gf);
     ggml_build_backward_expand(ctx, *gf, grad_accs.data());
-    int32_t rc = use_transposed_weights(m, ctx, *gf);
+    int32_t rc = remove_stand_ins(ctx, *gf, stand_ins);
+    if (rc) return rc;
+    rc = use_transposed_weights(m, ctx, *gf);
     if (rc) return rc;
     if (row_weights && (rc = weight_loss_rows(ctx, *gf, row_weights))) return rc;
     *seed = ggml_graph_get_grad(*gf, loss);
@@ -293,7 +376,7 @@ int32_t ensure_checkpoints(glora_trainer * t, int64_t n_rows) {
 
 
 bool block_has_pairs(const glora_adapter * a, const glora_layer & L) {
-    for (const ggml_tensor * w : {L.wq, L.wk, L.wv, L.wo, L.ffn_gate, L.ffn_up, L.ffn_down}) {
+    for (const ggml_tensor * w : L.projections()) {
         if (a->find(w)) return true;
     }
     return false;
@@ -308,7 +391,7 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
     glora_host_inputs host;
     const glora_graph_options base = training_options(t);
     const bool chunked = !glora_attention_chunks(batch, base).empty();    // masks of their own per chunk
-    if (!measure) glora_host_inputs_build(batch, chunked ? 0 : batch->n_tokens, &host);
+    if (!measure) glora_host_inputs_build(batch, chunked ? 0 : batch->n_tokens, m->hp.n_swa, &host);
     executor exec{m, measure, plan};
 
     // forward: x_0 = the token embeddings, x_{i+1} = block_i(x_i); nothing else is kept

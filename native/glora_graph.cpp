@@ -25,6 +25,10 @@ struct builder {
             auto it = m->wf.of.find(w);
             if (it != m->wf.of.end()) wm = it->second;
         }
+        if (opt.llama_weights) {
+            auto it = m->wr.of.find(w);
+            if (it != m->wr.of.end()) wm = it->second;
+        }
         ggml_tensor * res = ggml_mul_mat(ctx, wm, x);
         // a training forward that may trade llama.cpp's arithmetic for speed (f16_weights) multiplies this
         // stored matrix itself: the backend may run it as it runs a working copy (the CPU: AMX tiles in
@@ -85,31 +89,68 @@ struct builder {
         return ggml_mul(ctx, ggml_rms_norm(ctx, x, m->hp.rms_eps), w);
     }
 
+    // Q, K and V of a block's input x ne = [n_embd, N], each ne = [hd, heads, N]. From one fused matrix
+    // (phi3) they are views of its rows, as build_qkv splits them (src/llama-graph.cpp:1663-1689); V is
+    // made contiguous for the reshapes below (the same values).
+    void qkv(const glora_layer & L, ggml_tensor * x, ggml_tensor ** q, ggml_tensor ** k, ggml_tensor ** v) {
+        const glora_model_params & hp = m->hp;
+        const int64_t N = x->ne[1], hd = hp.head_dim;
+        if (L.wqkv) {
+            ggml_tensor * f = lora_mm(L.wqkv, x);               // [n_q + 2*n_kv, N]
+            const size_t es = ggml_element_size(f);
+            const int64_t n_q = hd * hp.n_head, n_kv = hd * hp.n_head_kv;
+            *q = ggml_view_3d(ctx, f, hd, hp.n_head, N, hd * es, f->nb[1], 0);
+            *k = ggml_view_3d(ctx, f, hd, hp.n_head_kv, N, hd * es, f->nb[1], (size_t) n_q * es);
+            *v = ggml_cont(ctx, ggml_view_3d(ctx, f, hd, hp.n_head_kv, N, hd * es, f->nb[1], (size_t) (n_q + n_kv) * es));
+            return;
+        }
+        ggml_tensor * qf = lora_mm(L.wq, x);                    // [n_head*hd, N]
+        ggml_tensor * kf = lora_mm(L.wk, x);                    // [n_head_kv*hd, N]
+        ggml_tensor * vf = lora_mm(L.wv, x);
+        if (L.bq) qf = ggml_add(ctx, qf, L.bq);
+        if (L.bk) kf = ggml_add(ctx, kf, L.bk);
+        if (L.bv) vf = ggml_add(ctx, vf, L.bv);
+        *q = ggml_reshape_3d(ctx, qf, hd, hp.n_head, N);        // [hd, n_head, N]
+        *k = ggml_reshape_3d(ctx, kf, hd, hp.n_head_kv, N);     // [hd, n_head_kv, N]
+        *v = ggml_reshape_3d(ctx, vf, hd, hp.n_head_kv, N);
+    }
+
+    // cap·tanh(x/cap), as llama.cpp's gemma2 attention (src/llama-graph.cpp:2708-2714) and final
+    // logits (src/models/gemma2.cpp:167-169). ggml has no backward for tanh: glora_backward.cpp's
+    // exact_activations supplies it.
+    ggml_tensor * softcap(ggml_tensor * x, float cap) {
+        return ggml_scale(ctx, ggml_tanh(ctx, ggml_scale(ctx, x, 1.0f / cap)), cap);
+    }
+
+    // The attention logits kq of queries that are already scaled -> probabilities.
+    ggml_tensor * softmax(ggml_tensor * kq, ggml_tensor * mask) {
+        const glora_model_params & hp = m->hp;
+        if (hp.attn_softcap > 0.0f) kq = softcap(kq, hp.attn_softcap);
+        return ggml_soft_max_ext(ctx, kq, mask, hp.scale_q ? 1.0f : hp.kq_scale, 0.0f);
+    }
+
     // x: ne = [n_embd, N] -> ne = [n_embd, N]
     ggml_tensor * attention(const glora_layer & L, ggml_tensor * x, int il) {
         const glora_model_params & hp = m->hp;
         const int64_t T = batch->n_tokens, S = batch->n_seq, N = T * S;
 
-        ggml_tensor * q = lora_mm(L.wq, x);                     // [n_head*hd, N]
-        ggml_tensor * k = lora_mm(L.wk, x);                     // [n_head_kv*hd, N]
-        ggml_tensor * v = lora_mm(L.wv, x);
-        if (L.bq) q = ggml_add(ctx, q, L.bq);
-        if (L.bk) k = ggml_add(ctx, k, L.bk);
-        if (L.bv) v = ggml_add(ctx, v, L.bv);
-
-        q = ggml_reshape_3d(ctx, q, hp.head_dim, hp.n_head, N);     // [hd, n_head, N]
-        k = ggml_reshape_3d(ctx, k, hp.head_dim, hp.n_head_kv, N);  // [hd, n_head_kv, N]
-        v = ggml_reshape_3d(ctx, v, hp.head_dim, hp.n_head_kv, N);
+        ggml_tensor * q, * k, * v;
+        qkv(L, x, &q, &k, &v);
         if (L.q_norm) {
             q = rms_norm(q, L.q_norm);
             k = rms_norm(k, L.k_norm);
         }
+        // sliding-window layers have a rope base and scale of their own (src/llama-model.cpp:2329-2335)
+        const float base  = L.swa ? hp.rope_freq_base_swa : hp.rope_freq_base;
+        const float scale = L.swa ? hp.rope_freq_scale_swa : hp.rope_freq_scale;
         q = ggml_rope_ext(ctx, q, in->positions, m->rope_freqs, hp.n_rot, hp.rope_type, hp.n_ctx_orig,
-                          hp.rope_freq_base, hp.rope_freq_scale, 0.0f, 1.0f, 32.0f, 1.0f);
+                          base, scale, 0.0f, 1.0f, 32.0f, 1.0f);
         k = ggml_rope_ext(ctx, k, in->positions, m->rope_freqs, hp.n_rot, hp.rope_type, hp.n_ctx_orig,
-                          hp.rope_freq_base, hp.rope_freq_scale, 0.0f, 1.0f, 32.0f, 1.0f);
+                          base, scale, 0.0f, 1.0f, 32.0f, 1.0f);
         ggml_format_name(q, "q_rope.%d", il);
         ggml_format_name(k, "k_rope.%d", il);
+        // gemma and phi3 scale Q, then attend with scale 1 (src/models/gemma3.cpp:152-156, phi3.cpp:123-128)
+        if (hp.scale_q) q = ggml_scale(ctx, q, hp.kq_scale);
 
         // heads become a batch dimension: [hd, T, heads, S]
         q = ggml_permute(ctx, ggml_reshape_4d(ctx, q, hp.head_dim, hp.n_head, T, S), 0, 2, 1, 3);
@@ -126,9 +167,10 @@ struct builder {
             vt = repeat_heads(vt);                              // [T, hd, n_head, S]
         }
         if (!in->mask_chunks.empty()) {
-            return lora_out(L, chunked_attention(q, k, vt));
+            return lora_out(L, chunked_attention(q, k, vt, L.swa));
         }
-        const int64_t n_kv = in->mask->ne[0];
+        ggml_tensor * mask = L.swa ? in->mask_swa : in->mask;
+        const int64_t n_kv = mask->ne[0];
         if (n_kv > T) {
             k  = ggml_pad(ctx, ggml_cont(ctx, k), 0, (int) (n_kv - T), 0, 0);   // [hd, n_kv, n_head_kv, S]
             vt = ggml_pad(ctx, vt, (int) (n_kv - T), 0, 0, 0);                   // [n_kv, hd, n_head_kv, S]
@@ -136,7 +178,7 @@ struct builder {
 
         ggml_tensor * kq = attn_mm(k, q);                        // [n_kv, T_q, n_head, S]; GQA by broadcast
         ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
-        kq = ggml_soft_max_ext(ctx, kq, in->mask, hp.kq_scale, 0.0f);
+        kq = softmax(kq, mask);
         ggml_tensor * kqv = attn_mm(vt, kq);                     // [hd, T_q, n_head, S]
         return lora_out(L, ggml_cont_2d(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3), hp.head_dim * hp.n_head, N));
     }
@@ -154,7 +196,7 @@ struct builder {
     // the [hd, n_head, T, S] layout the output projection reads, whose gradient arrives contiguous: ggml's
     // backward of acc views the gradient with the forward's strides, so it must not be a permuted view.
     // q: [hd, T, n_head, S]; k: [hd, T, n_head, S]; vt: [T, hd, n_head, S] -> [hd*n_head, T*S]
-    ggml_tensor * chunked_attention(ggml_tensor * q, ggml_tensor * k, ggml_tensor * vt) {
+    ggml_tensor * chunked_attention(ggml_tensor * q, ggml_tensor * k, ggml_tensor * vt, bool swa) {
         const glora_model_params & hp = m->hp;
         const int64_t T = q->ne[1], S = q->ne[3];
         ggml_tensor * out = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, hp.head_dim, hp.n_head, T, S);
@@ -172,7 +214,7 @@ struct builder {
                                             vt->nb[3], (size_t) c.k0 * vt->nb[0]);
             ggml_tensor * kq = attn_mm(kc, qc);                        // [keys, rows, n_head, S]
             ggml_mul_mat_set_prec(kq, GGML_PREC_F32);
-            kq = ggml_soft_max_ext(ctx, kq, c.mask, hp.kq_scale, 0.0f);
+            kq = softmax(kq, swa ? c.mask_swa : c.mask);
             ggml_tensor * kqv = attn_mm(vc, kq);                       // [hd, rows, n_head, S]
             kqv = ggml_cont(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3)); // [hd, n_head, rows, S]
             out = ggml_acc(ctx, out, kqv, out->nb[1], out->nb[2], out->nb[3], (size_t) c.r0 * out->nb[2]);
@@ -181,11 +223,28 @@ struct builder {
     }
 
     ggml_tensor * ffn(const glora_layer & L, ggml_tensor * x) {
-        ggml_tensor * gate = lora_mm(L.ffn_gate, x);            // [n_ff, N]
-        ggml_tensor * up   = lora_mm(L.ffn_up, x);
-        // the split form: the fused swiglu has no backward
-        ggml_tensor * h = ggml_swiglu_split(ctx, gate, up);
+        ggml_tensor * gate, * up;                               // [n_ff, N]
+        if (L.ffn_gate) {
+            gate = lora_mm(L.ffn_gate, x);
+            up   = lora_mm(L.ffn_up, x);
+        } else {
+            // phi3: ffn_up holds [gate; up], the halves ggml_swiglu reads (src/models/phi3.cpp:144-149;
+            // ggml-cpu/ops.cpp:3372-3374 takes the first half as the gate); as views, elementwise the same
+            ggml_tensor * f = lora_mm(L.ffn_up, x);             // [2*n_ff, N]
+            const int64_t n_ff = f->ne[0] / 2;
+            gate = ggml_view_2d(ctx, f, n_ff, f->ne[1], f->nb[1], 0);
+            up   = ggml_view_2d(ctx, f, n_ff, f->ne[1], f->nb[1], (size_t) n_ff * ggml_element_size(f));
+        }
+        // the split forms: the fused ones have no backward. GEGLU (gemma, src/llama-graph.cpp:1872-1875)
+        // has none either; glora_backward.cpp's exact_activations supplies it
+        ggml_tensor * h = m->hp.ffn_act == GLORA_FFN_GEGLU ? ggml_geglu_split(ctx, gate, up)
+                                                          : ggml_swiglu_split(ctx, gate, up);
         return lora_mm(L.ffn_down, h);
+    }
+
+    // rms_norm(x)·w where the block has that norm (gemma's post-norms), else x
+    ggml_tensor * post_norm(ggml_tensor * x, ggml_tensor * w) {
+        return w ? rms_norm(x, w) : x;
     }
 
     ggml_tensor * build(bool rows_only) {
@@ -198,17 +257,25 @@ struct builder {
             ggml_set_input(in->positions);
             const int64_t n_kv = opt.pad_kv ? (T + GLORA_KV_PAD - 1) / GLORA_KV_PAD * GLORA_KV_PAD : T;
             const std::vector<glora_attn_chunk> chunks = glora_attention_chunks(batch, opt);
+            // a mask only for the kinds of layer [l0, l1) has: an input outside the graph gets no memory
+            bool global = false, swa = false;
+            for (int32_t il = l0; il < l1; ++il) (m->layers[(size_t) il].swa ? swa : global) = true;
+            auto new_mask = [&](int64_t keys, int64_t rows, const char * name, long long r0) {
+                ggml_tensor * mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, keys, rows, 1, S);
+                if (r0 < 0) ggml_set_name(mask, name);
+                else ggml_format_name(mask, "%s.%lld", name, r0);
+                ggml_set_input(mask);
+                return mask;
+            };
             if (!chunks.empty()) {
                 for (const glora_attn_chunk & c : chunks) {
-                    ggml_tensor * mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, c.r1 - c.k0, c.r1 - c.r0, 1, S);
-                    ggml_format_name(mask, "kq_mask.%lld", (long long) c.r0);
-                    ggml_set_input(mask);
-                    in->mask_chunks.push_back({mask, c.k0, c.r0, c.r1});
+                    in->mask_chunks.push_back({global ? new_mask(c.r1 - c.k0, c.r1 - c.r0, "kq_mask", c.r0) : nullptr,
+                                               c.k0, c.r0, c.r1,
+                                               swa ? new_mask(c.r1 - c.k0, c.r1 - c.r0, "kq_mask_swa", c.r0) : nullptr});
                 }
             } else {
-                in->mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, T, 1, S);
-                ggml_set_name(in->mask, "kq_mask");
-                ggml_set_input(in->mask);
+                if (global) in->mask = new_mask(n_kv, T, "kq_mask", -1);
+                if (swa) in->mask_swa = new_mask(n_kv, T, "kq_mask_swa", -1);
             }
         }
         in->dropout_p = opt.dropout;
@@ -219,13 +286,17 @@ struct builder {
             ggml_set_name(in->tokens, "tokens");
             ggml_set_input(in->tokens);
             x = ggml_get_rows(ctx, m->tok_embd, in->tokens);    // [n_embd, N]
+            // gemma: times sqrt(n_embd) (src/models/gemma3.cpp:91)
+            if (m->hp.embd_scale > 0.0f) x = ggml_scale(ctx, x, m->hp.embd_scale);
             ggml_set_name(x, "embd");
         }
         for (int il = l0; il < l1; ++il) {
             const glora_layer & L = m->layers[(size_t) il];
-            ggml_tensor * h = attention(L, rms_norm(x, L.attn_norm), il);
+            // gemma's sandwich: x + post_norm(attn(norm(x))), then the same for the FFN
+            // (src/models/gemma3.cpp:162-190)
+            ggml_tensor * h = post_norm(attention(L, rms_norm(x, L.attn_norm), il), L.attn_post_norm);
             x = ggml_add(ctx, x, h);
-            h = ffn(L, rms_norm(x, L.ffn_norm));
+            h = post_norm(ffn(L, rms_norm(x, L.ffn_norm)), L.ffn_post_norm);
             x = ggml_add(ctx, x, h);
             ggml_format_name(x, "block_out.%d", il);
         }
@@ -241,6 +312,8 @@ struct builder {
         mask_row0 = opt.loss_row0;
         x_loss_rows = rows_only;
         ggml_tensor * logits = lora_mm(m->output, x);                     // [n_vocab, N or n_loss]
+        // gemma2 always, gemma3 when the file says (src/models/gemma3.cpp:210-214)
+        if (m->hp.final_softcap > 0.0f) logits = softcap(logits, m->hp.final_softcap);
         ggml_set_name(logits, "logits");
         return logits;
     }
@@ -328,20 +401,26 @@ size_t glora_graph_budget(const glora_model * m, const glora_batch * batch, cons
     for (const glora_active_adapter & aa : opt.adapters) {
         for (int32_t il = l0; il < l1; ++il) {
             const glora_layer & L = m->layers[(size_t) il];
-            for (const ggml_tensor * w : {L.wq, L.wk, L.wv, L.wo, L.ffn_gate, L.ffn_up, L.ffn_down}) {
-                pairs += aa.adapter->find(w) != nullptr;
-            }
+            for (const ggml_tensor * w : L.projections()) pairs += aa.adapter->find(w) != nullptr;
         }
         if (opt.head) pairs += aa.adapter->find(m->output) != nullptr;
     }
     const size_t per_pair = c.pair + (opt.dropout > 0.0f ? c.dropout : 0);
-    // with the backward, one transient transposed copy per frozen matrix (7 a block, the LM head's); in
+    // with the backward, one transient transposed copy per frozen matrix (<= 7 a block, the LM head's); in
     // BF16 graphs, at most, an x rounded per product through a frozen matrix and each stored weight of the
     // forward packed for the tiles (glora_amx_products)
     size_t copies = backward ? (size_t) blocks * 7 + (opt.head ? 1 : 0) : 0;
     if (m->bf16) copies += (size_t) blocks * (backward ? 21 : 14);
-    const size_t n = c.fixed + (size_t) blocks * (c.block + (size_t) chunks * c.chunk) + (size_t) pairs * per_pair +
-                     (opt.head ? c.head : 0) + copies;
+    // what other architectures add to llama's block (estimates from their ops, checked by the same grid):
+    // gemma's post-norms, Q scale, GEGLU and its derivative (glora_backward.cpp, exact_activations); the
+    // attention softcap per chunk and the final one on the head; phi3's views of its fused matrices
+    const glora_model_params & hp = m->hp;
+    const bool gemma = hp.ffn_act == GLORA_FFN_GEGLU;
+    const size_t arch_block = (gemma ? (backward ? 48 : 10) : 0) + (hp.scale_q ? (backward ? 6 : 2) : 0);
+    const size_t arch_chunk = hp.attn_softcap > 0.0f ? (backward ? 16 : 3) : 0;
+    const size_t arch_head  = hp.final_softcap > 0.0f ? (backward ? 16 : 3) : 0;
+    const size_t n = c.fixed + (size_t) blocks * (c.block + arch_block + (size_t) chunks * (c.chunk + arch_chunk)) +
+                     (size_t) pairs * per_pair + (opt.head ? c.head + arch_head : 0) + copies;
     return n + n / 4;   // a quarter over the counts, for what the grid of shapes did not reach
 }
 
@@ -414,22 +493,32 @@ std::vector<glora_attn_chunk> glora_attention_chunks(const glora_batch * batch, 
     return out;
 }
 
-void glora_host_inputs_build(const glora_batch * batch, int64_t n_kv, glora_host_inputs * out) {
+// Key j is visible to query t when it is not later, lies in the same segment and, with a sliding window,
+// is fewer than n_swa positions back (src/llama-hparams.h:482-487: masked when p1 - p0 >= n_swa).
+static inline bool visible(const int32_t * seg, const int32_t * pos, int64_t j, int64_t t, int32_t n_swa) {
+    return j <= t && (!seg || seg[j] == seg[t]) && (n_swa <= 0 || pos[t] - pos[j] < n_swa);
+}
+
+void glora_host_inputs_build(const glora_batch * batch, int64_t n_kv, int32_t n_swa, glora_host_inputs * out) {
     // positions restart at every new segment; attention is causal and stays inside a segment
     const int64_t T = batch->n_tokens, S = batch->n_seq, N = T * S;
     out->n_kv = n_kv;
     out->pos.assign((size_t) N, 0);
     out->mask.assign((size_t) (n_kv * T * S), -INFINITY);
+    out->mask_swa.assign(n_swa > 0 ? (size_t) (n_kv * T * S) : 0, -INFINITY);
     for (int64_t s = 0; s < S; ++s) {
         const int32_t * seg = batch->segments ? batch->segments + s * T : nullptr;
+        int32_t * pos = out->pos.data() + s * T;
         int32_t p = 0;
         for (int64_t t = 0; t < T; ++t) {
             if (seg && t > 0 && seg[t] != seg[t - 1]) p = 0;
-            out->pos[(size_t) (s * T + t)] = p++;
+            pos[t] = p++;
             if (n_kv == 0) continue;
             float * row = out->mask.data() + (s * T + t) * n_kv;   // query t, keys 0..n_kv-1
+            float * row_swa = n_swa > 0 ? out->mask_swa.data() + (s * T + t) * n_kv : nullptr;
             for (int64_t j = 0; j <= t; ++j) {
-                if (!seg || seg[j] == seg[t]) row[j] = 0.0f;
+                if (visible(seg, pos, j, t, 0)) row[j] = 0.0f;
+                if (row_swa && visible(seg, pos, j, t, n_swa)) row_swa[j] = 0.0f;
             }
         }
     }
@@ -440,30 +529,41 @@ void glora_graph_set_inputs(const glora_model * model, const glora_batch * batch
     const int64_t N = (int64_t) batch->n_tokens * batch->n_seq;
     if (in.tokens) ggml_backend_tensor_set(in.tokens, batch->tokens, 0, (size_t) N * sizeof(int32_t));
     if (in.positions) {
-        const int64_t n_kv = in.mask ? in.mask->ne[0] : 0;
+        const ggml_tensor * any_mask = in.mask ? in.mask : in.mask_swa;
+        const int64_t n_kv = any_mask ? any_mask->ne[0] : 0;
+        const int32_t n_swa = in.mask_swa ? model->hp.n_swa : 0;
         glora_host_inputs own;
-        if (!host || host->n_kv != n_kv) {
-            glora_host_inputs_build(batch, n_kv, &own);
+        if (!host || host->n_kv != n_kv || (n_swa > 0 && host->mask_swa.empty())) {
+            glora_host_inputs_build(batch, n_kv, n_swa, &own);
             host = &own;
         }
         ggml_backend_tensor_set(in.positions, host->pos.data(), 0, host->pos.size() * sizeof(int32_t));
         if (in.mask) ggml_backend_tensor_set(in.mask, host->mask.data(), 0, host->mask.size() * sizeof(float));
+        if (in.mask_swa) {
+            ggml_backend_tensor_set(in.mask_swa, host->mask_swa.data(), 0, host->mask_swa.size() * sizeof(float));
+        }
         for (ggml_tensor * z : in.zeros) ggml_backend_tensor_memset(z, 0, 0, ggml_nbytes(z));
         std::vector<float> buf;
+        const int32_t * pos_all = host->pos.data();
         for (const glora_graph_inputs::mask_chunk & c : in.mask_chunks) {
-            // rows r0..r1 of every sequence, keys k0..r1: causal, inside a segment
+            // rows r0..r1 of every sequence, keys k0..r1: causal, inside a segment, within the window
             const int64_t T = batch->n_tokens, rows = c.r1 - c.r0, keys = c.r1 - c.k0;
-            buf.assign((size_t) (keys * rows * batch->n_seq), -INFINITY);
-            for (int64_t s = 0; s < batch->n_seq; ++s) {
-                const int32_t * seg = batch->segments ? batch->segments + s * T : nullptr;
-                for (int64_t t = c.r0; t < c.r1; ++t) {
-                    float * row = buf.data() + (s * rows + t - c.r0) * keys;
-                    for (int64_t j = c.k0; j <= t; ++j) {
-                        if (!seg || seg[j] == seg[t]) row[j - c.k0] = 0.0f;
+            for (ggml_tensor * mask : {c.mask, c.mask_swa}) {
+                if (!mask) continue;
+                const int32_t window = mask == c.mask_swa ? model->hp.n_swa : 0;
+                buf.assign((size_t) (keys * rows * batch->n_seq), -INFINITY);
+                for (int64_t s = 0; s < batch->n_seq; ++s) {
+                    const int32_t * seg = batch->segments ? batch->segments + s * T : nullptr;
+                    const int32_t * pos = pos_all + s * T;
+                    for (int64_t t = c.r0; t < c.r1; ++t) {
+                        float * row = buf.data() + (s * rows + t - c.r0) * keys;
+                        for (int64_t j = c.k0; j <= t; ++j) {
+                            if (visible(seg, pos, j, t, window)) row[j - c.k0] = 0.0f;
+                        }
                     }
                 }
+                ggml_backend_tensor_set(mask, buf.data(), 0, buf.size() * sizeof(float));
             }
-            ggml_backend_tensor_set(c.mask, buf.data(), 0, buf.size() * sizeof(float));
         }
     }
 

@@ -133,6 +133,22 @@ struct glora_layer {
     ggml_tensor * ffn_gate = nullptr;       // ne = [n_embd, n_ff]
     ggml_tensor * ffn_up = nullptr;         // ne = [n_embd, n_ff]
     ggml_tensor * ffn_down = nullptr;       // ne = [n_ff, n_embd]
+    // gemma2/gemma3: "sandwich" norms of the attention and FFN outputs, before their residual adds
+    ggml_tensor * attn_post_norm = nullptr; // ne = [n_embd]
+    ggml_tensor * ffn_post_norm = nullptr;  // ne = [n_embd]
+    // phi3: Q, K and V in one matrix, ne = [n_embd, n_q + 2*n_kv], in place of wq/wk/wv; and ffn_up
+    // holding gate and up, ne = [n_embd, 2*n_ff] (gate first), with ffn_gate NULL
+    ggml_tensor * wqkv = nullptr;
+    bool          swa = false;              // attends within the model's sliding window only
+
+    // The frozen projection matrices the block has (the non-NULL ones): LoRA targets, copy sources.
+    std::vector<ggml_tensor *> projections() const {
+        std::vector<ggml_tensor *> out;
+        for (ggml_tensor * w : {wq, wk, wv, wqkv, wo, ffn_gate, ffn_up, ffn_down}) {
+            if (w) out.push_back(w);
+        }
+        return out;
+    }
 };
 
 // Working copies of some weights, keyed by the weight they copy, in one buffer.
@@ -144,6 +160,17 @@ struct glora_weight_copies {
 
     void     release();
     uint64_t nbytes() const;
+};
+
+// Copies of some weights in the CPU's extra buffer types (ggml-cpu/repack.cpp's CPU_REPACK), which lay
+// them out for their own kernels, as llama.cpp's loader places them.
+struct glora_llama_weights {
+    bool                                     ready = false;
+    ggml_context                           * ctx = nullptr;
+    std::vector<ggml_backend_buffer_t>       bufs;
+    std::unordered_map<const ggml_tensor *, ggml_tensor *> of;
+
+    void release();
 };
 
 // Per-thread working memory of the AMX products (glora_amx.cpp), sized on the calling thread when a
@@ -185,6 +212,10 @@ struct glora_model {
     // Optional F16 copies of the quantized weights, same shape, for a training forward that trades
     // memory and llama.cpp's exact arithmetic for speed (glora_trainer_params.f16_weights).
     glora_weight_copies      wf;
+    // Twins of the weights llama.cpp stores repacked in the CPU's extra buffer types, for the
+    // llama.cpp-exact forward (glora_model_prepare_llama_weights); made on first use.
+    glora_llama_weights      wr;
+    bool                     llama_weights = false;   // glora_logits uses wr (glora_model_set_llama_weights)
     // Products on AMX tiles in BF16, transposed copies in BF16, no forward copies (glora_model_set_bf16).
     bool                     bf16 = false;
     mutable glora_amx_scratch amx;
@@ -241,7 +272,8 @@ struct glora_graph_inputs {
     ggml_tensor * positions = nullptr;      // I32 [n_seq*n_tokens]
     ggml_tensor * mask      = nullptr;      // F32 [n_kv, n_tokens, 1, n_seq], 0 or -INF; n_kv >= n_tokens
     // or, for causal attention in query chunks, one mask per chunk: queries [r0, r1) see keys [k0, r1)
-    struct mask_chunk { ggml_tensor * mask; int64_t k0, r0, r1; };   // mask: F32 [r1 - k0, r1 - r0, 1, n_seq]
+    ggml_tensor * mask_swa  = nullptr;      // the same for sliding-window layers (models with them)
+    struct mask_chunk { ggml_tensor * mask; int64_t k0, r0, r1; ggml_tensor * mask_swa; };   // mask: F32 [r1 - k0, r1 - r0, 1, n_seq]
     std::vector<mask_chunk> mask_chunks;
     std::vector<ggml_tensor *> zeros;       // inputs set to 0
     ggml_tensor * loss_rows = nullptr;      // I32 [n_loss]
@@ -273,6 +305,9 @@ struct glora_graph_options {
     int64_t attn_chunk = 0;
     // Matmuls through the model's F16 copies of its quantized weights (glora_model::wf) where it has them.
     bool  f16_weights = false;
+    // Matmuls through the twins of glora_model::wr where it has them: llama.cpp's kernels for those
+    // weights (the llama.cpp-exact forward of glora_logits).
+    bool  llama_weights = false;
     // A slice of the model, for gradient checkpointing: blocks [layer_begin, layer_end) (layer_end < 0:
     // all), starting from x_in ne = [n_embd, n_seq*n_tokens] instead of the token embeddings when set,
     // and ending at the last block's output instead of the logits when head is false.
@@ -290,10 +325,12 @@ struct glora_graph_options {
 struct glora_host_inputs {
     std::vector<int32_t> pos;               // [n_seq*n_tokens]
     std::vector<float>   mask;              // [n_kv, n_tokens, 1, n_seq]
+    std::vector<float>   mask_swa;          // the same within the sliding window (n_swa > 0)
     int64_t              n_kv = 0;
 };
 // n_kv = 0: positions only (graphs whose attention runs in chunks fill their masks from the batch).
-void glora_host_inputs_build(const glora_batch * batch, int64_t n_kv, glora_host_inputs * out);
+// n_swa > 0: also the sliding-window mask.
+void glora_host_inputs_build(const glora_batch * batch, int64_t n_kv, int32_t n_swa, glora_host_inputs * out);
 
 // The query chunks {k0, r0, r1} of a graph's attention (queries [r0, r1) against keys [k0, r1)), or
 // none for one mask over the whole square: with opt.attn_chunk, rows longer than a chunk, and a single
@@ -379,6 +416,8 @@ bool glora_amx_available();
 // Products through BF16 working copies of frozen matrices, and hinted ones, run on AMX tiles (model->bf16);
 // true when it added nodes (each x rounded to BF16 once), so that gf must be rebuilt in order.
 bool glora_amx_products(const glora_model * m, ggml_context * ctx, ggml_cgraph * gf);
+// The twins of glora_model::wr (no-op when made, or off the CPU).
+int32_t glora_model_prepare_llama_weights(glora_model * model);
 // node becomes the custom op fn (all threads, userdata) in place, keeping its sources; the op's parameters
 // come from *tmpl, one template tensor per graph and op made on first use (so a rewrite adds one tensor
 // to the graph's context, not one per node).

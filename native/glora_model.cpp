@@ -5,7 +5,9 @@
 
 #include "gguf.h"
 
+#include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -45,6 +47,7 @@ static void model_free(glora_model * m) {
     m->sched.release();
     m->wt.release();
     m->wf.release();
+    m->wr.release();
     if (m->buf_w) ggml_backend_buffer_free(m->buf_w);
 #ifdef GLORA_HAVE_MMAP
     if (m->map) munmap(m->map, m->map_size);
@@ -90,11 +93,14 @@ static int32_t bind_tensors(glora_model * m) {
     if (!m->output) m->output = m->tok_embd;   // tied embeddings
     if ((rc = get_weight(m, "rope_freqs.weight", hp.n_rot / 2, -1, false, &m->rope_freqs))) return rc;
 
-    ggml_tensor * gate0 = m->find("blk.0.ffn_gate.weight");
-    if (!gate0) {
-        return glora_fail(GLORA_ERR_FORMAT, "%s: tensor 'blk.0.ffn_gate.weight' is missing", m->path.c_str());
+    // n_ff from ffn_down, which every architecture has unfused (phi3 fuses gate into ffn_up)
+    ggml_tensor * down0 = m->find("blk.0.ffn_down.weight");
+    if (!down0) {
+        return glora_fail(GLORA_ERR_FORMAT, "%s: tensor 'blk.0.ffn_down.weight' is missing", m->path.c_str());
     }
-    m->n_ff = gate0->ne[1];
+    m->n_ff = down0->ne[0];
+    // phi3 stores Q, K and V in one matrix and gate and up in ffn_up (src/models/phi3.cpp:46-52)
+    const bool fused = m->find("blk.0.attn_qkv.weight") != nullptr;
 
     m->layers.resize((size_t) hp.n_layer);
     char name[128];
@@ -102,9 +108,10 @@ static int32_t bind_tensors(glora_model * m) {
         glora_layer & L = m->layers[(size_t) il];
         struct spec { const char * suffix; int64_t ne0, ne1; bool required; ggml_tensor ** dst; } specs[] = {
             {"attn_norm.weight",   n_embd,      -1,     true,  &L.attn_norm},
-            {"attn_q.weight",      n_embd,      n_q,    true,  &L.wq},
-            {"attn_k.weight",      n_embd,      n_kv,   true,  &L.wk},
-            {"attn_v.weight",      n_embd,      n_kv,   true,  &L.wv},
+            {"attn_q.weight",      n_embd,      n_q,    !fused, &L.wq},
+            {"attn_k.weight",      n_embd,      n_kv,   !fused, &L.wk},
+            {"attn_v.weight",      n_embd,      n_kv,   !fused, &L.wv},
+            {"attn_qkv.weight",    n_embd,      n_q + 2 * n_kv, fused, &L.wqkv},
             {"attn_output.weight", n_q,         n_embd, true,  &L.wo},
             {"attn_q.bias",        n_q,         -1,     false, &L.bq},
             {"attn_k.bias",        n_kv,        -1,     false, &L.bk},
@@ -113,9 +120,11 @@ static int32_t bind_tensors(glora_model * m) {
             {"attn_q_norm.weight", hp.head_dim, -1,     false, &L.q_norm},
             {"attn_k_norm.weight", hp.head_dim, -1,     false, &L.k_norm},
             {"ffn_norm.weight",    n_embd,      -1,     true,  &L.ffn_norm},
-            {"ffn_gate.weight",    n_embd,      m->n_ff, true, &L.ffn_gate},
-            {"ffn_up.weight",      n_embd,      m->n_ff, true, &L.ffn_up},
+            {"ffn_gate.weight",    n_embd,      m->n_ff, !fused, &L.ffn_gate},
+            {"ffn_up.weight",      n_embd,      (fused ? 2 : 1) * m->n_ff, true, &L.ffn_up},
             {"ffn_down.weight",    m->n_ff,     n_embd, true,  &L.ffn_down},
+            {"post_attention_norm.weight", n_embd, -1,  false, &L.attn_post_norm},
+            {"post_ffw_norm.weight",       n_embd, -1,  false, &L.ffn_post_norm},
         };
         for (const spec & s : specs) {
             snprintf(name, sizeof(name), "blk.%d.%s", il, s.suffix);
@@ -124,6 +133,15 @@ static int32_t bind_tensors(glora_model * m) {
         if ((L.q_norm == nullptr) != (L.k_norm == nullptr)) {
             return glora_fail(GLORA_ERR_FORMAT, "%s: block %d has only one of attn_q_norm/attn_k_norm", m->path.c_str(), il);
         }
+        if ((L.attn_post_norm == nullptr) != (L.ffn_post_norm == nullptr)) {
+            return glora_fail(GLORA_ERR_FORMAT, "%s: block %d has only one of post_attention_norm/post_ffw_norm",
+                              m->path.c_str(), il);
+        }
+        if (fused && (L.wq || L.wk || L.wv || L.ffn_gate)) {
+            return glora_fail(GLORA_ERR_FORMAT, "%s: block %d has attn_qkv and separate q/k/v or ffn_gate weights",
+                              m->path.c_str(), il);
+        }
+        L.swa = hp.n_swa > 0 && hp.swa_layers && hp.swa_layers[il];
     }
     return GLORA_OK;
 }
@@ -224,6 +242,19 @@ extern "C" GLORA_API int32_t glora_model_load(const char * path, const glora_mod
                         "%s: n_rot=%d must be even and in (0, head_dim=%d]", path, hp.n_rot, hp.head_dim);
         GLORA_CHECK_ARG(hp.rope_type == GLORA_ROPE_NORM || hp.rope_type == GLORA_ROPE_NEOX, "%s: unknown rope type %d",
                         path, hp.rope_type);
+        GLORA_CHECK_ARG(hp.ffn_act == GLORA_FFN_SWIGLU || hp.ffn_act == GLORA_FFN_GEGLU, "%s: unknown ffn_act %d", path,
+                        hp.ffn_act);
+        GLORA_CHECK_ARG(hp.scale_q == 0 || hp.scale_q == 1, "%s: scale_q=%d must be 0 or 1", path, hp.scale_q);
+        GLORA_CHECK_ARG(std::isfinite(hp.embd_scale) && hp.embd_scale >= 0.0f && std::isfinite(hp.attn_softcap) &&
+                        hp.attn_softcap >= 0.0f && std::isfinite(hp.final_softcap) && hp.final_softcap >= 0.0f,
+                        "%s: embd_scale=%g, attn_softcap=%g, final_softcap=%g must be finite and >= 0 (0: none)", path,
+                        (double) hp.embd_scale, (double) hp.attn_softcap, (double) hp.final_softcap);
+        GLORA_CHECK_ARG(hp.n_swa >= 0 && (hp.n_swa == 0 || hp.swa_layers != nullptr),
+                        "%s: n_swa=%d must be >= 0, with swa_layers when positive", path, hp.n_swa);
+        GLORA_CHECK_ARG(hp.n_swa == 0 || (std::isfinite(hp.rope_freq_base_swa) && hp.rope_freq_base_swa > 0.0f &&
+                                          std::isfinite(hp.rope_freq_scale_swa) && hp.rope_freq_scale_swa > 0.0f),
+                        "%s: rope_freq_base_swa=%g, rope_freq_scale_swa=%g must be positive", path,
+                        (double) hp.rope_freq_base_swa, (double) hp.rope_freq_scale_swa);
         // ggml's CPU backend is built for at most GGML_MAX_N_THREADS threads (ggml.h; its threadpool's
         // CPU masks have that many entries) and does not check the count it is given
         GLORA_CHECK_ARG(hp.n_threads <= GGML_MAX_N_THREADS, "n_threads=%d is more than ggml's limit of %d threads",
@@ -244,6 +275,7 @@ extern "C" GLORA_API int32_t glora_model_load(const char * path, const glora_mod
         if (rc == GLORA_OK) {
             m->hp.device = m->be.device_name.c_str();
             rc = bind_tensors(m.get());
+            m->hp.swa_layers = nullptr;   // the caller's array; bind_tensors copied it into the layers
         }
         bool mapped = false;
         if (rc == GLORA_OK && hp.use_mmap && m->be.main == m->be.cpu) {
@@ -260,7 +292,7 @@ extern "C" GLORA_API int32_t glora_model_load(const char * path, const glora_mod
                 ggml_backend_buffer_set_usage(m->buf_w, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
                 if (!mapped) rc = read_weights(m.get(), gctx.get());
                 for (const glora_layer & L : m->layers) {
-                    for (ggml_tensor * w : {L.wq, L.wk, L.wv, L.wo, L.ffn_gate, L.ffn_up, L.ffn_down}) m->matrices.insert(w);
+                    for (ggml_tensor * w : L.projections()) m->matrices.insert(w);
                 }
                 m->matrices.insert(m->output);
             }
@@ -336,6 +368,15 @@ extern "C" GLORA_API int32_t glora_cpu_features(char * out, uint64_t size) {
     });
 }
 
+extern "C" GLORA_API int32_t glora_model_set_llama_weights(glora_model * model, int32_t on) {
+    return glora_guard(__func__, [&]() -> int32_t {
+        GLORA_CHECK_ARG(model != nullptr, "glora_model_set_llama_weights: NULL model");
+        GLORA_CHECK_ARG(on == 0 || on == 1, "on=%d must be 0 or 1", on);
+        model->llama_weights = on != 0;
+        return GLORA_OK;
+    });
+}
+
 extern "C" GLORA_API int32_t glora_model_set_bf16(glora_model * model, int32_t bf16) {
     return glora_guard(__func__, [&]() -> int32_t {
         GLORA_CHECK_ARG(model != nullptr, "glora_model_set_bf16: NULL model");
@@ -360,7 +401,7 @@ namespace {
 std::vector<ggml_tensor *> copied_weights(const glora_model * m) {
     std::vector<ggml_tensor *> weights;
     for (const glora_layer & L : m->layers) {
-        for (ggml_tensor * w : {L.wq, L.wk, L.wv, L.wo, L.ffn_gate, L.ffn_up, L.ffn_down}) weights.push_back(w);
+        for (ggml_tensor * w : L.projections()) weights.push_back(w);
     }
     weights.push_back(m->output);
     return weights;
@@ -439,4 +480,114 @@ int32_t glora_model_prepare_f16_forward(glora_model * m) {
     }
     if (weights.empty()) return GLORA_OK;
     return make_copies(m, weights, false, ".f16", &m->wf);
+}
+
+void glora_llama_weights::release() {
+    for (ggml_backend_buffer_t b : bufs) ggml_backend_buffer_free(b);
+    if (ctx) ggml_free(ctx);
+    bufs.clear();
+    ctx = nullptr;
+    of.clear();
+    ready = false;
+}
+
+namespace {
+
+// Whether llama.cpp's loader would place weight w in buffer type buft for a product: the op it tests, a
+// mul_mat by 512 rows, with w in a dummy buffer of that type (src/llama-model-loader.cpp:927-1064).
+bool extra_buft_takes(ggml_backend_dev_t dev, ggml_backend_buffer_type_t buft, const ggml_tensor * w) {
+    ggml_init_params ip = { ggml_tensor_overhead() * 4, nullptr, true };
+    ggml_context * ctx = ggml_init(ip);
+    ggml_tensor * t = ggml_new_tensor(ctx, w->type, GGML_MAX_DIMS, w->ne);
+    ggml_tensor * b = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, w->ne[0], 512, w->ne[2], w->ne[3]);
+    ggml_tensor * op = ggml_mul_mat(ctx, t, b);
+    t->buffer = ggml_backend_buft_alloc_buffer(buft, 0);
+    const bool ok = t->buffer && ggml_backend_dev_supports_op(dev, op);
+    if (t->buffer) ggml_backend_buffer_free(t->buffer);
+    ggml_free(ctx);
+    return ok;
+}
+
+}  // namespace
+
+// llama.cpp puts a quantized weight in the first of the CPU's extra buffer types that takes it
+// (src/llama-model.cpp:1117-1120), which stores it repacked for kernels of its own (ggml-cpu/repack.cpp:
+// Q4_K as q4_K_8x8 on AVX2, and so on, as the CPU allows). Those sum in another order than the plain
+// kernels, and ggml's tiled K-quant kernel (ggml-cpu/tiled/tiled.cpp:605-614) takes exactly the
+// weights that are not repacked; on a model as sensitive as Gemma 3 270M the difference reaches 0.4 in
+// a logit. So the llama.cpp-exact forward multiplies by twins of those weights placed the same way:
+// extra memory for those weights only, made on the first call that needs them.
+int32_t glora_model_prepare_llama_weights(glora_model * m) {
+    if (m->wr.ready) return GLORA_OK;
+    m->wr.ready = true;
+    if (m->be.main != m->be.cpu) return GLORA_OK;
+    ggml_backend_dev_t dev = ggml_backend_get_device(m->be.cpu);
+    ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
+    auto get_extra = reg ? (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(
+                               reg, "ggml_backend_dev_get_extra_bufts") : nullptr;
+    ggml_backend_buffer_type_t * extra = get_extra ? get_extra(dev) : nullptr;
+    if (!extra || !*extra) return GLORA_OK;
+
+    std::vector<ggml_tensor *> weights = copied_weights(m);
+    if (m->output == m->tok_embd) weights.pop_back();   // tied: llama.cpp places token_embd for get_rows
+    std::vector<std::pair<ggml_tensor *, ggml_backend_buffer_type_t>> placed;
+    for (ggml_tensor * w : weights) {
+        for (ggml_backend_buffer_type_t * b = extra; *b; ++b) {
+            if (extra_buft_takes(dev, *b, w)) {
+                placed.push_back({w, *b});
+                break;
+            }
+        }
+    }
+    if (placed.empty()) return GLORA_OK;
+    ggml_init_params ip = { ggml_tensor_overhead() * (placed.size() + 1), nullptr, true };
+    m->wr.ctx = ggml_init(ip);
+    std::vector<ggml_backend_buffer_type_t> bufts;
+    for (auto & [w, buft] : placed) {
+        if (std::find(bufts.begin(), bufts.end(), buft) == bufts.end()) bufts.push_back(buft);
+    }
+    int32_t rc = GLORA_OK;
+    for (ggml_backend_buffer_type_t buft : bufts) {
+        // one buffer per type: its tensors laid out one after another at the type's alignment
+        size_t size = 0;
+        std::vector<ggml_tensor *> twins;
+        for (auto & [w, b] : placed) {
+            if (b != buft) continue;
+            ggml_tensor * t = ggml_new_tensor(m->wr.ctx, w->type, GGML_MAX_DIMS, w->ne);
+            ggml_format_name(t, "%s.llama", w->name);
+            m->wr.of[w] = t;
+            twins.push_back(t);
+            size += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, t), ggml_backend_buft_get_alignment(buft));
+        }
+        ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(buft, size);
+        if (!buf) {
+            rc = glora_fail(GLORA_ERR_OUT_OF_MEMORY, "could not allocate %zu bytes of %s weights", size,
+                            ggml_backend_buft_name(buft));
+            break;
+        }
+        m->wr.bufs.push_back(buf);
+        ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        char * base = (char *) ggml_backend_buffer_get_base(buf);
+        size_t offset = 0;
+        for (ggml_tensor * t : twins) {
+            if (ggml_backend_tensor_alloc(buf, t, base + offset) != GGML_STATUS_SUCCESS) {
+                rc = glora_fail(GLORA_ERR_INTERNAL, "could not place '%s' in a %s buffer", t->name,
+                                ggml_backend_buft_name(buft));
+                break;
+            }
+            offset += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, t), ggml_backend_buft_get_alignment(buft));
+        }
+        if (rc) break;
+    }
+    if (rc == GLORA_OK) {
+        for (auto & [w, buft] : placed) {
+            ggml_tensor * t = m->wr.of[w];
+            ggml_backend_tensor_set(t, w->data, 0, ggml_nbytes(w));   // the buffer type repacks as it stores
+        }
+    }
+    if (rc) {
+        m->wr.release();
+        m->wr.ready = true;   // use the plain weights rather than fail every later call
+    }
+    return rc;
 }

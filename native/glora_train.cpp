@@ -195,6 +195,10 @@ extern "C" GLORA_API int32_t glora_logits(glora_model * model, const glora_adapt
         if (rc) return rc;
         glora_graph_options opt;
         opt.pad_kv = true;
+        if (model->llama_weights) {
+            if ((rc = glora_model_prepare_llama_weights(model))) return rc;
+            opt.llama_weights = true;
+        }
         for (int32_t i = 0; i < n_adapters; ++i) {
             GLORA_CHECK_ARG(adapters[i] != nullptr, "glora_logits: adapter %d is NULL", i);
             if ((rc = check_adapter_model(model, adapters[i]))) return rc;

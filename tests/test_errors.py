@@ -40,7 +40,7 @@ def test_unsupported_architecture(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UnsupportedArchitectureError, match="'mamba'.*llama, qwen2, qwen3"):
+    with pytest.raises(UnsupportedArchitectureError, match="'mamba'.*gemma2, gemma3, llama, phi3, qwen2, qwen3"):
         BaseModel.load(p)
 
 

@@ -29,7 +29,8 @@ import numpy as np
 
 VOCAB_DIR: pathlib.Path = (pathlib.Path(__file__).resolve().parent.parent / "vendor" / "llama.cpp" / "models")
 
-ARCHS: tuple[str, ...] = ("llama", "qwen2", "qwen3")
+ARCHS: tuple[str, ...] = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+GEMMA = ("gemma2", "gemma3")
 WEIGHT_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
 # Per-arch defaults that mirror the real model families.
@@ -37,6 +38,10 @@ _ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"vocab": "llama-spm", "rope_base": 10000.0, "eps": 1e-5},
     "qwen2": {"vocab": "qwen2", "rope_base": 1e6, "eps": 1e-6},
     "qwen3": {"vocab": "qwen2", "rope_base": 1e6, "eps": 1e-6},
+    # gemma's tokenizer is SentencePiece too; the llama-spm vocabulary keeps the tiny models small
+    "gemma2": {"vocab": "llama-spm", "rope_base": 10000.0, "eps": 1e-6},
+    "gemma3": {"vocab": "llama-spm", "rope_base": 1e6, "eps": 1e-6},
+    "phi3": {"vocab": "phi-3", "rope_base": 10000.0, "eps": 1e-5},
 }
 
 _QTYPE = gguf.GGMLQuantizationType
@@ -169,6 +174,12 @@ def write_tiny_model(
     n_ctx_train: int = 512,
     seed: int = 0,
     dequantized: bool = False,
+    n_swa: int | None = None,
+    attn_softcap: float | None = None,
+    final_softcap: float | None = None,
+    rope_scale: float | None = None,
+    n_rot: int | None = None,
+    longrope: bool = False,
 ) -> pathlib.Path:
     """Write a random `arch` model to `path` and return it as a Path.
 
@@ -181,6 +192,15 @@ def write_tiny_model(
     `dequantized=True` writes the same model with every matrix quantized to `weight_type` and
     dequantized again, stored as F16 (token_embd as F32): the values that ggml-lora's F16 working
     copies and embedding lookups of the quantized model hold.
+
+    gemma2/gemma3: sandwich norms, GEGLU, `n_swa` (attention.sliding_window; default 8 so that the
+    window bites in short tests: gemma2's period 2 makes layer 1 global, gemma3's period 6 layer 5),
+    `attn_softcap` (gemma2 only), `final_softcap` (gemma2 always: default 30; gemma3 only when given),
+    `rope_scale` (gemma3: a linear rope.scaling.factor of the global layers; their base is 1e6, the
+    sliding-window layers' 10000). gemma3 carries per-head q/k norms.
+    phi3: fused attn_qkv and ffn_up = [gate; up], untied output by default is up to `tied`, and
+    `n_rot` (rope.dimension_count) below head_dim for partial rotary; n_head * head_dim must be n_embd;
+    `longrope` adds Phi-3.5-style rope_factors_long/short tensors (ne = [n_rot/2]).
     """
     if arch not in _ARCH_DEFAULTS:
         raise ValueError(f"unsupported arch {arch!r}; expected one of {ARCHS}")
@@ -192,8 +212,11 @@ def write_tiny_model(
         if n_embd % n_head:
             raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}; pass head_dim")
         head_dim = n_embd // n_head
-    if arch == "qwen2" and head_dim * n_head != n_embd:
-        raise ValueError("qwen2 requires head_dim * n_head == n_embd")
+    if arch in ("qwen2", "phi3") and head_dim * n_head != n_embd:
+        raise ValueError(f"{arch} requires head_dim * n_head == n_embd")
+    n_rot = head_dim if n_rot is None else n_rot
+    if n_rot != head_dim and arch != "phi3":
+        raise ValueError("n_rot < head_dim (partial rotary) is only written for phi3")
     if head_dim % 2:
         raise ValueError(f"head_dim={head_dim} must be even (RoPE rotates pairs)")
     if n_head % n_head_kv:
@@ -227,7 +250,19 @@ def write_tiny_model(
     w.add_head_count_kv(n_head_kv)
     w.add_layer_norm_rms_eps(defaults["eps"])
     w.add_rope_freq_base(defaults["rope_base"])
-    w.add_rope_dimension_count(head_dim)  # full rotary: llama/qwen3 assert n_rot == head_dim
+    w.add_rope_dimension_count(n_rot)  # full rotary but phi3: llama/qwen3 assert n_rot == head_dim
+    if arch in GEMMA:
+        w.add_sliding_window(8 if n_swa is None else n_swa)
+        if arch == "gemma2":
+            w.add_attn_logit_softcapping(50.0 if attn_softcap is None else attn_softcap)
+            w.add_final_logit_softcapping(30.0 if final_softcap is None else final_softcap)
+        else:
+            w.add_key_value(f"{arch}.rope.freq_base_swa", 10000.0, gguf.GGUFValueType.FLOAT32)
+            if final_softcap is not None:
+                w.add_final_logit_softcapping(final_softcap)
+    if rope_scale is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope_scale)
     if head_dim * n_head != n_embd:
         # llama.cpp defaults head_dim to n_embd / n_head; override it explicitly.
         w.add_key_length(head_dim)
@@ -271,6 +306,11 @@ def write_tiny_model(
     else:
         f32("output_norm.weight", norm(n_embd, LOGIT_STD / math.sqrt(n_embd)))
         mat("output.weight", rng.standard_normal((n_vocab, n_embd), dtype=np.float32))
+    if longrope:
+        if arch != "phi3":
+            raise ValueError("longrope is only written for phi3")
+        f32("rope_factors_long.weight", np.linspace(1.0, 4.0, n_rot // 2))
+        f32("rope_factors_short.weight", np.ones(n_rot // 2))
     if rope_freqs:
         # One global tensor (no block index): llama.cpp loads it for layer 0 and
         # marks it TENSOR_DUPLICATED for the others. ne = [head_dim/2]; rope divides
@@ -280,22 +320,32 @@ def write_tiny_model(
     for i in range(n_layers):
         p = f"blk.{i}."
         f32(p + "attn_norm.weight", norm(n_embd))
-        mat(p + "attn_q.weight", linear(n_q, n_embd))
-        mat(p + "attn_k.weight", linear(n_kv, n_embd))
-        mat(p + "attn_v.weight", linear(n_kv, n_embd))
+        if arch == "phi3":    # one matrix, rows [q; k; v] (src/models/phi3.cpp:46)
+            mat(p + "attn_qkv.weight", linear(n_q + 2 * n_kv, n_embd))
+        else:
+            mat(p + "attn_q.weight", linear(n_q, n_embd))
+            mat(p + "attn_k.weight", linear(n_kv, n_embd))
+            mat(p + "attn_v.weight", linear(n_kv, n_embd))
         if arch == "qwen2":
             f32(p + "attn_q.bias", small(n_q))
             f32(p + "attn_k.bias", small(n_kv))
             f32(p + "attn_v.bias", small(n_kv))
-        if arch == "qwen3":
+        if arch in ("qwen3", "gemma3"):
             # Per-head RMS norms applied to Q and K before RoPE, ne = [head_dim].
             f32(p + "attn_q_norm.weight", norm(head_dim))
             f32(p + "attn_k_norm.weight", norm(head_dim))
         mat(p + "attn_output.weight", linear(n_embd, n_q))
+        if arch in GEMMA:     # the sandwich: outputs normed before their residual adds
+            f32(p + "post_attention_norm.weight", norm(n_embd))
         f32(p + "ffn_norm.weight", norm(n_embd))
-        mat(p + "ffn_gate.weight", linear(n_ff, n_embd))
-        mat(p + "ffn_up.weight", linear(n_ff, n_embd))
+        if arch == "phi3":    # rows [gate; up]
+            mat(p + "ffn_up.weight", linear(2 * n_ff, n_embd))
+        else:
+            mat(p + "ffn_gate.weight", linear(n_ff, n_embd))
+            mat(p + "ffn_up.weight", linear(n_ff, n_embd))
         mat(p + "ffn_down.weight", linear(n_embd, n_ff))
+        if arch in GEMMA:
+            f32(p + "post_ffw_norm.weight", norm(n_embd))
 
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -9,7 +9,7 @@ import numpy as np
 
 from ._handles import NativeHandle, float_buffer
 from ._native import check, ffi, lib
-from .arch import LM_HEAD, TARGET_MODULES, hf_module
+from .arch import LM_HEAD, hf_module
 from .config import LoRAConfig
 from .errors import InvalidArgumentError
 from .model import BaseModel
@@ -22,11 +22,19 @@ def target_weights(model: BaseModel, config: LoRAConfig) -> list[str]:
     if bad:
         raise InvalidArgumentError(f"LoRAConfig.layers: blocks {bad} do not exist; the model has {model.n_layers} "
                                    f"(0..{model.n_layers - 1})")
+    modules = model.hparams.spec.modules
+    missing = [m for m in config.target_modules if m != LM_HEAD and m not in modules]
+    if missing:
+        raise InvalidArgumentError(
+            f"LoRAConfig.target_modules: {', '.join(missing)} {'does' if len(missing) == 1 else 'do'} not exist in "
+            f"{model.arch} models; this model has {', '.join(model.target_modules)}"
+            + (" (its Q/K/V and gate/up projections are fused: qkv_proj, gate_up_proj)"
+               if model.hparams.spec.fused else ""))
     names = []
     for i in layers:
         for module in config.target_modules:
             if module != LM_HEAD:
-                names.append(f"blk.{i}.{TARGET_MODULES[module]}.weight")
+                names.append(f"blk.{i}.{modules[module]}.weight")
     if LM_HEAD in config.target_modules:
         if model.tied_embeddings:
             raise InvalidArgumentError(
@@ -38,7 +46,8 @@ def target_weights(model: BaseModel, config: LoRAConfig) -> list[str]:
 
 def adaptable_weights(model: BaseModel) -> set[str]:
     """The GGUF names of every weight of ``model`` that llama.cpp applies a LoRA to."""
-    names = {f"blk.{i}.{stem}.weight" for i in range(model.n_layers) for stem in TARGET_MODULES.values()}
+    stems = model.hparams.spec.modules.values()
+    names = {f"blk.{i}.{stem}.weight" for i in range(model.n_layers) for stem in stems}
     if not model.tied_embeddings:
         names.add("output.weight")
     return names & set(model.tensors)
@@ -80,7 +89,7 @@ class Adapter(NativeHandle):
             if name not in allowed:
                 raise InvalidArgumentError(
                     f"'{name}' cannot carry a LoRA: llama.cpp applies adapters to the projections of the blocks "
-                    f"(blk.N.{{{','.join(TARGET_MODULES.values())}}}.weight)"
+                    f"(blk.N.{{{','.join(model.hparams.spec.modules.values())}}}.weight)"
                     + (" and to output.weight" if not model.tied_embeddings else "")
                     + " of this model, and never to token embeddings or norms")
         for name, r in zip(targets, ranks):
@@ -137,10 +146,10 @@ class Adapter(NativeHandle):
         targets = target_weights(model, config)
         if config.init == "pissa":
             return cls._init_pissa(model, config, targets)
-        ranks = [config.rank_for(hf_module(t)) for t in targets]
+        ranks = [config.rank_for(hf_module(t, model.arch)) for t in targets]
         self = cls._create(model, targets, ranks, config.file_alpha, config)
         for name, r in zip(targets, ranks):
-            scale = config.scale_for(hf_module(name))
+            scale = config.scale_for(hf_module(name, model.arch))
             if not math.isclose(scale, config.file_alpha / r, rel_tol=1e-12):
                 self._set_pair_scale(name, scale)
         rng = np.random.default_rng(config.seed)

@@ -25,6 +25,26 @@ import numpy as np
 from .errors import DatasetError
 
 ROLES = ("system", "user", "assistant", "tool")
+
+# Templates by name, for models whose GGUF has none (Gemma 3 270M, base models): --chat-template gemma.
+# Gemma has no system role; its own template puts the system text before the first user turn
+# (Gemma 3's tokenizer_config.json), as here.
+BUILTIN_TEMPLATES: dict[str, str] = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    "gemma": (
+        "{{ bos_token }}{% if messages and messages[0]['role'] == 'system' %}"
+        "{% set prefix = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
+        "{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+        "{% for message in turns %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + message['content'] + "
+        "'<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+        "'<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+}
 MAX_TEXT_CHARS = 64 << 20   # a longer text to tokenize is an error rather than an out-of-memory
 
 

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .arch import LM_HEAD, TARGET_MODULES
+from .arch import ALL_MODULES, LM_HEAD
 from .errors import InvalidArgumentError
 
 INIT_STRATEGIES = ("kaiming", "gaussian", "pissa")
@@ -47,7 +47,7 @@ def normalize_target(name: str) -> str:
     """A PEFT name (q_proj, ..., lm_head) for a PEFT or GGUF module name (attn_q, ..., output)."""
     from .arch import GGUF_TO_PEFT
 
-    if name in TARGET_MODULES or name == LM_HEAD:
+    if name in ALL_MODULES or name == LM_HEAD:
         return name
     if name in GGUF_TO_PEFT:
         return GGUF_TO_PEFT[name]
@@ -126,15 +126,15 @@ class LoRAConfig:
         targets = (self.target_modules,) if isinstance(self.target_modules, str) else tuple(self.target_modules)
         if not targets:
             raise _fail(c, "target_modules", self.target_modules, "must name at least one module")
-        valid = ", ".join(list(TARGET_MODULES) + [LM_HEAD])
+        valid = ", ".join(list(ALL_MODULES) + [LM_HEAD])
         resolved = []
         for t in targets:
             try:
                 peft = normalize_target(t)
             except (KeyError, TypeError):
                 raise _fail(c, "target_modules", t, f"unknown module; valid: {valid} "
-                            "(or the GGUF names attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, "
-                            "ffn_down, output)") from None
+                            "(or the GGUF names attn_q, attn_k, attn_v, attn_qkv, attn_output, ffn_gate, "
+                            "ffn_up, ffn_down, output)") from None
             if peft in resolved:
                 raise _fail(c, "target_modules", t, "is listed twice")
             resolved.append(peft)
@@ -253,8 +253,8 @@ class TrainingConfig:
                                   "than memory (needs max_steps; rows are not packed)")
     shuffle_buffer: int = _opt(1000, "with streaming: rows are shuffled within a window of this many")
     train_on_prompt: bool = _opt(False, "prompt/completion and chat data: also put loss on the prompt")
-    chat_template: str | None = _opt(None, "Jinja chat template (a file path or the template text); "
-                                           "default: the GGUF's tokenizer.chat_template")
+    chat_template: str | None = _opt(None, "Jinja chat template (a file path, the template text, or a built-in: "
+                                           "chatml, gemma, llama3); default: the GGUF's tokenizer.chat_template")
     valid_fraction: float = _opt(0.0, "hold out this fraction of the training samples for validation "
                                       "when no validation data is given")
     seed: int = _opt(0, "seeds data order, splits and dropout")

@@ -313,7 +313,9 @@ class _Loader:
                 origin = f"the chat template of {Path(self.model.path).name}"
                 if not isinstance(source, str) or not source:
                     raise DatasetError(f"{where}: chat data needs a chat template, and {self.model.path} has no "
-                                       "tokenizer.chat_template; pass one (chat_template=)")
+                                       "tokenizer.chat_template; pass one (chat_template= / --chat-template: a "
+                                       "file, Jinja text or a built-in: chatml, gemma, llama3), or use "
+                                       "prompt/completion data")
             self._template = ChatTemplate(source, self.tok.bos_text, self.tok.eos_text, origin)
         return self._template
 

@@ -73,6 +73,16 @@ def protect_llama_cpp(features: Mapping[str, str] | None = None) -> bool:
     return True
 
 
+def llama_uses_extra_buffers() -> bool:
+    """Whether a Llama created now in this process gets llama.cpp's extra buffer types (its default
+    model parameters, as protect_llama_cpp may have changed them); False when llama-cpp-python is absent."""
+    try:
+        from llama_cpp import llama_cpp as api
+    except ImportError:
+        return False
+    return bool(api.llama_model_default_params().use_extra_bufts)
+
+
 def check_llama(llm) -> None:
     """Warn when ``llm`` was loaded with extra buffer types on a CPU where they crash (it was created
     before ggml_lora was imported): its first evaluation of a longer prompt will kill the process."""

@@ -13,7 +13,7 @@ import numpy as np
 from . import gguf_file, policy
 from ._handles import Batch, NativeHandle
 from ._native import check, ffi, lib
-from .arch import LM_HEAD, TARGET_MODULES, HParams
+from .arch import LM_HEAD, HParams
 from .errors import ContextLengthError, GGMLLoRAError, InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -125,6 +125,17 @@ class BaseModel(NativeHandle):
         params.rms_eps = hp.rms_eps
         params.kq_scale = hp.kq_scale
         params.use_mmap = 1 if use_mmap else 0
+        spec = hp.spec
+        params.embd_scale = hp.embd_scale
+        params.ffn_act = spec.ffn_act
+        params.scale_q = 1 if spec.scale_q else 0
+        params.attn_softcap = hp.attn_softcap
+        params.final_softcap = hp.final_softcap
+        params.n_swa = hp.n_swa
+        swa_layers = ffi.new("uint8_t[]", [1 if f else 0 for f in hp.swa_layers] or [0])  # alive for the call
+        params.swa_layers = swa_layers if hp.n_swa > 0 else ffi.NULL
+        params.rope_freq_base_swa = hp.rope_freq_base_swa
+        params.rope_freq_scale_swa = hp.rope_freq_scale_swa
         out = ffi.new("glora_model **")
         check(lib.glora_model_load(str(path).encode(), params, out), f"loading {path}")
 
@@ -208,7 +219,7 @@ class BaseModel(NativeHandle):
     @property
     def target_modules(self) -> tuple[str, ...]:
         """The PEFT names of the modules that can carry LoRA in this model."""
-        return tuple(TARGET_MODULES) + (() if self.tied_embeddings else (LM_HEAD,))
+        return tuple(self.hparams.spec.modules) + (() if self.tied_embeddings else (LM_HEAD,))
 
     def weight_shape(self, name: str) -> tuple[int, int]:
         """(n_in, n_out) of a 2-D weight: ggml ne = [n_in, n_out]."""
@@ -308,12 +319,25 @@ class BaseModel(NativeHandle):
         pairs = self._adapter_list(adapter, scale)
         batch = Batch(arr)
         n = len(pairs)
+        self._follow_llama_cpp()
         scales = ffi.new("float[]", [float(s) for _, s in pairs] or [0.0])
         out = np.empty((arr.shape[0], arr.shape[1], self.n_vocab), dtype=np.float32)
         with self._using() as ptr:
             handles = ffi.new("glora_adapter *[]", [a._handle() for a, _ in pairs] or [ffi.NULL])
             check(lib.glora_logits(ptr, handles, scales, n, batch.c, ffi.cast("float *", ffi.from_buffer(out))))
         return out[0] if single else out
+
+    def _follow_llama_cpp(self) -> None:
+        """Run the kernels llama-cpp-python in this process runs: with its default use_extra_bufts (off
+        where ggml_lora.llama.protect_llama_cpp turned it off) it stores some quantized weights repacked
+        for kernels of their own, whose sums round differently (up to 4 in a logit of Gemma 3 270M)."""
+        from .llama import llama_uses_extra_buffers
+
+        on = llama_uses_extra_buffers()
+        if getattr(self, "_llama_weights", None) != on:
+            with self._using() as ptr:
+                check(lib.glora_model_set_llama_weights(ptr, int(on)))
+            self._llama_weights = on
 
     def evaluate(self, tokens, adapter: Adapter | None = None, loss_mask=None, scale: float = 1.0,
                  f16_weights: bool = False) -> tuple[float, int]:

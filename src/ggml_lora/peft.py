@@ -24,7 +24,7 @@ import numpy as np
 
 from .adapter import Adapter
 from .adapter_file import atomic_path
-from .arch import LM_HEAD, TARGET_MODULES, hf_module
+from .arch import ARCHITECTURES, LM_HEAD, TARGET_MODULES, hf_module
 from .config import pattern_value
 from .errors import InvalidArgumentError, UnsupportedError
 from .model import BaseModel
@@ -32,16 +32,20 @@ from .model import BaseModel
 _META_KEY = "ggml_lora"          # safetensors metadata: our GGUF metadata and target order, as JSON
 
 
-def gguf_weight(module: str) -> str:
-    """The inverse of hf_module; KeyError for modules llama.cpp cannot carry."""
+def gguf_weight(module: str, arch: str = "llama") -> str:
+    """The inverse of hf_module; KeyError for modules llama.cpp cannot carry. Gemma 3's multimodal
+    checkpoints name the text model model.language_model.layers.N (stripped as llama.cpp's converter
+    does, conversion/base.py:596-597)."""
     if module == LM_HEAD:
         return "output.weight"
+    module = module.replace("model.language_model.", "model.", 1)
     parts = module.split(".")
     if len(parts) != 5 or parts[:2] != ["model", "layers"] or parts[3] not in ("self_attn", "mlp"):
         raise KeyError(module)
-    if parts[4] not in TARGET_MODULES:
+    modules = ARCHITECTURES[arch].modules if arch in ARCHITECTURES else TARGET_MODULES
+    if parts[4] not in modules:
         raise KeyError(module)
-    return f"blk.{int(parts[2])}.{TARGET_MODULES[parts[4]]}.weight"
+    return f"blk.{int(parts[2])}.{modules[parts[4]]}.weight"
 
 
 def _rope_rows(model: BaseModel, gguf_name: str) -> int | None:
@@ -79,7 +83,7 @@ def export_peft(adapter: Adapter, directory: str | os.PathLike[str]) -> Path:
         heads = _rope_rows(model, name)
         if heads is not None:
             b = to_hf_rows(b, heads)
-        module = hf_module(name)
+        module = hf_module(name, model.arch)
         tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(a)
         tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(b)
         ranks[module] = adapter.ranks[name]
@@ -89,7 +93,8 @@ def export_peft(adapter: Adapter, directory: str | os.PathLike[str]) -> Path:
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     # module stems cover every block's module of that kind; a subset of blocks (layers=, AdaLoRA
     # pruning a module away) needs the exact names, which PEFT takes as one regex it full-matches
-    every = {hf_module(f"blk.{i}.{TARGET_MODULES[m]}.weight") for i in range(model.n_layers)
+    stems = model.hparams.spec.modules
+    every = {hf_module(f"blk.{i}.{stems[m]}.weight", model.arch) for i in range(model.n_layers)
              for m in modules if m != LM_HEAD} | ({LM_HEAD} & modules)
     targets = sorted(modules) if every == set(ranks) else "|".join(re.escape(m) for m in sorted(ranks))
     config = {
@@ -152,7 +157,7 @@ def import_peft(directory: str | os.PathLike[str], model: BaseModel) -> Adapter:
                 raise UnsupportedError(f"{st_path}: tensor '{key}' is not a LoRA A/B weight (embedding LoRA, "
                                        "magnitude vectors and biases are not supported)")
             try:
-                name = gguf_weight(module)
+                name = gguf_weight(module, model.arch)
             except (KeyError, ValueError):
                 raise UnsupportedError(f"{st_path}: module '{module}' has no llama.cpp LoRA target") from None
             if name not in model.tensors:
@@ -163,9 +168,9 @@ def import_peft(directory: str | os.PathLike[str], model: BaseModel) -> Adapter:
     for name in order:
         halves = pairs[name]
         if set(halves) != {"lora_A", "lora_B"}:
-            raise InvalidArgumentError(f"{st_path}: '{hf_module(name)}' lacks one of lora_A/lora_B")
+            raise InvalidArgumentError(f"{st_path}: '{hf_module(name, model.arch)}' lacks one of lora_A/lora_B")
         a, b = halves["lora_A"], halves["lora_B"]
-        module = hf_module(name)
+        module = hf_module(name, model.arch)
         r = pattern_value(cfg.get("rank_pattern"), module, r0)
         alpha = pattern_value(cfg.get("alpha_pattern"), module, alpha0)
         if a.shape[0] != r or b.shape[1] != r:

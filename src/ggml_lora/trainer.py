@@ -86,12 +86,18 @@ def _fingerprint(rows) -> str:
 
 
 def resolve_chat_template(value: str | None) -> str | None:
-    """A chat template given as Jinja text, or as the path of a file holding it."""
+    """A chat template given as Jinja text, the path of a file holding it, or a built-in's name
+    (chat.BUILTIN_TEMPLATES: chatml, gemma, llama3)."""
+    from .chat import BUILTIN_TEMPLATES
+
     if value is None or "{" in value:
         return value
+    if value in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[value]
     path = Path(value)
     if not path.is_file():
-        raise InvalidArgumentError(f"chat_template={value!r} is neither a Jinja template nor a file")
+        raise InvalidArgumentError(f"chat_template={value!r} is neither a Jinja template, a file nor a built-in "
+                                   f"({', '.join(BUILTIN_TEMPLATES)})")
     return path.read_text()
 
 
