@@ -10,7 +10,7 @@ from ._native import ffi, lib
 from . import llama as _llama  # noqa: F401  (keeps llama-cpp-python off its AMX crash; see ggml_lora.llama)
 from .adapter import Adapter
 from .arch import ARCHITECTURES
-from .config import LoRAConfig, PreferenceConfig, TrainingConfig
+from .config import GRPOConfig, LoRAConfig, PreferenceConfig, TrainingConfig
 from .errors import (
     BackendError,
     ContextLengthError,
@@ -19,6 +19,7 @@ from .errors import (
     GGUFFormatError,
     InvalidArgumentError,
     OutOfMemoryError,
+    RewardFunctionError,
     UnsupportedArchitectureError,
     UnsupportedError,
 )
@@ -26,6 +27,7 @@ from .merge import merge_adapters
 from .model import BaseModel
 from .trainer import LoRATrainer, TrainingHistory
 from .preference import PreferenceTrainer
+from .grpo import GRPOTrainer
 
 
 @dataclass(frozen=True)
@@ -80,12 +82,15 @@ __all__ = [
     "DistributedError",
     "GGMLLoRAError",
     "GGUFFormatError",
+    "GRPOConfig",
+    "GRPOTrainer",
     "InvalidArgumentError",
     "LoRAConfig",
     "LoRATrainer",
     "OutOfMemoryError",
     "PreferenceConfig",
     "PreferenceTrainer",
+    "RewardFunctionError",
     "TrainingConfig",
     "TrainingHistory",
     "UnsupportedArchitectureError",

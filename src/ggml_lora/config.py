@@ -401,7 +401,8 @@ class PreferenceConfig:
     model with the adapter off (TRL's for a PEFT model), its log-probabilities computed once per sample.
     """
 
-    method: str = _opt("dpo", "dpo, orpo or kto; sft is supervised training (LoRATrainer)")
+    method: str = _opt("dpo", "dpo, orpo or kto; sft is supervised training (LoRATrainer); grpo is online RL "
+                              "(GRPOTrainer, GRPOConfig; command line only)")
     beta: float = _opt(0.1, "dpo/kto: strength of the KL penalty against the reference; orpo: weight of the "
                             "odds-ratio term (TRL's beta)")
     loss_type: str = _opt("sigmoid", "dpo: sigmoid (DPO), ipo, hinge or robust")
