@@ -373,8 +373,8 @@ class GRPOTrainer(LoRATrainer):
     # ---- forward and step ----------------------------------------------------------------------------
 
     def _passes(self, ro: Rollouts, need: np.ndarray | None = None):
-        """(Batch, completion indices, token indices) per micro-batch of batch_size completions, packed; loss
-        rows are the completion tokens in the mask, in (completion, token) order as collate emits them."""
+        """(Batch, completion indices, token indices) per micro-batch of batch_size completions; loss rows are
+        the completion tokens in the mask, in (completion, token) order as collate emits them."""
         out = []
         bs = self.config.batch_size
         keep = [i for i in range(len(ro.completions)) if ro.mask[i].any() and (need is None or need[i])]
@@ -389,7 +389,9 @@ class GRPOTrainer(LoRATrainer):
                 t = np.flatnonzero(ro.mask[i, :len(c)] > 0)
                 seq.append(np.full(len(t), i))
                 tok.append(t)
-            out.append((collate(rows, self.model, pack=True), np.concatenate(seq), np.concatenate(tok)))
+            # padded, not packed: a packed micro-batch of 16 completions (16 segments) aborted ggml's allocator
+            # in the backward ("out of free blocks", ggml-alloc.c:136) on SmolLM2
+            out.append((collate(rows, self.model), np.concatenate(seq), np.concatenate(tok)))
         return out
 
     def logps(self, ro: Rollouts, adapter: Adapter | None, f16_weights: bool = False) -> np.ndarray:

@@ -68,6 +68,9 @@ class Sampler:
 
         from . import llama as _glue      # noqa: F401  (its import keeps llama.cpp off the AMX crash)
 
+        from llama_cpp._logger import set_verbose
+
+        set_verbose(False)          # as the vocab-only Llama of BaseModel.tokenize does: errors only
         self._api = llama_cpp
         self.n_seq, self.n_ctx, self.seed = n_seq, n_ctx, seed
         mparams = llama_cpp.llama_model_default_params()
