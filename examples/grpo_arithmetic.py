@@ -61,24 +61,20 @@ def brevity(completions, completion_ids, answer, **kwargs) -> list[float | None]
 
 # ---- data ------------------------------------------------------------------------------------------------
 
-def make_data(n_train: int = 400, n_valid: int = 12, seed: int = 0) -> None:
-    rng = random.Random(seed)
-    seen = set()
+def make_data(n_valid: int = 12, seed: int = 0) -> None:
+    """Every sum of two digits 1-9, shuffled: 12 held out, the other 69 for training."""
+    pairs = [(a, b) for a in range(1, 10) for b in range(1, 10)]
+    random.Random(seed).shuffle(pairs)
 
-    def record():
-        while True:
-            a, b = rng.randint(2, 49), rng.randint(2, 49)
-            if (a, b) not in seen:
-                seen.add((a, b))
-                # a short system message: SmolLM2's template would add its own default one, 3x longer
-                return {"prompt": [{"role": "system", "content": "You are a calculator."},
-                                   {"role": "user", "content": f"What is {a} + {b}? {INSTRUCTION}"}],
-                        "answer": str(a + b)}
+    def record(a, b):
+        # a short system message: SmolLM2's template would add its own default one, 3x longer
+        return {"prompt": [{"role": "system", "content": "You are a calculator."},
+                           {"role": "user", "content": f"What is {a} + {b}? {INSTRUCTION}"}],
+                "answer": str(a + b)}
 
     DATA.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train", n_train), ("valid", n_valid)):
-        records = [record() for _ in range(n)]
-        (DATA / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for name, chosen in (("train", pairs[n_valid:]), ("valid", pairs[:n_valid])):
+        (DATA / f"{name}.jsonl").write_text("".join(json.dumps(record(a, b)) + "\n" for a, b in chosen))
 
 
 # ---- the run ---------------------------------------------------------------------------------------------

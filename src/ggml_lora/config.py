@@ -453,8 +453,8 @@ class GRPOConfig:
     temperature: float = _opt(1.0, "sampling temperature; the training log-probabilities use it too (cfg:532); "
                                    "only 1.0 is supported yet")
     top_p: float = _opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability (cfg:536)")
-    top_k: int = _opt(0, "sample among the k most likely tokens; 0 = all (cfg:545)")
-    min_p: float | None = _opt(None, "drop tokens less likely than min_p x the most likely one (cfg:553)")
+    top_k: int = _opt(0, "sample among the k most likely tokens; 0 = all (cfg:543)")
+    min_p: float | None = _opt(None, "drop tokens less likely than min_p x the most likely one (cfg:550)")
     beta: float = _opt(0.0, "weight of the k3 KL to the base model (adapter off); 0: no reference pass (cfg:681)")
     num_iterations: int = _opt(1, "optimizer steps per generation batch (mu), against its old-policy "
                                   "log-probabilities (cfg:689)")

@@ -269,12 +269,13 @@ class GRPOTrainer(LoRATrainer):
                                     n_threads=self.config.n_threads or self.model.n_threads, seed=self.config.seed)
         return self._sampler
 
-    def sample(self, prompts: Sequence[PromptRow], seed_key: Sequence[int]) -> tuple[list, list, list]:
+    def sample(self, prompts: Sequence[PromptRow], seed_key: Sequence[int],
+               adapter_scale: float = 1.0) -> tuple[list, list, list]:
         """(completion ids, llama.cpp log-probabilities, truncated) of num_generations completions per prompt,
-        sampled through the adapter as it is now."""
+        sampled through the adapter as it is now (``adapter_scale`` 0: the base model)."""
         g = self.grpo
         sampler = self._sampler_for()
-        sampler.set_adapter(self.adapter)
+        sampler.set_adapter(self.adapter, adapter_scale)
         ids, lps, trunc = [], [], []
         for i, p in enumerate(prompts):
             rng = np.random.default_rng([*seed_key, i])
@@ -439,15 +440,7 @@ class GRPOTrainer(LoRATrainer):
     def _evaluate_rows(self, rows, batch_size: int, use_adapter: bool = True, f16_weights: bool = False) -> dict:
         """Mean reward of num_generations completions per held-out prompt, sampled with a fixed seed (the same
         draws for the same policy), through the adapter or, with use_adapter=False, the base model."""
-        if use_adapter:
-            ids, _, trunc = self.sample(rows, (self.config.seed, 2**31 - 1))
-        else:
-            with Adapter.init(self.model, self.lora_config) as zero:        # B = 0: exactly the base model
-                saved, self.adapter = self.adapter, zero
-                try:
-                    ids, _, trunc = self.sample(rows, (self.config.seed, 2**31 - 1))
-                finally:
-                    self.adapter = saved
+        ids, _, trunc = self.sample(rows, (self.config.seed, 2**31 - 1), 1.0 if use_adapter else 0.0)
         rep = [p for p in rows for _ in range(self.grpo.num_generations)]
         rewards = self.score(rep, ids)
         _, m = advantages(self.grpo, rewards, self.reward_weights, self.reward_names)
