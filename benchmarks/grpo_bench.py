@@ -68,7 +68,7 @@ def trl(model_path, args) -> dict:
     import peft
     import torch
     from grpo_arithmetic import DATA, contains_answer, exact_answer
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from trl_reference import _load_float32
@@ -99,6 +99,7 @@ def trl(model_path, args) -> dict:
         trainer = Timed(model=model, reward_funcs=[exact_answer, contains_answer], args=cfg,
                         train_dataset=datasets.Dataset.from_list(records), processing_class=tokenizer,
                         peft_config=lora)
+        trainer.remove_callback(PrinterCallback)        # its log lines would go into the JSON on stdout
         t0 = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - t0

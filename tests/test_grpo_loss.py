@@ -109,7 +109,8 @@ def test_scale_rewards_and_gdpo():
     np.testing.assert_allclose(adv, s - np.repeat(s.reshape(2, 2).mean(1), 2))
     adv, _ = advantages(GRPOConfig(num_generations=2, scale_rewards="batch"), r, w, ["a", "b"])
     np.testing.assert_allclose(adv, (s - np.repeat(s.reshape(2, 2).mean(1), 2)) / (s.std(ddof=1) + 1e-4))
-    adv, _ = advantages(GRPOConfig(num_generations=2, multi_objective_aggregation="normalize_then_sum"), r, w, ["a", "b"])
+    gdpo = GRPOConfig(num_generations=2, multi_objective_aggregation="normalize_then_sum")
+    adv, _ = advantages(gdpo, r, w, ["a", "b"])
     g = r.reshape(2, 2, 2)
     z = ((g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-4)).reshape(4, 2) @ w
     np.testing.assert_allclose(adv, (z - z.mean()) / (z.std(ddof=1) + 1e-4))

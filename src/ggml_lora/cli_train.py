@@ -253,12 +253,15 @@ def _train(args: argparse.Namespace) -> int:
     evals = history.evals
     summary = {"steps": history.global_step, "total_steps": history.total_steps,
                "final_loss": history.losses[-1] if history.losses else None,
-               "val_loss_first": evals[0]["val_loss"] if evals else None,
-               "val_loss_last": evals[-1]["val_loss"] if evals else None,
+               "val_loss_first": evals[0].get("val_loss") if evals else None,
+               "val_loss_last": evals[-1].get("val_loss") if evals else None,
                "skipped_steps": history.skipped_steps,
                "adapter": str(history.adapter_path) if history.adapter_path else None,
                "checkpoint": str(history.checkpoint_path) if history.checkpoint_path else None,
                "output_dir": str(out)}
+    if run["grpo"] is not None:          # GRPO evaluates the held-out reward, not a loss
+        summary.update(val_reward_first=evals[0]["val_reward"] if evals else None,
+                       val_reward_last=evals[-1]["val_reward"] if evals else None)
     print(json.dumps(summary))
     if history.interrupted:
         print(f"ggml-lora: {history.interrupted}: checkpoint written to {history.checkpoint_path}; continue with "

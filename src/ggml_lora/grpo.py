@@ -264,8 +264,10 @@ class GRPOTrainer(LoRATrainer):
             from .rollout import Sampler
 
             g = self.grpo
-            cells = self.config.max_seq_length + (g.num_generations - 1) * g.max_completion_length
-            self._sampler = Sampler(self.model.path, n_seq=g.num_generations, n_ctx=cells,
+            # a whole generation batch at once: its prompts x num_generations sequences (llama.cpp allows 256)
+            n_prompts = max(1, min(self.prompts_per_step, 256 // g.num_generations))
+            cells = n_prompts * (self.config.max_seq_length + (g.num_generations - 1) * g.max_completion_length)
+            self._sampler = Sampler(self.model.path, n_seq=n_prompts * g.num_generations, n_ctx=cells,
                                     n_threads=self.config.n_threads or self.model.n_threads, seed=self.config.seed)
         return self._sampler
 
@@ -277,13 +279,17 @@ class GRPOTrainer(LoRATrainer):
         sampler = self._sampler_for()
         sampler.set_adapter(self.adapter, adapter_scale)
         ids, lps, trunc = [], [], []
-        for i, p in enumerate(prompts):
-            rng = np.random.default_rng([*seed_key, i])
-            for c in sampler.sample(p.tokens.tolist(), g.num_generations, g.max_completion_length, rng,
-                                    temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, min_p=g.min_p):
-                ids.append(c.ids)
-                lps.append(c.logprobs)
-                trunc.append(c.truncated)
+        per_call = sampler.n_seq // g.num_generations
+        for at in range(0, len(prompts), per_call):
+            chunk = prompts[at:at + per_call]
+            rngs = [np.random.default_rng([*seed_key, at + i]) for i in range(len(chunk))]
+            for group in sampler.sample_many([p.tokens.tolist() for p in chunk], g.num_generations,
+                                             g.max_completion_length, rngs, temperature=g.temperature,
+                                             top_k=g.top_k, top_p=g.top_p, min_p=g.min_p):
+                for c in group:
+                    ids.append(c.ids)
+                    lps.append(c.logprobs)
+                    trunc.append(c.truncated)
         return ids, lps, trunc
 
     def _is_eog(self, token: int) -> bool:
@@ -328,7 +334,8 @@ class GRPOTrainer(LoRATrainer):
             for i, v in enumerate(values):
                 if v is None:
                     continue
-                if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
+                number = isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+                if not number or not math.isfinite(v):
                     raise RewardFunctionError(f"reward function {name!r} returned {v!r} for sample {i} (prompt "
                                               f"{prompts[i].prompt!r:.120}, completion {texts[i]!r:.120}); expected "
                                               "a finite float or None")
@@ -357,7 +364,8 @@ class GRPOTrainer(LoRATrainer):
                         "completions/mean_terminated_length": float(term.mean()),
                         "completions/min_terminated_length": float(term.min()),
                         "completions/max_terminated_length": float(term.max()),
-                        "time/generation_s": t_gen, "time/adapter_refresh_s": self._sampler.refresh_s if self._sampler else 0.0,
+                        "time/generation_s": t_gen,
+                        "time/adapter_refresh_s": self._sampler.refresh_s if self._sampler else 0.0,
                         "generation_tokens_per_s": float(lengths.sum() / t_gen) if t_gen > 0 else 0.0})
         ro = Rollouts(prompts, ids, lps, trunc, mask, adv, metrics)
         t1 = time.perf_counter()

@@ -1,9 +1,9 @@
 """GRPO's rollouts: completions sampled by llama.cpp (llama-cpp-python's low-level API, the pinned tree)
 from the base GGUF plus the adapter as it stands.
 
-One prompt's ``num_generations`` completions are decoded together: the prompt is evaluated once with every
-sequence id on its tokens (one KV entry shared by all, ``kv_unified``), then each step decodes one token
-of every unfinished sequence in one batch. Sampling is ours, in NumPy, from llama.cpp's logits: seeded by
+A generation batch is decoded together: each prompt is evaluated once with its ``num_generations`` sequence
+ids on its tokens (one KV entry shared by all, ``kv_unified``), then each step decodes one token of every
+unfinished sequence of every prompt in one batch. Sampling is ours, in NumPy, from llama.cpp's logits: seeded by
 (seed, step, prompt) so a run, and a resumed run, draws the same tokens, with TRL/transformers' order of
 filters (temperature, top_k, top_p, min_p). The log-probability of each drawn token under the unfiltered
 distribution is kept: the one our forward must reproduce (tests/test_grpo.py).
@@ -66,7 +66,7 @@ class Sampler:
         """``n_ctx``: KV cells for a prompt and all ``n_seq`` completions together (the cache is unified)."""
         import llama_cpp
 
-        from . import llama as _glue      # noqa: F401  (its import keeps llama.cpp off the AMX crash)
+        from . import llama  # noqa: F401  (importing it keeps llama.cpp off the AMX crash; see llama.py)
 
         from llama_cpp._logger import set_verbose
 
@@ -171,43 +171,55 @@ class Sampler:
         ptr = self._api.llama_get_logits_ith(self._ctx, i)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
-    def sample(self, prompt: list[int], n: int, max_tokens: int, rng: np.random.Generator, *,
-               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               min_p: float | None = None) -> list[Completion]:
-        """``n`` (<= n_seq) completions of ``prompt``, decoded together."""
-        if n > self.n_seq:
-            raise InvalidArgumentError(f"{n} sequences, the context holds {self.n_seq}")
-        if len(prompt) + n * max_tokens > self.n_ctx:
-            raise InvalidArgumentError(f"a prompt of {len(prompt)} tokens + {n} x {max_tokens} completion tokens do "
-                                       f"not fit the {self.n_ctx} cells of the KV cache")
+    def sample(self, prompt: list[int], n: int, max_tokens: int, rng: np.random.Generator,
+               **filters) -> list[Completion]:
+        """``n`` (<= n_seq) completions of ``prompt``, decoded together (see :meth:`sample_many`)."""
+        return self.sample_many([prompt], n, max_tokens, [rng], **filters)[0]
+
+    def sample_many(self, prompts: list[list[int]], n: int, max_tokens: int, rngs: list[np.random.Generator], *,
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    min_p: float | None = None) -> list[list[Completion]]:
+        """``n`` completions of each prompt, all ``len(prompts) x n`` sequences decoded together: each prompt is
+        evaluated once for its ``n`` sequence ids, then every step decodes one token of every unfinished
+        sequence in one batch (the weights are read once per step for all of them). Prompt i's tokens are
+        drawn from ``rngs[i]`` in a fixed order, so they do not depend on which prompts share the batch."""
+        total = len(prompts) * n
+        if total > self.n_seq:
+            raise InvalidArgumentError(f"{len(prompts)} prompts x {n} sequences, the context holds {self.n_seq}")
+        cells = sum(len(p) for p in prompts) + total * max_tokens
+        if cells > self.n_ctx:
+            raise InvalidArgumentError(f"{len(prompts)} prompts of {sum(len(p) for p in prompts)} tokens + {total} x "
+                                       f"{max_tokens} completion tokens do not fit the {self.n_ctx} KV cells")
         api = self._api
         api.llama_memory_clear(api.llama_get_memory(self._ctx), True)
-        seqs = list(range(n))
-        P = len(prompt)
-        self._decode([(t, p, seqs, p == P - 1) for p, t in enumerate(prompt)])
-        last = self._logits(-1)
-        outs = [Completion([], [], True) for _ in range(n)]
-        live = list(range(n))
-        logits = {s: last for s in live}
+        logits, start = {}, []
+        for j, prompt in enumerate(prompts):        # one decode per prompt: its last logits are read right after
+            seqs = list(range(j * n, (j + 1) * n))
+            self._decode([(t, q, seqs, q == len(prompt) - 1) for q, t in enumerate(prompt)])
+            last = self._logits(-1)
+            logits.update({s: last for s in seqs})
+            start += [len(prompt)] * n
+        outs = [Completion([], [], True) for _ in range(total)]
+        live = list(range(total))
         for k in range(max_tokens):
             entries = []
             for s in live:
                 lp = _log_softmax(logits[s].astype(np.float64))
                 x = filter_logits(logits[s], temperature, top_k, top_p, min_p)
                 p = np.exp(x - x.max())
-                tok = int(rng.choice(self.n_vocab, p=p / p.sum()))
+                tok = int(rngs[s // n].choice(self.n_vocab, p=p / p.sum()))
                 outs[s].ids.append(tok)
                 outs[s].logprobs.append(float(lp[tok]))
                 if self.is_eog(tok):
                     outs[s].truncated = False
                 else:
-                    entries.append((tok, P + k, [s], True))
+                    entries.append((tok, start[s] + k, [s], True))
             live = [e[2][0] for e in entries]
             if not live or k == max_tokens - 1:
                 break
             self._decode(entries)
             logits = {s: self._logits(i) for i, s in enumerate(live)}
-        return outs
+        return [outs[j * n:(j + 1) * n] for j in range(len(prompts))]
 
 
 __all__ = ["Completion", "Sampler", "filter_logits"]
