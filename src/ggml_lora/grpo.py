@@ -21,6 +21,7 @@ from a forward without it.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -488,7 +489,7 @@ class GRPOTrainer(LoRATrainer):
 
         state = ckpt.read_state(path)
         saved = state.get("grpo_config")
-        if saved != self.grpo.to_dict():
+        if saved != json.loads(json.dumps(self.grpo.to_dict())):        # as stored: reward_weights a list
             raise CheckpointError(f"checkpoint {path} was trained with GRPO settings {saved}, not "
                                   f"{self.grpo.to_dict()}; resuming would not continue the same run")
         self._num_tokens = int(state.get("num_tokens", 0))
