@@ -1,19 +1,27 @@
 """GRPO example: teach SmolLM2-135M-Instruct to answer a sum with the number and nothing else.
 
-    python examples/grpo_arithmetic.py [--steps 30] [--threads 2] [--out grpo-out]
+    python examples/grpo_arithmetic.py [--steps 16] [--lr 1e-3] [--threads 2] [--out grpo-out]
 
-The base model knows roughly how to add small numbers but answers in sentences ("14 + 11 = 25."), so it
-scores almost nothing on ``exact_answer``; GRPO with rollouts sampled by llama.cpp through the adapter as
-it trains teaches it the format. The script prints the held-out reward of the base model and of the
-trained adapter, each over the same prompts with the same sampling seed, and writes the adapter to
-OUT/adapter.gguf (a llama.cpp LoRA).
+The base model knows roughly how to add small numbers but answers in sentences ("4 + 5 = 9."), so it
+scores nothing on ``exact_answer`` and about a quarter on ``contains_answer``; GRPO, with rollouts sampled
+by llama.cpp through the adapter as it trains, is to teach it the format. The script prints the held-out
+reward of the base model and of the trained adapter, each over the same prompts with the same sampling
+seed, and writes the adapter to OUT/adapter.gguf (a llama.cpp LoRA).
+
+Measured on a shared 2-core VM (16 steps, ~1-9 minutes depending on the load): the training reward rises
+from ~0.17 to ~0.6 within 5-9 steps (shorter replies that contain the sum), but no run reached the exact
+format, and runs are unstable: held-out reward 0.123 -> 0.267 at lr 1e-3 in one run, while others collapsed
+to one reply per prompt (zero-variance groups, no gradient) and ended below the base (0.150 -> 0.119 at
+lr 5e-4; 0.150 -> 0.0 at lr 1e-3 from the command line). Tuning (lr, more prompts per step, beta > 0) is
+left to do.
 
 The same run from the command line:
 
     ggml-lora train --method grpo --data examples/data/arith \\
         --reward examples/grpo_arithmetic.py:exact_answer --reward examples/grpo_arithmetic.py:contains_answer \\
         --reward examples/grpo_arithmetic.py:brevity --reward-weights 1,0.5,0.25 \\
-        --num-generations 8 --max-completion-length 16 --batch-size 16 --max-steps 20 --learning-rate 1e-3 \\
+        --num-generations 8 --max-completion-length 16 --batch-size 16 --max-steps 16 --learning-rate 1e-3 \\
+        --lr-scheduler constant \\
         --rank 16 --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj \\
         --max-seq-length 64 --eval-every 10 --output-dir grpo-out
 
@@ -81,7 +89,7 @@ def make_data(n_valid: int = 12, seed: int = 0) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", default="grpo-out")
