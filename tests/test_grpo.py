@@ -285,3 +285,20 @@ def test_sampled_logprobs_match_our_forward_on_smollm2(smollm2):
     # tokens move by up to ~0.4 nats (measured: max 0.22-0.39, median 0.02-0.06). Tiny models: 2e-6.
     for d in results:
         assert d.max() < 0.6 and np.median(d) < 0.1, (d.max(), np.median(d))
+
+
+def test_example_data_and_rewards(tmp_path, monkeypatch):
+    """examples/data/arith is what examples/grpo_arithmetic.py's make_data writes; its rewards score by hand."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    import grpo_arithmetic as ex
+
+    committed = {n: (ex.DATA / f"{n}.jsonl").read_text() for n in ("train", "valid")}
+    monkeypatch.setattr(ex, "DATA", tmp_path)
+    ex.make_data()
+    assert {n: (tmp_path / f"{n}.jsonl").read_text() for n in ("train", "valid")} == committed
+    replies = [[{"role": "assistant", "content": t}] for t in ("7", "7.", "3 + 4 = 7.", "17", "")]
+    answers = ["7"] * 5
+    assert ex.exact_answer(replies, answers) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert ex.contains_answer(replies, answers) == [1.0, 1.0, 1.0, 0.0, 0.0]
+    ids = [[1], [1, 2], [1] * 7, [1], [2]]
+    assert ex.brevity(replies, ids, answers) == [1.0, 1 - 1 / 15, 1 - 6 / 15, None, None]
