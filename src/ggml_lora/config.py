@@ -401,7 +401,8 @@ class PreferenceConfig:
     model with the adapter off (TRL's for a PEFT model), its log-probabilities computed once per sample.
     """
 
-    method: str = _opt("dpo", "dpo, orpo or kto; sft is supervised training (LoRATrainer)")
+    method: str = _opt("dpo", "dpo, orpo or kto; sft is supervised training (LoRATrainer); grpo is online RL "
+                              "(GRPOTrainer, GRPOConfig; command line only)")
     beta: float = _opt(0.1, "dpo/kto: strength of the KL penalty against the reference; orpo: weight of the "
                             "odds-ratio term (TRL's beta)")
     loss_type: str = _opt("sigmoid", "dpo: sigmoid (DPO), ipo, hinge or robust")
@@ -433,6 +434,116 @@ class PreferenceConfig:
         return _from_dict(cls, data)
 
 
+GRPO_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """Group Relative Policy Optimization (TRL's GRPOConfig: its option names, defaults and meaning; TRL 1.16.0
+    trl/trainer/grpo_config.py, "cfg:" lines below). Rollouts are sampled by llama.cpp from the base GGUF plus
+    the adapter as it stands; see :class:`~ggml_lora.grpo.GRPOTrainer`.
+
+    A step takes ``batch_size x gradient_accumulation_steps`` completions (TRL's per-device batch counts
+    completions too), i.e. that / ``num_generations`` prompts, each sampled ``num_generations`` times.
+    """
+
+    num_generations: int = _opt(8, "completions sampled per prompt, >= 2 (cfg:480)")
+    max_completion_length: int = _opt(512, "the most tokens sampled per completion (cfg:494)")
+    temperature: float = _opt(1.0, "sampling temperature; the training log-probabilities use it too (cfg:532); "
+                                   "only 1.0 is supported yet")
+    top_p: float = _opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability (cfg:536)")
+    top_k: int = _opt(0, "sample among the k most likely tokens; 0 = all (cfg:543)")
+    min_p: float | None = _opt(None, "drop tokens less likely than min_p x the most likely one (cfg:550)")
+    beta: float = _opt(0.0, "weight of the k3 KL to the base model (adapter off); 0: no reference pass (cfg:681)")
+    num_iterations: int = _opt(1, "optimizer steps per generation batch (mu), against its old-policy "
+                                  "log-probabilities (cfg:689)")
+    epsilon: float = _opt(0.2, "lower clipping range of the ratio (cfg:693)")
+    epsilon_high: float | None = _opt(None, "upper clipping range (default: epsilon); cispo: the ratio's cap (cfg:705)")
+    delta: float | None = _opt(None, "INTELLECT-2's cap of the unclipped ratio, > 1 + epsilon_high (cfg:697)")
+    loss_type: str = _opt("dapo", "dapo, grpo, bnpo, dr_grpo, cispo, sapo or luspo, with TRL's normalisation (cfg:801)")
+    importance_sampling_level: str = _opt("token", "token, or sequence (GSPO with loss_type=grpo) (cfg:760)")
+    scale_rewards: str = _opt("group", "divide advantages by the std of the group, the batch, or none (cfg:789)")
+    mask_truncated_completions: bool = _opt(False, "leave completions cut at max_completion_length out of the loss "
+                                                   "(cfg:836)")
+    reward_weights: tuple[float, ...] | None = _opt(None, "one weight per reward function (default: all 1) (cfg:770)")
+    multi_objective_aggregation: str = _opt("sum_then_normalize", "sum_then_normalize, or normalize_then_sum (GDPO) "
+                                                                  "(cfg:777)")
+    sapo_temperature_pos: float = _opt(1.0, "sapo: gate temperature where the advantage is positive (cfg:722)")
+    sapo_temperature_neg: float = _opt(1.05, "sapo: gate temperature elsewhere (cfg:714)")
+    use_bias_correction_kl: bool = _opt(True, "multiply the KL term by the importance ratio (cfg:972)")
+
+    def __post_init__(self) -> None:
+        c = "GRPOConfig"
+
+        def number(name, v, ok, why):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise _fail(c, name, v, why)
+
+        for name in ("num_generations", "max_completion_length", "num_iterations", "top_k"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise _fail(c, name, v, "must be an integer")
+        if self.num_generations < 2:
+            raise _fail(c, "num_generations", self.num_generations, "must be at least 2: advantages compare the "
+                        "completions of one prompt (TRL: cfg:1131-1141)")
+        if self.max_completion_length < 1:
+            raise _fail(c, "max_completion_length", self.max_completion_length, "must be positive")
+        if self.num_iterations < 1:
+            raise _fail(c, "num_iterations", self.num_iterations, "must be positive")
+        if self.top_k < 0:
+            raise _fail(c, "top_k", self.top_k, "must be >= 0 (0: off)")
+        number("temperature", self.temperature, lambda v: v > 0, "must be positive")
+        if self.temperature != 1.0:
+            raise _fail(c, "temperature", self.temperature,
+                        "only 1.0 is supported: TRL scores the sampled tokens with logits / temperature "
+                        "(grpo_trainer.py:1068-1077) and the native forward has no logit scale yet; use top_k, "
+                        "top_p or min_p to sharpen sampling")
+        number("top_p", self.top_p, lambda v: 0 < v <= 1, "must be in (0, 1]")
+        if self.min_p is not None:
+            number("min_p", self.min_p, lambda v: 0 <= v <= 1, "must be in [0, 1]")
+        number("beta", self.beta, lambda v: v >= 0, "must be >= 0")
+        number("epsilon", self.epsilon, lambda v: 0 <= v < 1, "must be in [0, 1)")
+        if self.epsilon_high is not None:
+            number("epsilon_high", self.epsilon_high, lambda v: v > 0, "must be positive")
+        if self.delta is not None:
+            number("delta", self.delta, lambda v: v > 1 + self.eps_high, f"must exceed 1 + epsilon_high = "
+                   f"{1 + self.eps_high}")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            number(name, getattr(self, name), lambda v: v > 0, "must be positive")
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            more = " (vespo is not implemented here)" if self.loss_type == "vespo" else ""
+            raise _fail(c, "loss_type", self.loss_type, f"must be one of {', '.join(GRPO_LOSS_TYPES)}{more}")
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise _fail(c, "importance_sampling_level", self.importance_sampling_level, "must be token or sequence")
+        scale = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)    # TRL accepts bools
+        if scale not in SCALE_REWARDS:
+            raise _fail(c, "scale_rewards", self.scale_rewards, f"must be one of {', '.join(SCALE_REWARDS)}")
+        object.__setattr__(self, "scale_rewards", scale)
+        if self.multi_objective_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
+            raise _fail(c, "multi_objective_aggregation", self.multi_objective_aggregation,
+                        "must be sum_then_normalize or normalize_then_sum")
+        if self.reward_weights is not None:
+            w = tuple(self.reward_weights)
+            for v in w:
+                number("reward_weights", v, lambda v: True, "every weight must be a finite number")
+            object.__setattr__(self, "reward_weights", tuple(float(v) for v in w))
+        if not isinstance(self.mask_truncated_completions, bool) or not isinstance(self.use_bias_correction_kl, bool):
+            raise InvalidArgumentError(f"{c}: mask_truncated_completions and use_bias_correction_kl are True or False")
+
+    @property
+    def eps_high(self) -> float:
+        """TRL's epsilon_high, which falls back to epsilon (grpo_trainer.py:945-946)."""
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GRPOConfig:
+        return _from_dict(cls, data)
+
+
 def learning_rate_at(config: TrainingConfig, step: int, total_steps: int) -> float:
     """The learning rate of optimizer step ``step`` (1-based) of ``total_steps``.
 
@@ -460,6 +571,7 @@ def warmup_steps(config: TrainingConfig, total_steps: int) -> int:
 
 __all__ = [
     "INIT_STRATEGIES",
+    "GRPOConfig",
     "LR_SCHEDULERS",
     "LoRAConfig",
     "PreferenceConfig",

@@ -89,3 +89,8 @@ class DatasetError(GGMLLoRAError, ValueError):
 
 class DistributedError(GGMLLoRAError, RuntimeError):
     """The processes of a distributed run disagree (data, base model, settings, or their adapters)."""
+
+
+class RewardFunctionError(GGMLLoRAError, ValueError):
+    """A GRPO reward function raised or returned something other than one float or None per completion; the
+    message names the function and the sample. Training stops before that step's update."""

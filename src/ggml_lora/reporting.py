@@ -119,7 +119,8 @@ def _plot(records: list[dict], path: Path) -> Path | None:
             _warned_plot = True
         return None
     train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train" and math.isfinite(r["loss"])]
-    valid = [(r["step"], r["val_loss"]) for r in records if r.get("type") == "eval"]
+    # GRPO's evaluations report rewards, not a loss
+    valid = [(r["step"], r["val_loss"]) for r in records if r.get("type") == "eval" and "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1)

@@ -246,7 +246,7 @@ class LoRATrainer:
             rows = self._rows(train_samples, packing)
             if not rows:
                 raise InvalidArgumentError("the training data holds no usable samples")
-            steps_per_epoch = math.ceil(len(rows) / self._global_rows)
+            steps_per_epoch = self._steps_per_epoch(len(rows))
             total = cfg.max_steps or cfg.epochs * steps_per_epoch
             fingerprint = _fingerprint(rows)
         history.data = {k: r.to_dict() for k, r in reports.items()}
@@ -409,6 +409,10 @@ class LoRATrainer:
     @staticmethod
     def _longest(rows) -> int:
         return max(len(r.tokens) for r in rows)
+
+    def _steps_per_epoch(self, n_rows: int) -> int:
+        """Optimizer steps that one pass over ``n_rows`` rows takes (a method may take its rows otherwise)."""
+        return math.ceil(n_rows / self._global_rows)
 
     def _step_batches(self, rows, step: int, steps_per_epoch: int):
         cfg, n = self.config, self._global_rows
