@@ -245,7 +245,6 @@ int32_t remove_stand_ins(ggml_context * ctx, ggml_cgraph * gf, const std::vector
     }
     return GLORA_OK;
 }
-}
 
 // Adds the backward of `loss` to *gf (params accumulate into acc) and returns the loss seed, an input
 // set to 1 so that the accumulators are not reset by ggml_graph_reset. *gf may be replaced by a graph

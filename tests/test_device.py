@@ -274,12 +274,25 @@ def refused(model, tmp_path, batch_size: int, error, match: str) -> None:
 
 def test_a_step_larger_than_the_device_is_refused_before_anything_is_written(device, tiny_model_file, tmp_path):
     """The memory plan compares the step's estimate with the device's free memory before the first graph
-    runs: 30 packed rows of 2048 tokens need ~2 GiB even with gradient checkpointing (lavapipe has 2 GiB)."""
+    runs: 30 packed rows of 2048 tokens need ~2 GiB even with gradient checkpointing (Mesa 22's lavapipe
+    has 2 GiB)."""
     free = next(d for d in devices() if d.name == device).memory_free
     if free > 4 * 2**30:
         pytest.skip(f"{device} has {free / 2**30:.0f} GiB free: this tiny model's step cannot exceed it")
     with BaseModel.load(tiny_model_file("llama", "f32"), device=device, n_threads=N_THREADS, n_ctx=4096) as model:
         refused(model, tmp_path, 30, OutOfMemoryError, f"available on {device}")
+
+
+def test_the_memory_budget_of_a_device_run_is_the_devices(device):
+    """What the trainer's memory plan is held against on a GPU: the device's free memory as its backend
+    reports it, not the host's (Mesa 25's lavapipe reports the host's RAM as its heap, so the refusal test
+    above only runs where the device is small)."""
+    from ggml_lora import policy
+
+    assert not policy.is_cpu(device)
+    assert policy.available_memory(device) == next(d for d in devices() if d.name == device).memory_free
+    assert policy.fallback_warning(device, 0.9, ("SOFT_MAX_BACK x2",)).startswith("10.0% of the step's work ran on the CPU")
+    assert policy.fallback_warning(device, 1.0, ()) is None
 
 
 def test_more_rows_than_a_vulkan_dispatch_takes_are_refused(device, tiny_model_file, tmp_path):

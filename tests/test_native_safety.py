@@ -65,9 +65,9 @@ def matching(text: str, start: int, open_: str, close: str) -> int:
 
 
 def exported_bodies() -> dict[str, str]:
-    """Every `extern "C" GLORA_API` function defined in native/*.cpp: name -> the text of its body."""
+    """Every `extern "C" GLORA_API` function defined in native/ (its backend folders too): name -> its body."""
     bodies = {}
-    for path in sorted(NATIVE.glob("*.cpp")):
+    for path in sorted(NATIVE.rglob("*.cpp")):
         text = path.read_text()
         for m in re.finditer(r'extern "C" GLORA_API [^(;]*?\b(glora_\w+)\s*\(', text):
             params_end = matching(text, m.end() - 1, "(", ")")
