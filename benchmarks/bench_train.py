@@ -60,6 +60,8 @@ FACTS = Path(__file__).resolve().parent.parent / "examples" / "data" / "facts" /
 CONFIGS = {c.name: c for c in (
     Config("r8-qv-4x256", 8, ("q_proj", "v_proj"), 4, 256),
     Config("r8-qv-1x512", 8, ("q_proj", "v_proj"), 1, 512),
+    # a step small enough for a device that runs on the CPU (Vulkan on lavapipe): the device path at work
+    Config("r8-qv-1x128", 8, ("q_proj", "v_proj"), 1, 128),
     Config("r16-all-4x256", 16, ALL, 4, 256),
     Config("r16-all-1x512", 16, ALL, 1, 512),
     Config("r8-qv-4x512", 8, ("q_proj", "v_proj"), 4, 512),
