@@ -493,10 +493,21 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
 // Gradient checkpointing (one block per graph) trains longer rows.
 constexpr int64_t MAX_ONE_GRAPH_BLOCK_CHUNKS = 240;
 
-int32_t check_one_graph_chunks(const glora_model * m, const glora_batch * batch) {
+int32_t check_one_graph_chunks(const glora_model * m, const glora_batch * batch, const glora_graph_options & opt) {
     const int64_t n_layer = m->hp.n_layer;
     const int64_t chunks = (batch->n_tokens + GLORA_ATTN_CHUNK - 1) / GLORA_ATTN_CHUNK;
-    if (chunks <= 1 || n_layer * chunks <= MAX_ONE_GRAPH_BLOCK_CHUNKS) return GLORA_OK;
+    // a packed sequence has a chunk per sample however short (glora_attention_chunks): a micro-batch of many
+    // short rows reaches the allocator's limit as one long row does (GRPO's 16 packed completions on SmolLM2)
+    const int64_t actual = std::max<int64_t>(chunks, (int64_t) glora_attention_chunks(batch, opt).size());
+    if (actual <= 1 || n_layer * actual <= MAX_ONE_GRAPH_BLOCK_CHUNKS) return GLORA_OK;
+    if (actual > chunks) {
+        return glora_fail(GLORA_ERR_UNSUPPORTED,
+                          "a micro-batch packed into one sequence of %lld samples is %lld attention chunks in each "
+                          "of %lld blocks, more than one training graph can hold (ggml's allocator would run out of "
+                          "free blocks); use gradient checkpointing, or at most %lld rows per micro-batch",
+                          (long long) actual, (long long) actual, (long long) n_layer,
+                          (long long) std::max<int64_t>(1, MAX_ONE_GRAPH_BLOCK_CHUNKS / n_layer));
+    }
     const int64_t fits = std::max<int64_t>(1, MAX_ONE_GRAPH_BLOCK_CHUNKS / n_layer) * GLORA_ATTN_CHUNK;
     return glora_fail(GLORA_ERR_UNSUPPORTED,
                       "sequences of %d tokens are %lld attention chunks in each of %lld blocks, more than one "
@@ -548,7 +559,7 @@ int32_t glora_trainer_backward(glora_trainer * trainer, const glora_batch * batc
     int32_t rc = GLORA_OK;
     if (!trainer->params.gradient_checkpointing) {
         rc = glora_check_graph_budget(m, batch, opt, true);
-        if (rc == GLORA_OK) rc = check_one_graph_chunks(m, batch);
+        if (rc == GLORA_OK) rc = check_one_graph_chunks(m, batch, opt);
     }
     for (int il = 0; rc == GLORA_OK && trainer->params.gradient_checkpointing && il < m->hp.n_layer; ++il) {
         glora_graph_options block = opt;

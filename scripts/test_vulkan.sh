@@ -65,5 +65,9 @@ VK_ICD_FILENAMES=$(ls /usr/share/vulkan/icd.d/lvp_icd*.json | head -n 1)
 export VK_ICD_FILENAMES
 # ggml-vulkan skips devices of type CPU (lavapipe is one) unless they are listed
 export GGML_VK_VISIBLE_DEVICES=0
+# lavapipe compiles each of ggml's pipelines the first time a process runs it (measured: SmolLM2's first
+# step 594 s against ~20 s for the next ones, on a loaded 2-core machine); Mesa keeps the compiled shaders
+# in its disk cache, kept here in one place whatever HOME the run has
+export MESA_SHADER_CACHE_DIR="${MESA_SHADER_CACHE_DIR:-/var/tmp/ggml-lora-mesa-shader-cache}"
 python3 -c "import ggml_lora; print('== devices:', ', '.join(f'{d.name} ({d.description})' for d in ggml_lora.devices()))"
 python3 -m pytest -q -p no:cacheprovider -m device tests/test_device.py
