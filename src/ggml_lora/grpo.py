@@ -145,6 +145,8 @@ class GRPOTrainer(LoRATrainer):
     >>> trainer.train("prompts.jsonl")
     """
 
+    weights_loss_rows = True    # the estimate counts the weighted logits gradient (LoRATrainer)
+
     _distributable = False      # each rank would generate for its prompts; not wired yet
 
     def __init__(self, model: BaseModel, reward_funcs, lora_config: LoRAConfig | None = None,
@@ -247,16 +249,6 @@ class GRPOTrainer(LoRATrainer):
         n = self.prompts_per_step
         chosen = [rows[i] for i in order[j * n:(j + 1) * n]]
         return (cycle, chosen), sum(len(r.tokens) for r in chosen), None, (step - 1) / steps_per_epoch
-
-    def _estimate(self, seq_len: int, ctx=None) -> dict:
-        """LoRATrainer's estimate plus the weighted copy of the logits' gradient (as PreferenceTrainer's)."""
-        est = super()._estimate(seq_len, ctx)
-        extra = self.model.n_vocab * self.config.batch_size * (seq_len - 1) * 4
-        if (ctx or self._ctx).gradient_checkpointing:
-            extra = min(extra, 64 << 20)
-        est["compute"] += extra
-        est["total"] += extra
-        return est
 
     # ---- rollouts ------------------------------------------------------------------------------------
 

@@ -293,6 +293,8 @@ class PreferenceTrainer(LoRATrainer):
     >>> trainer.train("prefs/")         # train.jsonl and valid.jsonl of {"prompt", "chosen", "rejected"}
     """
 
+    weights_loss_rows = True    # the estimate counts the weighted logits gradient (LoRATrainer)
+
     _distributable = False      # one process: the objective of a step's records is not yet split over ranks
 
     def __init__(self, model: BaseModel, lora_config: LoRAConfig | None = None,
@@ -369,17 +371,6 @@ class PreferenceTrainer(LoRATrainer):
     @staticmethod
     def _longest(rows) -> int:
         return max(len(s.tokens) for r in rows for s in r.seqs)
-
-    def _estimate(self, seq_len: int, ctx=None) -> dict:
-        """LoRATrainer's estimate plus the weighted copy of the logits' gradient the per-row loss weights add
-        (n_vocab x loss rows in F32; with checkpointing, one LM-head chunk of about 64 MiB)."""
-        est = super()._estimate(seq_len, ctx)
-        extra = self.model.n_vocab * self.config.batch_size * (seq_len - 1) * 4
-        if (ctx or self._ctx).gradient_checkpointing:
-            extra = min(extra, 64 << 20)
-        est["compute"] += extra
-        est["total"] += extra
-        return est
 
     def _micro_batches(self, chosen, first_key: int = 0):
         return chosen, int(sum(len(s.tokens) for r in chosen for s in r.seqs))

@@ -637,8 +637,16 @@ class LoRATrainer:
             self._ctx.close()
             self._ctx = self._context(self.config.gradient_checkpointing, chosen)
 
+    # Methods whose loss weights each row (preference, GRPO) keep a weighted copy of the logits' gradient:
+    # n_vocab x loss rows in F32, or with checkpointing one LM-head chunk of about 64 MiB.
+    weights_loss_rows = False
+
     def _estimate(self, seq_len: int, ctx: TrainingContext | None = None) -> dict:
-        est = (ctx or self._ctx).measure(self.config.batch_size, seq_len)
+        ctx = ctx or self._ctx
+        est = ctx.measure(self.config.batch_size, seq_len)
+        if self.weights_loss_rows:
+            extra = self.model.n_vocab * self.config.batch_size * (seq_len - 1) * 4
+            est["compute"] += min(extra, 64 << 20) if ctx.gradient_checkpointing else extra
         est["total"] = sum(est.values())
         gib = {k: round(v / 2**30, 3) for k, v in est.items()}
         log.info("estimated peak memory of a step: %.2f GiB (%s)", gib["total"],
