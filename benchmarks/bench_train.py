@@ -8,7 +8,7 @@ Steady-state training tokens/s counts the steps after warm-up (forward + backwar
 evaluation is the forward and loss only, timed on its second call (the first builds and allocates).
 --f16-weights trains and evaluates through F16 copies of the quantized weights
 (TrainingConfig.f16_weights, evaluate(f16_weights=True)); without it both use the stored blocks. --bf16
-(CPUs with AMX-BF16; BaseModel.set_bf16, what the trainer chooses there by default) multiplies on AMX tiles
+(CPUs with AMX-BF16; BaseModel.set_amx_bf16, what the trainer chooses there by default) multiplies on AMX tiles
 in bfloat16: with --f16-weights the stored blocks directly, and the backward's transposed copies always. Peak RSS is the process's
 high-water mark so far (Linux), evaluation included; train_peak_rss_mib the mark before evaluating.
 facts-r8-all-b8 trains on the README main job's chat rows, batches of 8 rows of 40-88 tokens drawn as the
@@ -38,7 +38,8 @@ import numpy as np
 import ggml_lora
 from ggml_lora import Adapter, BaseModel, LoRAConfig
 from ggml_lora.data import Row, collate, load_dataset, make_rows
-from ggml_lora.training import TrainingContext, loss_batch, loss_sum
+from ggml_lora.forward import loss_batch, loss_sum
+from ggml_lora.step import TrainingContext
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -207,7 +208,7 @@ def main() -> None:
                 save_rows(chat_rows(model, CONFIGS[name], args.steps + args.warmup), args.write_rows)
         return
     model = BaseModel.load(path, device=args.device, n_threads=args.threads, n_ctx=4096)
-    model.set_bf16(args.bf16)
+    model.set_amx_bf16(args.bf16)
     device = next(d for d in ggml_lora.devices() if d.name == model.device)
     header = {"model": path.name, "model_mib": round(path.stat().st_size / 2**20, 1), "device": model.device,
               "device_description": device.description, "device_memory_mib": round(device.memory_total / 2**20),

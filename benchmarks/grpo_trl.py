@@ -154,9 +154,9 @@ def ours_grpo(model, rollouts, *, steps: int, learning_rate: float, rank: int, a
                          adapter=adapter) as trainer:
             def sample(prompts, seed_key):
                 ids = [c for p in prompts for c in by_prompt[p.prompt][1]]
-                trunc = [not trainer._is_eog(c[-1]) for c in ids]
+                trunc = [not trainer.method._is_eog(c[-1]) for c in ids]
                 return ids, [[0.0] * len(c) for c in ids], trunc
-            trainer.sample = sample
+            trainer.method.sample = sample
             history = trainer.train(rows)
         weights = {hf_module(t): adapter.get(t) for t in adapter.targets}
     adapter.close()

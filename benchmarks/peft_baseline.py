@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from bench_train import CONFIGS, Config, peak_rss_mib, resolve_model
-from ggml_lora.training import TrainingContext
+from ggml_lora.step import TrainingContext
 
 os.environ.setdefault("TQDM_DISABLE", "1")     # transformers' GGUF dequantization bar; read when tqdm is imported
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from bench_train import CONFIGS, default_model
 from ggml_lora import Adapter, BaseModel, LoRAConfig
-from ggml_lora.training import TrainingContext, evaluate, loss_batch
+from ggml_lora.forward import evaluate, loss_batch
+from ggml_lora.step import TrainingContext
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from textgen import english_text  # noqa: E402
@@ -66,7 +67,7 @@ def main() -> None:
     steps = args.quality_steps
     path = args.model or default_model()
     with BaseModel.load(path, device=args.device, n_threads=args.threads, n_ctx=QUALITY.length) as model:
-        model.set_bf16(args.bf16)
+        model.set_amx_bf16(args.bf16)
         train, valid = quality_tokens(model, steps)
         with initial_adapter(model) as adapter, TrainingContext(adapter, f16_weights=args.f16_weights) as ctx:
             before = evaluate(model, adapter, valid)[0]

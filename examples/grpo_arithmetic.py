@@ -110,7 +110,7 @@ def main() -> int:
     t0 = time.perf_counter()
     with BaseModel.load(default_model(), n_threads=args.threads) as model:
         with GRPOTrainer(model, [exact_answer, contains_answer, brevity], lora, training, grpo) as trainer:
-            valid = trainer._load(DATA / "valid.jsonl")[0]
+            valid = trainer.method.load(DATA / "valid.jsonl")[0]
             before = trainer.evaluate(valid, adapter=False)
             history = trainer.train(DATA / "train.jsonl")
             after = trainer.evaluate(valid)

@@ -42,7 +42,7 @@ def style_win_rate(model_path, prompts, adapter_path=None, *, n_threads: int | N
     prompts: a list of user questions (str) or of message lists (TRL's ``prompt`` field). Each answer is
     llama-cpp-python's ``create_chat_completion`` at temperature 0, with the GGUF's chat template.
     """
-    from ggml_lora.llama import check_adapters   # importing ggml_lora keeps llama.cpp off its AMX crash
+    from ggml_lora.llama_cpp_python import check_adapters   # importing ggml_lora keeps llama.cpp off its AMX crash
     from llama_cpp import Llama
 
     if not prompts:

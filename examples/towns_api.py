@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from textgen import english_text, facts  # noqa: E402
 
 from ggml_lora import Adapter, BaseModel, LoRAConfig
-from ggml_lora.training import TrainingContext, evaluate, loss_batch
+from ggml_lora.forward import evaluate, loss_batch
+from ggml_lora.step import TrainingContext
 
 
 def default_model() -> Path:

@@ -57,7 +57,7 @@ def llama_logits(model_path, tokens, lora=None, n_threads: int = 2) -> np.ndarra
     llm = Llama(**kwargs)
     try:
         if len(pairs) > 1:
-            from ggml_lora.llama import apply_adapters
+            from ggml_lora.llama_cpp_python import apply_adapters
 
             apply_adapters(llm, pairs)
         llm.reset()

@@ -22,7 +22,8 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, initialize, inva
                                  run_state_machine_as_test)
 
 from ggml_lora import Adapter, BaseModel, LoRAConfig
-from ggml_lora.training import TrainingContext, loss_batch
+from ggml_lora.forward import loss_batch
+from ggml_lora.step import TrainingContext
 
 MODEL_PATH = Path(sys.argv[1]) if __name__ == "__main__" else None
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -114,7 +114,7 @@ def test_matches_peft_adalora(tiny, model_file, tmp_path):
     # the regulariser as PEFT adds it to the loss (read back as loss - CE: float32 rounding of ~12)
     np.testing.assert_allclose([r["orth_loss"] for r in history.steps], peft_orth, rtol=0, atol=2e-5)
     peft_ranks = ref["ranks"]
-    ours_ranks = {hf_module(t): r for t, r in trainer.adalora.ranks().items()}
+    ours_ranks = {hf_module(t): r for t, r in trainer.method.adalora.ranks().items()}
     print("ranks ours", ours_ranks, "peft", peft_ranks, "val", ours_val, peft_val)
     assert ours_ranks == peft_ranks
     assert sum(ours_ranks.values()) == lora.target_r * len(ours_ranks)
@@ -125,7 +125,7 @@ def test_saved_adapter_has_a_rank_per_tensor_and_llama_cpp_agrees(tiny, model_fi
     (tmp_path / "train.txt").write_text(corpus(200, 2))
     trainer = LoRATrainer(tiny, LoRAConfig(**{**ADA, "target_r": 2}), train_config(tmp_path / "out", batch_size=4))
     history = trainer.train(tmp_path / "train.txt")
-    ranks = trainer.adalora.ranks()
+    ranks = trainer.method.adalora.ranks()
     assert sum(ranks.values()) == 2 * len(ranks) and len(set(ranks.values())) > 1
     tokens = np.array(tiny.tokenize(corpus(20, 3)), dtype=np.int32)
     training_forward = tiny.logits(tokens, trainer.adapter)          # init_r triplets, masked ones at E = 0

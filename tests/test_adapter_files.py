@@ -12,8 +12,9 @@ from reference import assert_parity, llama_logits
 
 from ggml_lora import Adapter, BaseModel, GGUFFormatError, LoRAConfig
 from ggml_lora.adapter_file import write_lora_gguf
-from ggml_lora.llama import apply_adapters
-from ggml_lora.training import TrainingContext, loss_batch
+from ggml_lora.llama_cpp_python import apply_adapters
+from ggml_lora.forward import loss_batch
+from ggml_lora.step import TrainingContext
 
 
 def trained_adapter(model, seed: int, steps: int = 3) -> Adapter:

@@ -15,7 +15,7 @@ from ggml_lora import Adapter, BaseModel, LoRAConfig, LoRATrainer, TrainingConfi
 from ggml_lora.data import collate, load_dataset, make_rows
 from ggml_lora.merge import merge_adapters
 from ggml_lora.preference import PreferenceConfig, PreferenceTrainer
-from ggml_lora.training import loss_sum
+from ggml_lora.forward import loss_sum
 
 TOKENS = [1, 5, 9, 33, 2, 70, 14, 3, 8, 41, 19, 6, 120, 77, 4, 300, 12, 9, 9, 2]
 
@@ -67,7 +67,7 @@ def test_adalora_on_fused_phi3_matrices_and_llama_cpp_agrees(tiny_model_file, tm
     with BaseModel.load(path, n_threads=N_THREADS) as model:
         trainer = LoRATrainer(model, lora, cfg)
         history = trainer.train(tmp_path / "train.txt")
-        ranks = trainer.adalora.ranks()
+        ranks = trainer.method.adalora.ranks()
         assert any(".attn_qkv." in t for t in ranks) and sum(ranks.values()) == 2 * len(ranks)
         tokens = np.array(TOKENS, dtype=np.int32)
         with Adapter.load(model, history.adapter_path) as saved:

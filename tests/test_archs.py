@@ -14,7 +14,8 @@ from test_training import randomize, sample_tokens
 
 from ggml_lora import Adapter, BaseModel, InvalidArgumentError, LoRAConfig, UnsupportedError
 from ggml_lora.adapter_file import write_lora_gguf
-from ggml_lora.training import TrainingContext, evaluate, loss_batch
+from ggml_lora.forward import evaluate, loss_batch
+from ggml_lora.step import TrainingContext
 
 # Each with what makes it differ from llama switched on where a short test can see it: a sliding window
 # of 8 (gemma2's period 2 makes layer 1 global, gemma3's period 6 layer 5), softcaps that bite on the
@@ -229,7 +230,7 @@ def test_chat_data_needs_a_template_or_a_builtin(tiny_model_file):
     the model's."""
     from ggml_lora.data import load_dataset
     from ggml_lora.errors import DatasetError
-    from ggml_lora.trainer import resolve_chat_template
+    from ggml_lora.chat import resolve_chat_template
 
     chat = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Vastrell?"},
                           {"role": "assistant", "content": "Quennick."}]}]

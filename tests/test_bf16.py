@@ -1,4 +1,4 @@
-"""bfloat16 products on AMX tiles (TrainingConfig.bf16, BaseModel.set_bf16) give the product of the bf16 values.
+"""bfloat16 products on AMX tiles (TrainingConfig.amx_bf16, BaseModel.set_amx_bf16) give the product of the bf16 values.
 
 Where the CPU has AMX-BF16 the products through the working copies of the frozen weights run in a kernel
 of our own; the checks of that kernel run only there. Everywhere: asking for it where the CPU has no AMX
@@ -17,7 +17,8 @@ from test_frozen_memory import ALL
 
 from ggml_lora import (Adapter, BaseModel, InvalidArgumentError, LoRAConfig, LoRATrainer, TrainingConfig,
                        UnsupportedError, cpu_has_amx_bf16)
-from ggml_lora.training import TrainingContext, loss_batch, loss_sum
+from ggml_lora.forward import loss_batch, loss_sum
+from ggml_lora.step import TrainingContext
 
 AMX = cpu_has_amx_bf16()
 needs_amx = pytest.mark.skipif(not AMX, reason="this CPU has no AMX-BF16 tiles")
@@ -26,7 +27,7 @@ needs_amx = pytest.mark.skipif(not AMX, reason="this CPU has no AMX-BF16 tiles")
 def gradients(path, bf16: bool, f16_weights: bool, tokens, checkpointing: bool = False):
     """The LoRA gradients of one batch, and its loss through the working copies."""
     with BaseModel.load(path, n_threads=N_THREADS) as model:
-        model.set_bf16(bf16)
+        model.set_amx_bf16(bf16)
         adapter = Adapter.init(model, LoRAConfig(rank=4, target_modules=ALL))
         rng = np.random.default_rng(1)
         for name in adapter.targets:
@@ -101,18 +102,18 @@ def test_bf16_where_the_cpu_has_no_amx_is_a_clear_error(tiny_model_file, tmp_pat
     path = tiny_model_file("llama", "q4_1")
     with BaseModel.load(path, n_threads=N_THREADS) as model:
         with pytest.raises(InvalidArgumentError) as bad:
-            model.set_bf16(1)                               # not a bool
-        assert "bf16" in str(bad.value)
+            model.set_amx_bf16(1)                               # not a bool
+        assert "amx_bf16" in str(bad.value)
         if AMX:
-            model.set_bf16(True)
-            assert model.bf16
-            model.set_bf16(False)
-            assert not model.bf16
+            model.set_amx_bf16(True)
+            assert model.amx_bf16
+            model.set_amx_bf16(False)
+            assert not model.amx_bf16
         else:
             with pytest.raises(UnsupportedError, match="AMX"):
-                model.set_bf16(True)
-            assert not model.bf16
-            trainer = LoRATrainer(model, LoRAConfig(rank=4), TrainingConfig(bf16=True, max_steps=1,
+                model.set_amx_bf16(True)
+            assert not model.amx_bf16
+            trainer = LoRATrainer(model, LoRAConfig(rank=4), TrainingConfig(amx_bf16=True, max_steps=1,
                                                                              output_dir=str(tmp_path / "out")))
             with pytest.raises(UnsupportedError, match="AMX"):
                 trainer.train([{"text": "hello world " * 8}])
@@ -128,5 +129,5 @@ def test_the_trainer_chooses_bf16_where_the_cpu_has_amx(tiny_model_file, tmp_pat
         history = trainer.train([{"text": "the quick brown fox jumps over the lazy dog " * 4}] * 4)
         assert np.isfinite(history.losses).all()
         resolved = json.loads((out / "adapter_config.json").read_text())["resolved"]
-        assert resolved["bf16"] is AMX
-        assert model.bf16 is AMX
+        assert resolved["amx_bf16"] is AMX
+        assert model.amx_bf16 is AMX

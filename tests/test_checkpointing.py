@@ -14,7 +14,8 @@ from conftest import N_THREADS
 from gguf import GGUFReader
 
 from ggml_lora import Adapter, BaseModel, InvalidArgumentError, LoRAConfig
-from ggml_lora.training import TrainingContext, estimate_memory, loss_batch
+from ggml_lora.forward import loss_batch
+from ggml_lora.step import TrainingContext, estimate_memory
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -97,7 +98,8 @@ _RSS_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     import numpy as np
     from ggml_lora import Adapter, BaseModel, LoRAConfig
-    from ggml_lora.training import TrainingContext, estimate_memory, loss_batch
+    from ggml_lora.forward import loss_batch
+    from ggml_lora.step import TrainingContext, estimate_memory
 
     def status(key):
         with open("/proc/self/status") as f:

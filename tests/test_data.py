@@ -19,7 +19,7 @@ from ggml_lora._native import check, ffi, lib
 from ggml_lora.chat import ChatTemplate
 from ggml_lora.data import Row, Sample, collate, load_dataset, load_splits, make_rows, n_targets
 from ggml_lora.errors import DatasetError
-from ggml_lora.training import TrainingContext
+from ggml_lora.step import TrainingContext
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))

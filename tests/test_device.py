@@ -18,7 +18,8 @@ from tinymodels import quantize_with_llama_cpp, write_tiny_model
 
 from ggml_lora import (Adapter, BaseModel, InvalidArgumentError, LoRAConfig, LoRATrainer, OutOfMemoryError,
                        TrainingConfig, devices, merge_adapters)
-from ggml_lora.training import TrainingContext, evaluate, loss_batch
+from ggml_lora.forward import evaluate, loss_batch
+from ggml_lora.step import TrainingContext
 
 DEVICES = [d.name for d in devices() if d.type != "cpu"]
 pytestmark = [
@@ -161,7 +162,7 @@ def train(model, tmp_path, name, **kw):
 def test_training_matches_the_cpu_and_stays_on_the_device(device, tiny_model_file, tmp_path, gc):
     path = tiny_model_file("llama", "q8_0")
     with BaseModel.load(path, device="CPU", n_threads=N_THREADS) as cpu:
-        want = train(cpu, tmp_path, "cpu", gradient_checkpointing=gc, f16_weights=False, bf16=False)
+        want = train(cpu, tmp_path, "cpu", gradient_checkpointing=gc, f16_weights=False, amx_bf16=False)
     with on(path, device) as model:
         got = train(model, tmp_path, "dev", gradient_checkpointing=gc)
     np.testing.assert_allclose(got.losses, want.losses, rtol=5e-3)
@@ -287,7 +288,7 @@ def test_the_memory_budget_of_a_device_run_is_the_devices(device):
     """What the trainer's memory plan is held against on a GPU: the device's free memory as its backend
     reports it, not the host's (Mesa 25's lavapipe reports the host's RAM as its heap, so the refusal test
     above only runs where the device is small)."""
-    from ggml_lora import policy
+    from ggml_lora import planning as policy
 
     assert not policy.is_cpu(device)
     assert policy.available_memory(device) == next(d for d in devices() if d.name == device).memory_free
@@ -325,7 +326,7 @@ def test_smollm2_trains_on_the_device_as_on_the_cpu(device, smollm2_file, tmp_pa
     data = "examples/data/facts/train.jsonl"
     runs = {}
     for where in ("CPU", device):
-        extra = dict(f16_weights=False, bf16=False) if where == "CPU" else {}
+        extra = dict(f16_weights=False, amx_bf16=False) if where == "CPU" else {}
         with BaseModel.load(smollm2_file, device=where, n_threads=N_THREADS) as model:
             runs[where] = LoRATrainer(model, lora, TrainingConfig(output_dir=str(tmp_path / where), **small,
                                                                    **extra)).train(data)

@@ -23,7 +23,7 @@ from gguf import GGUFReader
 
 from ggml_lora import Adapter, BaseModel, LoRAConfig
 from ggml_lora.data import Row, collate, n_targets
-from ggml_lora.training import TrainingContext
+from ggml_lora.step import TrainingContext
 
 pytest.importorskip("mpi4py")
 MPIEXEC = Path(sys.executable).parent / "mpiexec"

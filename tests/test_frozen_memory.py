@@ -12,7 +12,8 @@ import pytest
 from conftest import N_THREADS
 
 from ggml_lora import Adapter, BaseModel, LoRAConfig
-from ggml_lora.training import TrainingContext, estimate_memory, loss_batch
+from ggml_lora.forward import loss_batch
+from ggml_lora.step import TrainingContext, estimate_memory
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -17,7 +17,8 @@ from test_parity import TEXTS, random_adapter_tensors
 
 from ggml_lora import Adapter, LoRAConfig
 from ggml_lora.adapter_file import write_lora_gguf
-from ggml_lora.training import TrainingContext, evaluate, loss_batch
+from ggml_lora.forward import evaluate, loss_batch
+from ggml_lora.step import TrainingContext
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTS = ROOT / "examples" / "data" / "facts-completion"

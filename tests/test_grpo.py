@@ -16,7 +16,7 @@ from conftest import N_THREADS
 from ggml_lora import Adapter, BaseModel, GRPOConfig, GRPOTrainer, LoRAConfig, RewardFunctionError, TrainingConfig
 from ggml_lora.errors import DatasetError, InvalidArgumentError
 from ggml_lora.rollout import Sampler, filter_logits
-from ggml_lora.training import loss_batch, row_losses
+from ggml_lora.forward import loss_batch, row_losses
 
 LORA = LoRAConfig(rank=4, target_modules=("q_proj", "v_proj"))
 PROMPTS = [{"prompt": f"Question {i}: say something", "answer": str(i)} for i in range(8)]

@@ -16,7 +16,8 @@ import pytest
 from conftest import N_THREADS
 
 from ggml_lora import Adapter, BaseModel, LoRAConfig, LoRATrainer, TrainingConfig
-from ggml_lora.training import TrainingContext, estimate_memory, evaluate, loss_batch, loss_sum
+from ggml_lora.forward import evaluate, loss_batch, loss_sum
+from ggml_lora.step import TrainingContext, estimate_memory
 
 CFG = LoRAConfig(rank=4, target_modules=("q_proj", "v_proj"))
 TOKENS = np.arange(1, 17)

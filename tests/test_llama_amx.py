@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-import ggml_lora.llama as gl
+import ggml_lora.llama_cpp_python as gl
 
 # llama_print_system_info() as printed by the pinned llama.cpp on each class of x86 machine this
 # project runs on (feature names and format from ggml-cpu.cpp's ggml_backend_cpu_get_features)
@@ -58,7 +58,7 @@ def test_protected_llama_runs_a_long_prompt_with_the_same_logits(tiny_model_file
     out = run_child(f"""
         import numpy as np, llama_cpp
         from llama_cpp import Llama
-        import ggml_lora.llama as gl
+        import ggml_lora.llama_cpp_python as gl
         from ggml_lora import BaseModel
         assert llama_cpp.llama_model_default_params().use_extra_bufts is {not gl.extra_buffers_crash(gl.llama_cpp_features())}
         assert gl.protect_llama_cpp(gl.parse_system_info({AVX512_AMX!r}))

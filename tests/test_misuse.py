@@ -13,7 +13,8 @@ from conftest import N_THREADS
 
 from ggml_lora import Adapter, BaseModel, InvalidArgumentError, LoRAConfig
 from ggml_lora._handles import Batch
-from ggml_lora.training import TrainingContext, loss_batch
+from ggml_lora.forward import loss_batch
+from ggml_lora.step import TrainingContext
 
 ROOT = Path(__file__).resolve().parents[1]
 

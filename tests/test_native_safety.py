@@ -21,7 +21,8 @@ from conftest import N_THREADS
 
 from ggml_lora import Adapter, BaseModel, InvalidArgumentError, LoRAConfig, UnsupportedError, _native
 from ggml_lora.errors import InternalError
-from ggml_lora.training import TrainingContext, loss_batch
+from ggml_lora.forward import loss_batch
+from ggml_lora.step import TrainingContext
 
 NATIVE = Path(__file__).resolve().parents[1] / "native"
 TESTS = Path(__file__).resolve().parent
@@ -92,7 +93,7 @@ def test_every_exported_function_runs_inside_a_guard():
 OOM_CHILD = """
 import re, resource, sys
 from ggml_lora import Adapter, BaseModel, LoRAConfig, OutOfMemoryError
-from ggml_lora.training import TrainingContext
+from ggml_lora.step import TrainingContext
 
 model = BaseModel.load(sys.argv[1], n_threads=1)
 adapter = Adapter.init(model, LoRAConfig(rank=2, target_modules=("q_proj",)))
@@ -127,7 +128,8 @@ import json, logging, re, sys
 import numpy as np
 from tinymodels import write_tiny_model
 from ggml_lora import Adapter, BaseModel, LoRAConfig
-from ggml_lora.training import TrainingContext, loss_batch, loss_sum
+from ggml_lora.forward import loss_batch, loss_sum
+from ggml_lora.step import TrainingContext
 
 graphs = []   # (nodes, leafs, budget) of every graph the library allocates or plans
 class Collect(logging.Handler):
@@ -195,7 +197,7 @@ SMOLLM2_CHILD = """
 import json, sys
 from reference import smollm2_path
 from ggml_lora import BaseModel, LoRAConfig, UnsupportedError
-from ggml_lora.training import estimate_memory
+from ggml_lora.step import estimate_memory
 
 lora = LoRAConfig(rank=8, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 with BaseModel.load(smollm2_path(), n_threads=2) as model:

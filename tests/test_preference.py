@@ -17,7 +17,8 @@ from ggml_lora import BaseModel, LoRAConfig, PreferenceConfig, PreferenceTrainer
 from ggml_lora._handles import Batch
 from ggml_lora.errors import CheckpointError, DatasetError, InvalidArgumentError, UnsupportedError
 from ggml_lora.preference import load_preferences, objective
-from ggml_lora.training import TrainingContext, loss_sum, row_losses
+from ggml_lora.forward import loss_sum, row_losses
+from ggml_lora.step import TrainingContext
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 WORDS = ["north", "river", "stone", "the", "of", "town", "bell", "mill", "green", "road", "lies", "near"]
@@ -122,13 +123,13 @@ def test_gradient_of_each_objective(tiny, tmp_path, method, options):
     randomize_b(trainer.adapter)
     trainer._ctx = TrainingContext(trainer.adapter)
     with trainer._ctx._lock:
-        obj, _ = trainer._accumulate(rows)
+        obj, _ = trainer.method.accumulate(rows)
     grads = trainer._ctx.gradients()
     kl = obj.metrics.get("kl")
 
     def value():
         if kl is None:
-            return trainer._forward(rows, False)[3].loss
+            return trainer.method.forward(rows, False)[3].loss
         return _kto_at(trainer, rows, kl)
 
     checked = 0
@@ -154,12 +155,12 @@ def test_gradient_of_each_objective(tiny, tmp_path, method, options):
 
 def _kto_at(trainer, rows, kl):
     """KTO's loss at the current adapter with the KL estimate fixed."""
-    from ggml_lora.preference import _Pass
+    from ggml_lora.methods.preference import _Pass
 
     seqs = [s for r in rows for s in r.seqs]
     p = _Pass(trainer.model, seqs, [False] * len(seqs), trainer.config.batch_size)
     logp, n_comp = (v.reshape(-1, 2) for v in p.sums(trainer.model, trainer.adapter, False, len(seqs))[:2])
-    ref = np.stack([trainer._ref[(r, False)] for r in rows])
+    ref = np.stack([trainer.method._ref[(r, False)] for r in rows])
     return objective(trainer.preference, logp, n_comp, ref=ref, labels=[r.label for r in rows], kl=kl).loss
 
 

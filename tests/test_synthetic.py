@@ -39,7 +39,7 @@ def test_smollm2_shape_through_llama_cpps_quantizer(tmp_path):
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
         import sys, numpy as np
         sys.path.insert(0, {str(ROOT / "tests")!r})
-        import ggml_lora.llama as gl
+        import ggml_lora.llama_cpp_python as gl
         from llama_cpp import Llama
         from ggml_lora import BaseModel
         from reference import parity_report

@@ -331,7 +331,7 @@ def test_rows_of_a_micro_batch_are_packed_without_dropout(tiny, tmp_path):
         trainer = LoRATrainer(tiny, lora, config(tmp_path, name, batch_size=4, max_steps=5, eval_every=5))
         runs[name] = trainer.train(data, valid=valid), {t: trainer.adapter.get(t) for t in trainer.adapter.targets}
         samples = load_dataset(data[:4], tiny, max_seq_length=32)[0]
-        batches, _ = trainer._micro_batches(make_rows(samples, max_seq_length=32, packing=False))
+        batches, _ = trainer.method.micro_batches(make_rows(samples, max_seq_length=32, packing=False))
         assert (batches[0].tokens.shape[0] < 4) if dropout == 0 else (batches[0].tokens.shape[0] == 4)
     (packed, a), (padded, b) = runs["packed"], runs["padded"]
     # float32 sums in another order (and the 1e-12 scale): measured below 1e-6 relative
@@ -347,7 +347,7 @@ def test_f16_weights_are_chosen_only_where_they_fit_with_room(tiny_model_file, t
     most a quarter of the memory and the step at most half; otherwise on the stored blocks. True and False
     are obeyed; a model without quantized matrices has nothing to copy. adapter_config.json says which."""
     from ggml_lora.data import load_dataset
-    from ggml_lora.training import estimate_memory
+    from ggml_lora.step import estimate_memory
 
     def chosen(model, name, **kw) -> bool:
         LoRATrainer(model, LORA, config(tmp_path, name, max_steps=1, eval_every=0, save_every=0, **kw)).train(texts(4))
@@ -358,11 +358,11 @@ def test_f16_weights_are_chosen_only_where_they_fit_with_room(tiny_model_file, t
         est = estimate_memory(model, LORA, 2, longest, f16_weights=True)     # the trainer's step
         assert est["f16_weights"] > 0
         total = est["total"]
-        assert chosen(model, "auto", bf16=False) is True
+        assert chosen(model, "auto", amx_bf16=False) is True
         # a limit the step fits in, but not twice over: the copies are not worth the room
         tight = 1.5 * total / 2**30
-        assert chosen(model, "tight", memory_limit_gib=tight, bf16=False) is False
-        assert chosen(model, "forced", memory_limit_gib=tight, f16_weights=True, bf16=False) is True
+        assert chosen(model, "tight", memory_limit_gib=tight, amx_bf16=False) is False
+        assert chosen(model, "forced", memory_limit_gib=tight, f16_weights=True, amx_bf16=False) is True
         assert chosen(model, "off", f16_weights=False) is False
         # with bf16 products on AMX tiles the forward reads the stored blocks: no copies, nothing to weigh
         assert chosen(model, "amx", memory_limit_gib=tight) is cpu_has_amx_bf16()

@@ -9,7 +9,8 @@ import pytest
 from conftest import N_THREADS
 
 from ggml_lora import Adapter, BaseModel, InvalidArgumentError, LoRAConfig
-from ggml_lora.training import TrainingContext, evaluate, loss_batch, loss_sum, row_losses
+from ggml_lora.forward import evaluate, loss_batch, loss_sum, row_losses
+from ggml_lora.step import TrainingContext
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

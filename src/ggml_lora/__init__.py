@@ -5,7 +5,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from ._native import ffi, lib
-from . import llama as _llama  # noqa: F401  (keeps llama-cpp-python off its AMX crash; see ggml_lora.llama)
+from . import llama_cpp_python as _llama_cpp_python  # noqa: F401  (keeps llama-cpp-python off its AMX crash; see ggml_lora.llama_cpp_python)
 from .adapter import Adapter
 from .arch import ARCHITECTURES
 from .config import GRPOConfig, LoRAConfig, PreferenceConfig, TrainingConfig

@@ -115,7 +115,7 @@ class AdaLoRA:
              dropout_seed: int):
         """Forward + backward (native), the chain rule to A, E, B, the regulariser, clipping, AdamW,
         then the allocator. Returns the StepResult of the cross-entropy (``orth_loss`` on the side)."""
-        from .training import StepResult
+        from .step import StepResult
 
         with ctx._lock:
             loss_sum, n_tokens = ctx.accumulate_all(micro_batches, dropout_seed)

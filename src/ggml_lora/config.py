@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields
+import warnings
+from dataclasses import InitVar, dataclass, field, fields
 from typing import Any
 
 from .arch import ALL_MODULES, LM_HEAD
@@ -273,7 +274,7 @@ class TrainingConfig:
                                            "faster on CPU, 2 more bytes per weight; evaluation keeps the stored "
                                            "weights. None (auto): on a CPU, when the copies take at most a quarter "
                                            "of the memory available and the whole step at most half")
-    bf16: bool | None = _opt(None, "multiply through the frozen weights on the CPU's AMX tiles in bfloat16 (the "
+    amx_bf16: bool | None = _opt(None, "multiply through the frozen weights on the CPU's AMX tiles in bfloat16 (the "
                                    "forward reads the stored blocks, no F16 copies; the attention too): "
                                    "activations rounded to bfloat16, sums in float32, as PyTorch's bf16 autocast. "
                                    "None (auto): on where the CPU has AMX-BF16; true elsewhere is an error")
@@ -290,7 +291,14 @@ class TrainingConfig:
                                     "or srun started more than one process), mpi, or none; batch_size is then "
                                     "per process")
 
-    def __post_init__(self) -> None:
+    # amx_bf16's name until 0.1 (it never meant bfloat16 in general): accepted by __init__ for one more release;
+    # read amx_bf16 (an InitVar is not stored, and dataclasses.replace passes this default along)
+    bf16: InitVar[bool | None] = None
+
+    def __post_init__(self, bf16: bool | None = None) -> None:
+        if bf16 is not None:
+            warnings.warn("TrainingConfig(bf16=...) is deprecated: use amx_bf16=", DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "amx_bf16", bf16)
         c = type(self).__name__
 
         def positive_int(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:
@@ -364,7 +372,7 @@ class TrainingConfig:
         for name in ("train_on_prompt", "gradient_checkpointing", "keep_transposed_weights", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(c, name, getattr(self, name), "must be true or false")
-        for name in ("packing", "f16_weights", "bf16"):
+        for name in ("packing", "f16_weights", "amx_bf16"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise _fail(c, name, getattr(self, name), "must be true, false or None")
         for name in ("output_dir", "device"):
@@ -383,7 +391,11 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        if "bf16" in data:          # its name until 0.1: AMX tiles only, not bfloat16 in general
+            warnings.warn("TrainingConfig: 'bf16' is deprecated, use 'amx_bf16'", DeprecationWarning, stacklevel=2)
+            data = {("amx_bf16" if k == "bf16" else k): v for k, v in data.items()}
         return _from_dict(cls, data)
+
 
 
 PREFERENCE_METHODS = ("sft", "dpo", "orpo", "kto")

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from ._handles import Batch
-from .chat import ChatTemplate, Tokenizer, _kind, check_messages, render_with_spans
+from .chat import ChatTemplate, Tokenizer, kind_of, check_messages, render_with_spans
 from .errors import ContextLengthError, DatasetError, InvalidArgumentError
 
 MAX_LINE_BYTES = 64 << 20      # a longer line is an error rather than an out-of-memory
@@ -231,7 +231,7 @@ def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             raise DatasetError(f"{where}: the JSON is nested too deeply to read") from None
 
 
-def _open(source, split: str) -> tuple[str, str, Iterator[tuple[str, Any]]]:
+def open_source(source, split: str) -> tuple[str, str, Iterator[tuple[str, Any]]]:
     """(label, "txt" | "records", items): items are (where, line) for txt, (where, record) otherwise."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -268,12 +268,12 @@ def _open(source, split: str) -> tuple[str, str, Iterator[tuple[str, Any]]]:
         items = [(f"records[{i}]", {"text": r} if isinstance(r, str) else r) for i, r in enumerate(source)]
         return f"<list of {len(source)} records>", "records", iter(items)
     raise InvalidArgumentError(f"source: expected a path, a folder, a list of strings or dicts, or a Hugging Face "
-                               f"datasets.Dataset, got {_kind(source)}")
+                               f"datasets.Dataset, got {kind_of(source)}")
 
 
 def _format_of(record: Any, where: str) -> str:
     if not isinstance(record, dict):
-        raise DatasetError(f"{where}: expected an object (a dict), got {_kind(record)}")
+        raise DatasetError(f"{where}: expected an object (a dict), got {kind_of(record)}")
     # a null value counts as absent: a table (Parquet, Arrow, datasets) has every column in every row
     keys = sorted(str(k) for k, v in record.items() if v is not None)
     nulls = sorted(str(k) for k, v in record.items() if v is None)
@@ -289,13 +289,13 @@ def _format_of(record: Any, where: str) -> str:
             raise DatasetError(f"{where}: a {found[0]} record needs {' and '.join(map(repr, _KEYS[found[0]]))}; "
                                f"{key!r} is {'null' if key in nulls else 'missing'}")
         if found[0] != "chat" and not isinstance(record[key], str):
-            raise DatasetError(f"{where}: '{key}' must be a string, got {_kind(record[key])}")
+            raise DatasetError(f"{where}: '{key}' must be a string, got {kind_of(record[key])}")
     return found[0]
 
 
 # ---- records -> samples -----------------------------------------------------------------------------
 
-class _Loader:
+class SampleBuilder:
     def __init__(self, model, report: DataReport, max_seq_length: int, truncation: str, train_on_prompt: bool,
                  chat_template: str | None):
         self.model, self.report, self.tok = model, report, Tokenizer(model)
@@ -417,7 +417,7 @@ class _Loader:
             yield self.drain()
 
 
-def _check_args(max_seq_length: int, truncation: str, model) -> None:
+def check_lengths(max_seq_length: int, truncation: str, model) -> None:
     if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 2:
         raise InvalidArgumentError(f"max_seq_length={max_seq_length!r}: must be an integer >= 2")
     n_ctx = getattr(model, "n_ctx", None)
@@ -432,11 +432,11 @@ def load_dataset(source, model, *, max_seq_length: int, truncation: str = "trunc
                  chat_template: str | None = None, split: str = "train") -> tuple[list[Sample], DataReport]:
     """Read and tokenize ``source`` (see the module docstring; a folder or a DatasetDict gives its
     ``split``). Errors are DatasetError naming the file and line or row, or the list index."""
-    _check_args(max_seq_length, truncation, model)
+    check_lengths(max_seq_length, truncation, model)
     if split not in SPLITS:
         raise InvalidArgumentError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
     if chat_template is not None and not isinstance(chat_template, str):
-        raise InvalidArgumentError(f"chat_template: expected a Jinja template string, got {_kind(chat_template)}")
+        raise InvalidArgumentError(f"chat_template: expected a Jinja template string, got {kind_of(chat_template)}")
     report, chunks = _sample_chunks(source, model, max_seq_length, truncation, train_on_prompt, chat_template, split)
     samples = [s for chunk in chunks for s in chunk]
     if not samples:
@@ -452,9 +452,9 @@ def _empty(report: DataReport) -> DatasetError:
 
 def _sample_chunks(source, model, max_seq_length, truncation, train_on_prompt, chat_template, split):
     """(report, lazy iterator of sample lists): the report fills in as the iterator is consumed."""
-    label, kind, items = _open(source, split)
+    label, kind, items = open_source(source, split)
     report = DataReport(label, "text")
-    loader = _Loader(model, report, max_seq_length, truncation, bool(train_on_prompt), chat_template)
+    loader = SampleBuilder(model, report, max_seq_length, truncation, bool(train_on_prompt), chat_template)
     return report, (loader.text_stream(items) if kind == "txt" else loader.records(items))
 
 
@@ -462,7 +462,7 @@ def stream_samples(source, model, *, max_seq_length: int, truncation: str = "tru
                    train_on_prompt: bool = False, chat_template: str | None = None) -> tuple[DataReport, Iterator[Sample]]:
     """``source``'s samples one at a time, read and tokenized as they are consumed (load_dataset's
     samples, in order, without holding them all); the report counts what has been read so far."""
-    _check_args(max_seq_length, truncation, model)
+    check_lengths(max_seq_length, truncation, model)
     report, chunks = _sample_chunks(source, model, max_seq_length, truncation, train_on_prompt, chat_template, "train")
     return report, (s for chunk in chunks for s in chunk)
 

@@ -20,57 +20,10 @@ from typing import NoReturn
 
 import numpy as np
 
-from .errors import UnsupportedError
+from .errors import DistributedError, UnsupportedError
 
 MODES = ("auto", "mpi", "none")
-# set by MPI launchers in every process they start: Open MPI, MPICH/Intel MPI (hydra) and Slurm's PMI2,
-# MVAPICH; PMIx launches (srun --mpi=pmix) set PMIX_RANK and Slurm the step's task count
-_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
-_LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE")
-
-
-def _env_int(names) -> int | None:
-    for name in names:
-        try:
-            return int(os.environ[name])
-        except (KeyError, ValueError):
-            continue
-    return None
-
-
-def launched_size() -> int:
-    """The number of processes an MPI launcher started this one with (1 when not launched by one)."""
-    size = _env_int(_SIZE_VARS)
-    if size is None and "PMIX_RANK" in os.environ:
-        size = _env_int(("SLURM_STEP_NUM_TASKS",))
-    return size or 1
-
-
-def local_size() -> int:
-    """Processes of this launch on this machine (1 when not launched by MPI)."""
-    if launched_size() <= 1:
-        return 1
-    n = _env_int(_LOCAL_SIZE_VARS)
-    if n is None:
-        try:
-            from mpi4py import MPI
-        except ImportError:
-            return 1
-        n = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
-    return max(n, 1)
-
-
-def default_threads() -> int | None:
-    """CPU threads for one process: the cores it may use divided among the ranks on its machine, or None
-    (ggml's own choice) when not launched by MPI."""
-    n = local_size()
-    if n <= 1:
-        return None
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count() or 1
-    return max(1, min(usable, (os.cpu_count() or 1) // n))
+from .hardware import default_threads, launched_size, local_size  # noqa: F401  (this module's API)
 
 
 class Communicator:
@@ -144,4 +97,51 @@ def digest(arrays) -> str:
     return h.hexdigest()
 
 
-__all__ = ["Communicator", "MPICommunicator", "communicator", "default_threads", "launched_size", "local_size"]
+def shard(comm: Communicator, rows_per_step: int, chosen: list, micro_batches):
+    """(this process's micro-batches of a step's rows, the tokens of all of them, the supervised tokens of all
+    of them or None in one process). Rank r takes the r-th run of ``rows_per_step`` rows: its micro-batches
+    are those one process would make there (``micro_batches(rows, first_key)`` -> (batches, tokens))."""
+    if comm.size == 1:
+        return (*micro_batches(chosen), None)
+    from .data import n_targets
+
+    first = comm.rank * rows_per_step
+    mine = micro_batches(chosen[first:first + rows_per_step], first_key=first)[0]
+    return mine, sum(len(r.tokens) for r in chosen), sum(n_targets(r) for r in chosen)
+
+
+def check_agreement(trainer, fingerprint: str, valid_fingerprint: str) -> None:
+    """Every rank must train the same base model on the same data with the same settings."""
+    import json
+
+    comm = trainer.comm
+    if comm.size == 1:
+        return
+    local = ("n_threads", "device", "progress", "report_to", "logging_dir", "run_name")   # may differ per host
+    settings = [{k: v for k, v in trainer.config.to_dict().items() if k not in local}, trainer.lora_config.to_dict()]
+    mine = {"data": fingerprint, "validation data": valid_fingerprint, "base model": trainer.model.sha256,
+            "settings": digest([np.frombuffer(json.dumps(settings, sort_keys=True, default=str).encode(), np.uint8)])}
+    everyone = comm.allgather(mine)
+    differ = [k for k in mine if len({e[k] for e in everyone}) > 1]
+    if differ:
+        raise DistributedError(f"the {comm.size} processes disagree on their {', '.join(differ)}: "
+                               + "; ".join(f"rank {r}: " + ", ".join(f"{k} {e[k][:12]}" for k in differ)
+                                           for r, e in enumerate(everyone))
+                               + ". Launch every rank with the same model, data and options")
+
+
+def check_replicas(trainer, where: str) -> None:
+    """Every rank must hold the same adapter, bit for bit (a hash of each rank's A and B, gathered)."""
+    comm, adapter = trainer.comm, trainer.adapter
+    if comm.size == 1:
+        return
+    h = digest(x for t in adapter.targets for x in adapter.get(t))
+    everyone = comm.allgather(h)
+    if len(set(everyone)) > 1:
+        raise DistributedError(f"{where}: the ranks' adapters differ ("
+                               + ", ".join(f"rank {r} {d[:12]}" for r, d in enumerate(everyone))
+                               + "); their steps no longer agree, training stopped. The last checkpoint is "
+                               "loadable; report this with the launch command")
+
+
+__all__ = ["Communicator", "check_agreement", "check_replicas", "shard", "MPICommunicator", "communicator", "default_threads", "launched_size", "local_size"]

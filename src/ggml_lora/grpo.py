@@ -1,135 +1,20 @@
-"""GRPO on a frozen GGUF base: online RL whose rollouts llama.cpp samples through the live adapter.
-
-A generation batch is ``batch_size × gradient_accumulation_steps`` completions: that many / num_generations
-prompts, each sampled ``num_generations`` times by llama.cpp from the base GGUF plus the adapter as it stands
-after the last optimizer step (rollout.py). It serves ``num_iterations`` optimizer steps (TRL's μ). A step:
-
-1. (first step of a generation batch) refresh the adapter in llama.cpp, sample, score with the reward
-   functions, advantages (grpo_loss.advantages); with μ > 1 the old policy's log-probabilities and with
-   beta > 0 the reference's (adapter off) come from our forward (training.row_losses);
-2. the current log-probabilities, by the same forward — skipped when the step is on-policy with beta = 0
-   and the loss is not cispo: the ratio is then exactly 1 and TRL's gradient does not depend on them;
-3. one weighted accumulation (``glora_batch.loss_weights``): w_t = −∂loss/∂logπ_t from grpo_loss, the
-   exact gradient of TRL's loss; then clipping and the AdamW update as in supervised training.
-
-Data: records with a ``prompt`` (a string, or a list of messages rendered with the chat template and its
-generation prompt) and any other columns, which reach the reward functions as keyword arguments (TRL's
-convention, grpo_trainer.py:1584-1598). LoRA dropout must be 0 (TRL's disable_dropout): the weights come
-from a forward without it.
-"""
+"""GRPOTrainer: online RL with TRL's GRPOTrainer's options, rewards and metrics; the loop is LoRATrainer's
+and the method (rollouts by llama.cpp through the live adapter, rewards, TRL's losses) is
+methods.grpo.GRPO, whose docstring tells a step."""
 
 from __future__ import annotations
 
 import inspect
-import json
-import math
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import numpy as np
 
-from ._handles import Batch
 from .adapter import Adapter
 from .config import GRPOConfig, LoRAConfig, TrainingConfig
-from .data import DataReport, Row, _open, collate, hold_out, own_validation
-from .errors import (CheckpointError, DatasetError, InvalidArgumentError, RewardFunctionError, UnsupportedError)
-from .grpo_loss import advantages, grpo_loss
+from .errors import InvalidArgumentError, UnsupportedError
+from .methods.grpo import GRPO, PromptRow, Rollouts, load_prompts
 from .model import BaseModel
 from .trainer import LoRATrainer
-from .training import row_losses
-
-
-@dataclass(frozen=True, eq=False)
-class PromptRow:
-    """One prompt record: its tokens, the prompt as given (for the reward functions) and its other columns."""
-
-    tokens: np.ndarray
-    prompt: object
-    columns: dict = field(default_factory=dict)
-
-    @property
-    def mask(self) -> np.ndarray:           # for the data fingerprint: prompts carry no loss
-        return np.zeros(len(self.tokens), dtype=bool)
-
-
-# ---- data --------------------------------------------------------------------------------------------
-
-def load_prompts(source, model: BaseModel, *, max_prompt_tokens: int, chat_template: str | None = None,
-                 split: str = "train") -> tuple[list[PromptRow], DataReport]:
-    """Prompt records of ``source``'s ``split``. A prompt longer than ``max_prompt_tokens`` (the context less
-    max_completion_length) is an error naming the record: a rollout could not run, so it fails before any."""
-    from .chat import ChatTemplate, Tokenizer, _kind, check_messages
-    from .gguf_header import read_header
-
-    label, kind, items = _open(source, split)
-    if kind != "records":
-        raise DatasetError(f"{label}: GRPO data are records with a 'prompt', not plain text")
-    report = DataReport(label, "prompt")
-    tok = Tokenizer(model)
-    template = None
-    rows = []
-    for where, record in items:
-        if record is None:
-            report._skip("blank line")
-            continue
-        if not isinstance(record, dict) or record.get("prompt") is None:
-            raise DatasetError(f"{where}: a GRPO record is an object with a 'prompt', got {_kind(record)}"
-                               + (f" with keys {sorted(map(str, record))}" if isinstance(record, dict) else ""))
-        report.n_records += 1
-        prompt = record["prompt"]
-        if isinstance(prompt, str):
-            ids, _ = tok.encode(prompt, None, where)
-        elif isinstance(prompt, list):
-            # the same checks as chat data, less "an assistant turn": a prompt awaits the assistant's answer
-            messages = check_messages(prompt + [{"role": "assistant", "content": ""}], where)[:-1]
-            if template is None:
-                src = chat_template or read_header(model.path).get("tokenizer.chat_template")
-                if not isinstance(src, str) or not src:
-                    raise DatasetError(f"{where}: message prompts need a chat template and {model.path} has none; "
-                                       "pass chat_template=")
-                template = ChatTemplate(src, tok.bos_text, tok.eos_text)
-            ids, _ = tok.encode(template.render(messages, add_generation_prompt=True), None, where)
-        else:
-            raise DatasetError(f"{where}: 'prompt' must be a string or a list of messages, got {_kind(prompt)}")
-        if not ids:
-            raise DatasetError(f"{where}: the prompt has no tokens")
-        if len(ids) > max_prompt_tokens:
-            raise DatasetError(f"{where}: the prompt has {len(ids)} tokens; with max_completion_length it does not "
-                               f"fit max_seq_length (room for {max_prompt_tokens} prompt tokens). Shorten it, raise "
-                               "max_seq_length or lower max_completion_length")
-        columns = {k: v for k, v in record.items() if k not in ("prompt", "completion", "completion_ids")}
-        rows.append(PromptRow(np.asarray(ids, np.int32), prompt, columns))
-    if not rows:
-        raise DatasetError(f"{label}: no prompts ({report.n_records} records read, skipped {report.skipped})")
-    return rows, _count(report, rows)
-
-
-def _count(report: DataReport, rows) -> DataReport:
-    report.n_samples = len(rows)
-    report.n_tokens = int(sum(len(r.tokens) for r in rows))
-    return report
-
-
-def _name(func) -> str:
-    return getattr(func, "__name__", None) or type(func).__name__
-
-
-# ---- rollouts ----------------------------------------------------------------------------------------
-
-@dataclass
-class Rollouts:
-    """One generation batch: N = prompts × num_generations completions, grouped by prompt."""
-
-    prompts: list[PromptRow]
-    completions: list[list[int]]
-    sampled_logprobs: list[list[float]]     # llama.cpp's log-probability of each sampled token
-    truncated: np.ndarray                   # (N,) stopped at max_completion_length
-    mask: np.ndarray                        # (N, T) completion tokens in the loss
-    adv: np.ndarray                         # (N,)
-    metrics: dict
-    old: np.ndarray | None = None           # (N, T) μ > 1: the old policy's log-probabilities
-    ref: np.ndarray | None = None           # (N, T) beta > 0: the reference's
 
 
 class GRPOTrainer(LoRATrainer):
@@ -144,10 +29,6 @@ class GRPOTrainer(LoRATrainer):
     ...                       TrainingConfig(max_steps=50, batch_size=8), GRPOConfig(num_generations=8))
     >>> trainer.train("prompts.jsonl")
     """
-
-    weights_loss_rows = True    # the estimate counts the weighted logits gradient (LoRATrainer)
-
-    _distributable = False      # each rank would generate for its prompts; not wired yet
 
     def __init__(self, model: BaseModel, reward_funcs, lora_config: LoRAConfig | None = None,
                  training_config: TrainingConfig | None = None, grpo_config: GRPOConfig | None = None,
@@ -164,341 +45,32 @@ class GRPOTrainer(LoRATrainer):
         if cfg.reward_weights is not None and len(cfg.reward_weights) != len(funcs):
             raise InvalidArgumentError(f"GRPOConfig.reward_weights has {len(cfg.reward_weights)} weights for "
                                        f"{len(funcs)} reward functions")
-        super().__init__(model, lora_config, training_config, adapter)
+        super().__init__(model, lora_config, training_config, adapter,
+                         method=lambda trainer: GRPO(trainer, funcs, cfg))
         self.grpo, self.reward_funcs = cfg, funcs
-        self.reward_names = [_name(f) for f in funcs]
-        self.reward_weights = np.asarray(cfg.reward_weights or [1.0] * len(funcs), np.float64)
-        try:
-            self._check()
-        except Exception:
-            self.close()
-            raise
-        self._sampler = None
-        self._rollouts: tuple[int, Rollouts] | None = None      # (generation cycle, its batch)
-        self._num_tokens = 0                                     # TRL's num_tokens: prompt + completion, cumulative
-        self.last_rollouts: Rollouts | None = None
-
-    def _check(self) -> None:
-        cfg, g, lora = self.config, self.grpo, self.lora_config
-        if lora.peft_type != "lora":
-            raise UnsupportedError(f"GRPO trains plain LoRA, not {lora.peft_type}")
-        if lora.dropout:
-            raise InvalidArgumentError(f"LoRAConfig.dropout={lora.dropout}: GRPO runs without dropout (TRL's "
-                                       "disable_dropout=True): the loss weights come from a forward without it")
-        if cfg.streaming or cfg.packing:
-            raise UnsupportedError("GRPO prompts are neither streamed nor packed: set streaming=False, packing=None")
-        if cfg.rows_per_step % g.num_generations:
-            raise InvalidArgumentError(
-                f"batch_size x gradient_accumulation_steps = {cfg.rows_per_step} completions per step is not a "
-                f"multiple of num_generations={g.num_generations} (TRL: grpo_config.py:1131-1141)")
-        if g.max_completion_length >= cfg.max_seq_length:
-            raise InvalidArgumentError(f"max_completion_length={g.max_completion_length} leaves no room for a prompt "
-                                       f"in max_seq_length={cfg.max_seq_length}")
-        if cfg.max_seq_length > self.model.n_ctx:
-            raise InvalidArgumentError(f"max_seq_length={cfg.max_seq_length} exceeds the model's n_ctx="
-                                       f"{self.model.n_ctx}")
-
-    def close(self) -> None:
-        if getattr(self, "_sampler", None) is not None:
-            self._sampler.close()
-            self._sampler = None
-        super().close()
 
     @property
     def prompts_per_step(self) -> int:
-        return self.config.rows_per_step // self.grpo.num_generations
+        return self.method.prompts_per_step
 
-    # ---- data ----------------------------------------------------------------------------------------
-
-    def _load(self, dataset, valid=None):
-        from .trainer import resolve_chat_template
-
-        cfg = self.config
-        kw = dict(max_prompt_tokens=cfg.max_seq_length - self.grpo.max_completion_length,
-                  chat_template=resolve_chat_template(cfg.chat_template))
-        if isinstance(dataset, (list, tuple)) and dataset and all(isinstance(r, PromptRow) for r in dataset):
-            train, report = list(dataset), _count(DataReport(f"<{len(dataset)} PromptRows>", "prompt"), dataset)
-        else:
-            train, report = load_prompts(dataset, self.model, **kw)
-        reports, valid_rows = {"train": report}, []
-        if own_validation(dataset, valid, cfg.valid_fraction):
-            valid_rows, reports["valid"] = load_prompts(dataset, self.model, split="valid", **kw)
-        elif valid is not None:
-            valid_rows, reports["valid"] = load_prompts(valid, self.model, **kw)
-        elif cfg.valid_fraction > 0:
-            train, valid_rows = hold_out(train, cfg.valid_fraction, cfg.seed, report.source)
-            reports = {"train": _count(report, train), "valid": _count(DataReport(report.source, "prompt"), valid_rows)}
-        return train, valid_rows, reports
-
-    def _rows(self, samples, packing: bool):
-        return list(samples)
-
-    def _longest(self, rows) -> int:
-        return min(max(len(r.tokens) for r in rows) + self.grpo.max_completion_length, self.config.max_seq_length)
-
-    def _steps_per_epoch(self, n_rows: int) -> int:
-        return math.ceil(n_rows / self.prompts_per_step) * self.grpo.num_iterations
-
-    def _step_batches(self, rows, step: int, steps_per_epoch: int):
-        """The prompts of ``step``'s generation batch: each serves num_iterations consecutive steps."""
-        mu = self.grpo.num_iterations
-        cycle = (step - 1) // mu
-        cycles_per_epoch = steps_per_epoch // mu
-        epoch, j = divmod(cycle, cycles_per_epoch)
-        order = np.random.default_rng([self.config.seed, epoch]).permutation(len(rows))
-        n = self.prompts_per_step
-        chosen = [rows[i] for i in order[j * n:(j + 1) * n]]
-        return (cycle, chosen), sum(len(r.tokens) for r in chosen), None, (step - 1) / steps_per_epoch
-
-    # ---- rollouts ------------------------------------------------------------------------------------
-
-    def _sampler_for(self):
-        if self._sampler is None:
-            from .rollout import Sampler
-
-            g = self.grpo
-            # a whole generation batch at once: its prompts x num_generations sequences (llama.cpp allows 256)
-            n_prompts = max(1, min(self.prompts_per_step, 256 // g.num_generations))
-            cells = n_prompts * (self.config.max_seq_length + (g.num_generations - 1) * g.max_completion_length)
-            self._sampler = Sampler(self.model.path, n_seq=n_prompts * g.num_generations, n_ctx=cells,
-                                    n_threads=self.config.n_threads or self.model.n_threads, seed=self.config.seed)
-        return self._sampler
+    @property
+    def last_rollouts(self) -> Rollouts | None:
+        """The newest generation batch (prompts, completions, rewards' advantages, metrics)."""
+        return self.method.last_rollouts
 
     def sample(self, prompts: Sequence[PromptRow], seed_key: Sequence[int],
                adapter_scale: float = 1.0) -> tuple[list, list, list]:
         """(completion ids, llama.cpp log-probabilities, truncated) of num_generations completions per prompt,
         sampled through the adapter as it is now (``adapter_scale`` 0: the base model)."""
-        g = self.grpo
-        sampler = self._sampler_for()
-        sampler.set_adapter(self.adapter, adapter_scale)
-        ids, lps, trunc = [], [], []
-        per_call = sampler.n_seq // g.num_generations
-        for at in range(0, len(prompts), per_call):
-            chunk = prompts[at:at + per_call]
-            rngs = [np.random.default_rng([*seed_key, at + i]) for i in range(len(chunk))]
-            for group in sampler.sample_many([p.tokens.tolist() for p in chunk], g.num_generations,
-                                             g.max_completion_length, rngs, temperature=g.temperature,
-                                             top_k=g.top_k, top_p=g.top_p, min_p=g.min_p):
-                for c in group:
-                    ids.append(c.ids)
-                    lps.append(c.logprobs)
-                    trunc.append(c.truncated)
-        return ids, lps, trunc
-
-    def _is_eog(self, token: int) -> bool:
-        """An end-of-generation token of the model's vocabulary (EOS, EOT, ...)."""
-        import llama_cpp
-
-        return bool(llama_cpp.llama_vocab_is_eog(self.model._llama_vocab()._model.vocab, int(token)))
-
-    def _texts(self, prompts: Sequence[PromptRow], completions: list[list[int]]) -> list:
-        eog = self._is_eog
-        out = []
-        for p, ids in zip(prompts, completions):
-            text = self.model.detokenize([t for t in ids if not eog(t)])     # TRL: skip_special_tokens=True
-            out.append([{"role": "assistant", "content": text}] if isinstance(p.prompt, list) else text)
-        return out
+        return self.method.sample(prompts, seed_key, adapter_scale)
 
     def score(self, prompts: Sequence[PromptRow], completions: list[list[int]]) -> np.ndarray:
-        """(completions × reward functions) rewards, NaN for None; TRL's call (grpo_trainer.py:1579-1662)."""
-        texts = self._texts(prompts, completions)
-        keys = sorted({k for p in prompts for k in p.columns})
-        columns = {k: [p.columns.get(k) for p in prompts] for k in keys}
-        out = np.full((len(prompts), len(self.reward_funcs)), np.nan)
-        for j, (f, name) in enumerate(zip(self.reward_funcs, self.reward_names)):
-            def call(sel):
-                return f(prompts=[prompts[i].prompt for i in sel], completions=[texts[i] for i in sel],
-                         completion_ids=[completions[i] for i in sel],
-                         **{k: [v[i] for i in sel] for k, v in columns.items()})
-            try:
-                values = call(range(len(prompts)))
-            except Exception as e:
-                bad = _first_failing(call, len(prompts))
-                where = (f" on sample {bad} (prompt {prompts[bad].prompt!r:.120}, completion {texts[bad]!r:.120})"
-                         if bad is not None else f" on a batch of {len(prompts)} samples")
-                raise RewardFunctionError(f"reward function {name!r} raised {type(e).__name__}: {e}{where}") from e
-            if isinstance(values, np.ndarray):
-                values = values.tolist()
-            if not isinstance(values, (list, tuple)) or len(values) != len(prompts):
-                got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
-                raise RewardFunctionError(f"reward function {name!r} returned {got} for {len(prompts)} completions; "
-                                          "it must return one float or None per completion (TRL: grpo_trainer.py:"
-                                          "1631-1636)")
-            for i, v in enumerate(values):
-                if v is None:
-                    continue
-                number = isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
-                if not number or not math.isfinite(v):
-                    raise RewardFunctionError(f"reward function {name!r} returned {v!r} for sample {i} (prompt "
-                                              f"{prompts[i].prompt!r:.120}, completion {texts[i]!r:.120}); expected "
-                                              "a finite float or None")
-                out[i, j] = float(v)
-        return out
-
-    def _generate(self, cycle: int, prompts: list[PromptRow]) -> Rollouts:
-        g, cfg = self.grpo, self.config
-        t0 = time.perf_counter()
-        ids, lps, trunc = self.sample(prompts, (cfg.seed, cycle))
-        t_gen = time.perf_counter() - t0
-        rep = [p for p in prompts for _ in range(g.num_generations)]
-        rewards = self.score(rep, ids)
-        adv, metrics = advantages(g, rewards, self.reward_weights, self.reward_names)
-        trunc = np.array(trunc, dtype=bool)
-        T = max(len(c) for c in ids)
-        mask = np.zeros((len(ids), T))
-        for i, c in enumerate(ids):
-            mask[i, :len(c)] = 0.0 if (g.mask_truncated_completions and trunc[i]) else 1.0
-        lengths = np.array([len(c) for c in ids], np.float64)
-        term = lengths[~trunc] if (~trunc).any() else np.zeros(1)
-        self._num_tokens += int(sum(len(p.tokens) for p in rep) + lengths.sum())
-        metrics.update({"num_tokens": self._num_tokens, "completions/mean_length": float(lengths.mean()),
-                        "completions/min_length": float(lengths.min()), "completions/max_length": float(lengths.max()),
-                        "completions/clipped_ratio": float(trunc.mean()),
-                        "completions/mean_terminated_length": float(term.mean()),
-                        "completions/min_terminated_length": float(term.min()),
-                        "completions/max_terminated_length": float(term.max()),
-                        "time/generation_s": t_gen,
-                        "time/adapter_refresh_s": self._sampler.refresh_s if self._sampler else 0.0,
-                        "generation_tokens_per_s": float(lengths.sum() / t_gen) if t_gen > 0 else 0.0})
-        ro = Rollouts(prompts, ids, lps, trunc, mask, adv, metrics)
-        t1 = time.perf_counter()
-        # through the forward the gradient is taken of (F16 copies when training uses them), so that an
-        # unchanged policy has ratio 1 and KL 0 exactly
-        f16 = self._ctx.f16_weights
-        if g.num_iterations > 1:              # TRL computes them when generation and steps misalign (tr:2642-2657)
-            ro.old = self.logps(ro, self.adapter, f16)
-        if g.beta != 0.0:                     # the base model: a PEFT adapter switched off (tr:2723-2737)
-            ro.ref = self.logps(ro, None, f16)
-        ro.metrics["time/old_ref_logps_s"] = time.perf_counter() - t1
-        return ro
-
-    # ---- forward and step ----------------------------------------------------------------------------
-
-    def _passes(self, ro: Rollouts, need: np.ndarray | None = None):
-        """(Batch, completion indices, token indices) per micro-batch of batch_size completions; loss rows are
-        the completion tokens in the mask, in (completion, token) order as collate emits them."""
-        out = []
-        bs = self.config.batch_size
-        keep = [i for i in range(len(ro.completions)) if ro.mask[i].any() and (need is None or need[i])]
-        for at in range(0, len(keep), bs):
-            idx = keep[at:at + bs]
-            rows, seq, tok = [], [], []
-            for i in idx:
-                p = ro.prompts[i // self.grpo.num_generations].tokens
-                c = np.asarray(ro.completions[i], np.int32)
-                m = np.concatenate([np.zeros(len(p), bool), ro.mask[i, :len(c)] > 0])
-                rows.append(Row(np.concatenate([p, c]), m, None))
-                t = np.flatnonzero(ro.mask[i, :len(c)] > 0)
-                seq.append(np.full(len(t), i))
-                tok.append(t)
-            # padded, not packed: a packed micro-batch of 16 completions (16 segments) aborted ggml's allocator
-            # in the backward ("out of free blocks", ggml-alloc.c:136) on SmolLM2
-            out.append((collate(rows, self.model), np.concatenate(seq), np.concatenate(tok)))
-        return out
+        """(completions × reward functions) rewards, NaN for None (TRL's call)."""
+        return self.method.score(prompts, completions)
 
     def logps(self, ro: Rollouts, adapter: Adapter | None, f16_weights: bool = False) -> np.ndarray:
         """(N, T) log-probabilities of the completion tokens under ``adapter`` (None: the base model)."""
-        out = np.zeros(ro.mask.shape)
-        for b, seq, tok in self._passes(ro):
-            out[seq, tok] = -row_losses(self.model, adapter, b, f16_weights=f16_weights).astype(np.float64)
-        return out
-
-    def _train_step(self, batches, lr: float, step: int, n_step_tokens=None):
-        cfg, g, ctx = self.config, self.grpo, self._ctx
-        cycle, prompts = batches
-        t0 = time.perf_counter()
-        with ctx._lock:
-            if self._rollouts is None or self._rollouts[0] != cycle:     # also after a resume: TRL regenerates
-                self._rollouts = (cycle, self._generate(cycle, prompts))
-            ro = self.last_rollouts = self._rollouts[1]
-            first = (step - 1) % g.num_iterations == 0
-            on_policy = ro.old is None        # TRL: old = logp.detach() (tr:3066), the ratio exactly 1
-            t1 = time.perf_counter()
-            need_logp = not on_policy or g.beta != 0.0 or g.loss_type == "cispo"
-            logp = self.logps(ro, self.adapter, ctx.f16_weights) if need_logp else np.zeros(ro.mask.shape)
-            t_logp = time.perf_counter() - t1
-            bs = cfg.batch_size
-            micro = [np.arange(i, min(i + bs, len(ro.completions))) for i in range(0, len(ro.completions), bs)]
-            out = grpo_loss(g, logp, ro.mask, ro.adv, old=None if on_policy else ro.old, ref=ro.ref, micro=micro)
-            t2 = time.perf_counter()
-            need = (out.d_logp != 0).any(axis=1)           # zero-advantage groups need no backward
-            for b, seq, tok in self._passes(ro, need):
-                w = -out.d_logp[seq, tok]                   # CE = -logp
-                ctx.accumulate(Batch(b.tokens, b.segments, b.loss_rows, b.labels, loss_weights=w.astype(np.float32)), 1)
-            n_tokens = int(ro.mask.sum())
-            res = ctx.finish_step(out.loss, n_tokens, lr, step, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
-                                  max_grad_norm=cfg.max_grad_norm or None)
-            t3 = time.perf_counter()
-        # the generation batch's metrics (rewards, lengths, generation time) belong to the step that made it,
-        # as in TRL, which stores them only when it generates (tr:2293-2320, 2821-2830)
-        self._step_metrics = {**(ro.metrics if first else {}), **out.metrics, "time/logps_s": t_logp,
-                              "time/train_s": t3 - t2, "step_time": t3 - t0}
-        return res.loss, res.n_tokens, res.grad_norm, not res.skipped
-
-    # ---- evaluation ----------------------------------------------------------------------------------
-
-    def _evaluate_rows(self, rows, batch_size: int, use_adapter: bool = True, f16_weights: bool = False) -> dict:
-        """Mean reward of num_generations completions per held-out prompt, sampled with a fixed seed (the same
-        draws for the same policy), through the adapter or, with use_adapter=False, the base model."""
-        ids, _, trunc = self.sample(rows, (self.config.seed, 2**31 - 1), 1.0 if use_adapter else 0.0)
-        rep = [p for p in rows for _ in range(self.grpo.num_generations)]
-        rewards = self.score(rep, ids)
-        _, m = advantages(self.grpo, rewards, self.reward_weights, self.reward_names)
-        out = {f"val_{k}": v for k, v in m.items()}
-        out["val_completions/mean_length"] = float(np.mean([len(c) for c in ids]))
-        out["val_completions/clipped_ratio"] = float(np.mean(trunc))
-        out["val_prompts"] = len(rows)
-        return out
-
-    def evaluate(self, data, *, batch_size: int | None = None, adapter: bool = True, f16_weights: bool = False) -> dict:
-        """Mean reward (TRL's reward metrics, ``val_`` prefixed) of completions sampled for ``data``'s prompts."""
-        self._check_open()
-        rows = list(data) if data and all(isinstance(r, PromptRow) for r in data) else self._load(data)[0]
-        return self._evaluate_rows(rows, batch_size or self.config.batch_size, adapter, f16_weights)
-
-    def _eval_and_report(self, rows, step, metrics, history, callbacks, progress) -> None:
-        from .reporting import call_hooks
-
-        t = time.perf_counter()
-        rec = {"type": "eval", "step": step, **self._evaluate_rows(rows, self.config.batch_size),
-               "eval_s": time.perf_counter() - t}
-        metrics.write(rec)
-        history.evals.append(rec)
-        progress.message(f"step {step}: held-out reward {rec['val_reward']:.4f} (std {rec['val_reward_std']:.4f})")
-        call_hooks(callbacks, "on_eval", self, rec)
-
-    # ---- checkpoints ---------------------------------------------------------------------------------
-
-    def _trajectory(self) -> dict:
-        return {**super()._trajectory(), "grpo": self.grpo.to_dict(), "reward_funcs": self.reward_names}
-
-    def _checkpoint_state(self) -> dict:
-        return {"grpo_config": self.grpo.to_dict(), "reward_funcs": self.reward_names, "num_tokens": self._num_tokens}
-
-    def _resume(self, path, fingerprint: str, total: int) -> int:
-        from . import checkpoint as ckpt
-
-        state = ckpt.read_state(path)
-        saved = state.get("grpo_config")
-        if saved != json.loads(json.dumps(self.grpo.to_dict())):        # as stored: reward_weights a list
-            raise CheckpointError(f"checkpoint {path} was trained with GRPO settings {saved}, not "
-                                  f"{self.grpo.to_dict()}; resuming would not continue the same run")
-        self._num_tokens = int(state.get("num_tokens", 0))
-        return super()._resume(path, fingerprint, total)
-
-    def _config_extra(self) -> dict:
-        return {"grpo": self.grpo.to_dict(), "reward_funcs": self.reward_names}
-
-
-def _first_failing(call: Callable, n: int) -> int | None:
-    """The first sample on which ``call`` raises when given alone."""
-    for i in range(n):
-        try:
-            call([i])
-        except Exception:
-            return i
-    return None
+        return self.method.logps(ro, adapter, f16_weights)
 
 
 __all__ = ["GRPOTrainer", "PromptRow", "Rollouts", "load_prompts"]

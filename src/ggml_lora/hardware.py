@@ -5,6 +5,7 @@ Facts only; the choices made from them (which device, which precision path) live
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ._native import check, ffi, lib
@@ -40,7 +41,7 @@ def device(name: str) -> Device | None:
 
 def cpu_has_amx_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 on AMX tiles (Intel Sapphire Rapids and later) and Linux let this
-    process use them: where ``bf16`` products (``TrainingConfig.bf16``, ``BaseModel.set_bf16``) run."""
+    process use them: where ``amx_bf16`` products (``TrainingConfig.amx_bf16``, ``BaseModel.set_amx_bf16``) run."""
     return bool(lib.glora_cpu_has_amx_bf16())
 
 
@@ -65,3 +66,55 @@ def host_memory_available() -> int | None:
     except OSError:
         return None
     return None
+
+
+# ---- what an MPI launch gives this process ----------------------------------------------------------
+
+# set by MPI launchers in every process they start: Open MPI, MPICH/Intel MPI (hydra) and Slurm's PMI2,
+# MVAPICH; PMIx launches (srun --mpi=pmix) set PMIX_RANK and Slurm the step's task count
+_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+_LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE")
+
+
+def _env_int(names) -> int | None:
+    for name in names:
+        try:
+            return int(os.environ[name])
+        except (KeyError, ValueError):
+            continue
+    return None
+
+
+def launched_size() -> int:
+    """The number of processes an MPI launcher started this one with (1 when not launched by one)."""
+    size = _env_int(_SIZE_VARS)
+    if size is None and "PMIX_RANK" in os.environ:
+        size = _env_int(("SLURM_STEP_NUM_TASKS",))
+    return size or 1
+
+
+def local_size() -> int:
+    """Processes of this launch on this machine (1 when not launched by MPI)."""
+    if launched_size() <= 1:
+        return 1
+    n = _env_int(_LOCAL_SIZE_VARS)
+    if n is None:
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            return 1
+        n = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+    return max(n, 1)
+
+
+def default_threads() -> int | None:
+    """CPU threads for one process: the cores it may use divided among the ranks on its machine, or None
+    (ggml's own choice) when not launched by MPI."""
+    n = local_size()
+    if n <= 1:
+        return None
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count() or 1
+    return max(1, min(usable, (os.cpu_count() or 1) // n))

@@ -6,18 +6,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from . import gguf_file, policy
+from . import gguf_file, hardware, planning
+from .forward import evaluate
 from ._handles import Batch, NativeHandle
 from ._native import check, ffi, lib
 from .arch import LM_HEAD, HParams
 from .errors import ContextLengthError, GGMLLoRAError, InvalidArgumentError
 
-if TYPE_CHECKING:
-    from .adapter import Adapter
+# Adapter in annotations: adapter.py imports this module, so the name is not imported here
 
 # ggml's GGML_MAX_N_THREADS: more threads trip an assert in its CPU backend
 MAX_THREADS = 512
@@ -77,6 +75,12 @@ class Placement:
         return f"{where}; on the CPU fallback: {', '.join(self.cpu_ops)}"
 
 
+def _renamed(old: str, new: str) -> None:
+    import warnings
+
+    warnings.warn(f"{old} is deprecated: use {new}", DeprecationWarning, stacklevel=3)
+
+
 class BaseModel(NativeHandle):
     """A frozen base model. Create with :meth:`load`."""
 
@@ -109,9 +113,7 @@ class BaseModel(NativeHandle):
         device_c = ffi.new("char[]", device.encode())
         params.device = device_c
         if n_threads is None:       # under an MPI launch: the machine's cores shared among its ranks
-            from .distributed import default_threads
-
-            n_threads = default_threads()
+            n_threads = hardware.default_threads()
         params.n_threads = n_threads or 0
         params.n_layer = hp.n_layers
         params.n_head = hp.n_head
@@ -150,7 +152,7 @@ class BaseModel(NativeHandle):
         self._name = name if isinstance(name, str) else None
         self._sha256 = None
         self._source = None
-        if use_mmap and policy.is_cpu(self.device):    # the weights are views of the mapped file
+        if use_mmap and planning.is_cpu(self.device):    # the weights are views of the mapped file
             self._source = _MappedFile(path)
         # self._lock (from _set_handle): one native call at a time for the model and everything made
         # from it, since graphs and the scheduler are per model; trainers or threads sharing the model
@@ -194,11 +196,22 @@ class BaseModel(NativeHandle):
                          cpu_ops=tuple(o for o in ops.split(", ") if o))
 
     @property
+    def amx_bf16(self) -> bool:
+        """Whether the products through the frozen weights run on AMX tiles in bfloat16 (set_amx_bf16)."""
+        return getattr(self, "_amx_bf16", False)
+
+    @property
     def bf16(self) -> bool:
-        """Whether the products through the frozen weights run on AMX tiles in bfloat16 (set_bf16)."""
-        return getattr(self, "_bf16", False)
+        """Deprecated name of :attr:`amx_bf16` (until the next release)."""
+        _renamed("BaseModel.bf16", "BaseModel.amx_bf16")
+        return self.amx_bf16
 
     def set_bf16(self, on: bool) -> None:
+        """Deprecated name of :meth:`set_amx_bf16` (until the next release)."""
+        _renamed("BaseModel.set_bf16", "BaseModel.set_amx_bf16")
+        self.set_amx_bf16(on)
+
+    def set_amx_bf16(self, on: bool) -> None:
         """Run the products through the frozen weights on the CPU's AMX tiles in bfloat16 (activations
         rounded to bfloat16, sums in float32, as PyTorch's bf16 autocast): the forward of ``f16_weights``
         reads the stored blocks (no copies), the backward's transposed copies are BF16, the attention of
@@ -206,10 +219,10 @@ class BaseModel(NativeHandle):
         stored weights (evaluation's default, llama.cpp's arithmetic) are not affected. Needs a CPU with AMX-BF16 (:func:`cpu_has_amx_bf16`);
         raises UnsupportedError elsewhere."""
         if not isinstance(on, bool):
-            raise InvalidArgumentError(f"bf16={on!r}: must be True or False")
+            raise InvalidArgumentError(f"amx_bf16={on!r}: must be True or False")
         with self._using() as ptr:
-            check(lib.glora_model_set_bf16(ptr, int(on)), "bf16 products")
-        self._bf16 = on
+            check(lib.glora_model_set_bf16(ptr, int(on)), "AMX bf16 products")
+        self._amx_bf16 = on
 
     @property
     def tied_embeddings(self) -> bool:
@@ -260,7 +273,7 @@ class BaseModel(NativeHandle):
 
     def _llama_vocab(self):
         if self._vocab is None:
-            from .llama import load_vocab
+            from .llama_cpp_python import load_vocab
 
             self._vocab = load_vocab(self.path)
         return self._vocab
@@ -329,9 +342,9 @@ class BaseModel(NativeHandle):
 
     def _follow_llama_cpp(self) -> None:
         """Run the kernels llama-cpp-python in this process runs: with its default use_extra_bufts (off
-        where ggml_lora.llama.protect_llama_cpp turned it off) it stores some quantized weights repacked
+        where ggml_lora.llama_cpp_python.protect_llama_cpp turned it off) it stores some quantized weights repacked
         for kernels of their own, whose sums round differently (up to 4 in a logit of Gemma 3 270M)."""
-        from .llama import llama_uses_extra_buffers
+        from .llama_cpp_python import llama_uses_extra_buffers
 
         on = llama_uses_extra_buffers()
         if getattr(self, "_llama_weights", None) != on:
@@ -342,9 +355,7 @@ class BaseModel(NativeHandle):
     def evaluate(self, tokens, adapter: Adapter | None = None, loss_mask=None, scale: float = 1.0,
                  f16_weights: bool = False) -> tuple[float, int]:
         """(mean next-token cross-entropy, supervised token count) of ``tokens``, with ``adapter`` if given.
-        ``f16_weights`` as in :func:`ggml_lora.training.loss_sum` (default: the stored weights)."""
-        from .training import evaluate
-
+        ``f16_weights`` as in :func:`ggml_lora.forward.loss_sum` (default: the stored weights)."""
         return evaluate(self, adapter, tokens, loss_mask, scale, f16_weights)
 
     def __repr__(self) -> str:

@@ -340,6 +340,29 @@ class MLflowReporter(_Reporter):
 _PACKAGES = {"tensorboard": ("tensorboardX", "tensorboardX", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny", "mlflow")}
 
 
+def write_adapter_config(trainer, reports: dict, packing: bool, total: int, steps_per_epoch: int | None) -> dict:
+    """adapter_config.json: the run's settings, what they resolved to and its data (also the config the
+    reporters log); written atomically. Returns the document."""
+    from . import __version__
+    from .adapter_file import atomic_path
+    from .config import warmup_steps
+
+    doc = {"ggml_lora_version": __version__, "base_model": str(trainer.model.path),
+           "base_model_sha256": trainer.model.sha256, "lora": trainer.lora_config.to_dict(),
+           "training": trainer.config.to_dict(), "resolved": {"packing": packing, "total_steps": total,
+                                                              "steps_per_epoch": steps_per_epoch,
+                                                              "warmup_steps": warmup_steps(trainer.config, total),
+                                                              "file_alpha": trainer.adapter.alpha,
+                                                              "processes": trainer.comm.size,
+                                                              "f16_weights": trainer._ctx.f16_weights,
+                                                              "amx_bf16": trainer.model.amx_bf16,
+                                                              "global_batch_size": trainer.global_rows},
+           "data": {k: r.to_dict() for k, r in reports.items()}, **trainer.method.config_extra()}
+    with atomic_path(trainer.output_dir / "adapter_config.json") as tmp:
+        tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return doc
+
+
 def check_reporters(report_to: tuple[str, ...]) -> None:
     """Fail before any data is read when a backend's package is not installed."""
     import importlib.util
