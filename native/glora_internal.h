@@ -173,6 +173,13 @@ struct glora_llama_weights {
     void release();
 };
 
+// One part of the model file mapped into memory (a gguf-split model has several), its weights views into it.
+struct glora_mapped_file {
+    void                  * addr = nullptr;
+    size_t                  size = 0;
+    ggml_backend_buffer_t   buf  = nullptr;   // a CPU buffer over [addr, addr + size)
+};
+
 // Per-thread working memory of the AMX products (glora_amx.cpp), sized on the calling thread when a
 // graph is rewritten, read by ggml's worker threads when it runs.
 struct glora_amx_scratch {
@@ -190,11 +197,10 @@ struct glora_model {
     int64_t                  n_ff    = 0;
 
     glora_backends           be;
-    ggml_context           * ctx_w   = nullptr;   // tensor metadata of every weight
-    ggml_backend_buffer_t    buf_w   = nullptr;   // their data, on the main device
-    void                   * map     = nullptr;   // the mapped file when the weights live in it (CPU)
-    size_t                   map_size = 0;
-    std::vector<ggml_tensor *> tensors;           // in file order
+    ggml_context           * ctx_w   = nullptr;   // tensor metadata of every weight, of every part
+    ggml_backend_buffer_t    buf_w   = nullptr;   // their data on the main device, when read from the file
+    std::vector<glora_mapped_file> maps;          // or (CPU, use_mmap) the mapped files, one per part
+    std::vector<ggml_tensor *> tensors;           // in file order, parts in order
 
     ggml_tensor            * tok_embd    = nullptr;   // ne = [n_embd, n_vocab]
     ggml_tensor            * output_norm = nullptr;   // ne = [n_embd]
@@ -233,6 +239,7 @@ struct glora_model {
         return w->op == GGML_OP_CUSTOM && w->src[0] && frozen_matrix(w->src[0]);
     }
     ggml_tensor * find(const char * name) const;
+    uint64_t weights_nbytes() const;              // what the weights' buffers (or mappings) hold
 };
 
 // The op_params slot of a mul_mat that the graph builder marks products in for the rewrites that follow

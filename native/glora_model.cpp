@@ -1,4 +1,5 @@
-// Loading a GGUF base model: every weight in its stored type, in one buffer on the chosen device.
+// Loading a GGUF base model (one file, or every part of a gguf-split one): every weight in its stored type,
+// in one buffer on the chosen device or, on the CPU, views of the mapped files.
 #include "glora_internal.h"
 
 #include "ggml-cpu.h"
@@ -49,9 +50,12 @@ static void model_free(glora_model * m) {
     m->wf.release();
     m->wr.release();
     if (m->buf_w) ggml_backend_buffer_free(m->buf_w);
+    for (glora_mapped_file & mf : m->maps) {
+        if (mf.buf) ggml_backend_buffer_free(mf.buf);
 #ifdef GLORA_HAVE_MMAP
-    if (m->map) munmap(m->map, m->map_size);
+        munmap(mf.addr, mf.size);
 #endif
+    }
     if (m->ctx_w) ggml_free(m->ctx_w);
     glora_backends_free(&m->be);
     delete m;
@@ -146,85 +150,220 @@ static int32_t bind_tensors(glora_model * m) {
     return GLORA_OK;
 }
 
-static int32_t read_weights(glora_model * m, gguf_context * gctx) {
-    FILE * f = fopen(m->path.c_str(), "rb");
-    if (!f) {
-        return glora_fail(GLORA_ERR_IO, "%s: cannot open: %s", m->path.c_str(), strerror(errno));
-    }
-    std::unique_ptr<FILE, int (*)(FILE *)> guard(f, fclose);
-    fseek(f, 0, SEEK_END);
-    const long long file_size = ftell(f);
-    const size_t data_offset = gguf_get_data_offset(gctx);
+// One file of the model (the only one, or a part of a gguf-split model) and where its weights lie in it.
+struct glora_part {
+    std::string path;
+    std::vector<std::pair<ggml_tensor *, size_t>> weights;   // weight, offset of its data in this file
+};
+
+static int32_t read_weights(glora_model * m, const std::vector<glora_part> & parts) {
     std::vector<uint8_t> staging;
     const bool host = ggml_backend_buffer_is_host(m->buf_w);
-    for (int64_t i = 0; i < gguf_get_n_tensors(gctx); ++i) {
-        const char * name = gguf_get_tensor_name(gctx, i);
-        ggml_tensor * t = m->find(name);
-        const size_t nbytes = ggml_nbytes(t);
-        const size_t offset = data_offset + gguf_get_tensor_offset(gctx, i);
-        if ((long long) (offset + nbytes) > file_size) {
-            return glora_fail(GLORA_ERR_FORMAT, "%s: data of tensor '%s' lies outside the file (truncated?)",
-                              m->path.c_str(), name);
+    for (const glora_part & part : parts) {
+        const char * path = part.path.c_str();
+        FILE * f = fopen(path, "rb");
+        if (!f) return glora_fail(GLORA_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+        std::unique_ptr<FILE, int (*)(FILE *)> guard(f, fclose);
+        fseek(f, 0, SEEK_END);
+        const long long file_size = ftell(f);
+        for (const auto & [t, offset] : part.weights) {
+            const size_t nbytes = ggml_nbytes(t);
+            if ((long long) (offset + nbytes) > file_size) {
+                return glora_fail(GLORA_ERR_FORMAT, "%s: data of tensor '%s' lies outside the file (truncated?)",
+                                  path, t->name);
+            }
+            void * dst = t->data;
+            if (!host) {
+                staging.resize(nbytes);
+                dst = staging.data();
+            }
+            if (fseek(f, (long) offset, SEEK_SET) != 0 || fread(dst, 1, nbytes, f) != nbytes) {
+                return glora_fail(GLORA_ERR_IO, "%s: short read of tensor '%s'", path, t->name);
+            }
+            if (!host) {
+                ggml_backend_tensor_set(t, dst, 0, nbytes);
+            }
+            m->tensors.push_back(t);
         }
-        void * dst = t->data;
-        if (!host) {
-            staging.resize(nbytes);
-            dst = staging.data();
-        }
-        if (fseek(f, (long) offset, SEEK_SET) != 0 || fread(dst, 1, nbytes, f) != nbytes) {
-            return glora_fail(GLORA_ERR_IO, "%s: short read of tensor '%s'", m->path.c_str(), name);
-        }
-        if (!host) {
-            ggml_backend_tensor_set(t, dst, 0, nbytes);
-        }
-        m->tensors.push_back(t);
     }
     return GLORA_OK;
 }
 
-// The weights as views of the mapped file, as llama.cpp's mmap: a page costs memory only once something
+// The weights as views of the mapped file(s), as llama.cpp's mmap: a page costs memory only once something
 // reads it (an untied model's token_embd: the rows of the tokens seen), and the kernel may drop it
-// again under pressure. The weights are never written, so the mapping is read-only. Returns
-// GLORA_ERR_UNSUPPORTED where the file cannot be mapped; the caller then reads it.
-static int32_t map_weights(glora_model * m, gguf_context * gctx) {
+// again under pressure. The weights are never written, so the mappings are read-only. Returns
+// GLORA_ERR_UNSUPPORTED, having mapped nothing, where a file cannot be mapped; the caller then reads them.
+static int32_t map_weights(glora_model * m, const std::vector<glora_part> & parts) {
 #ifdef GLORA_HAVE_MMAP
-    const int fd = open(m->path.c_str(), O_RDONLY);
-    if (fd < 0) return glora_fail(GLORA_ERR_IO, "%s: cannot open: %s", m->path.c_str(), strerror(errno));
-    struct stat st;
-    void * addr = MAP_FAILED;
-    if (fstat(fd, &st) == 0 && st.st_size > 0) {
-        addr = mmap(nullptr, (size_t) st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    }
-    close(fd);
-    if (addr == MAP_FAILED) return GLORA_ERR_UNSUPPORTED;
-    m->map = addr;
-    m->map_size = (size_t) st.st_size;
-    const size_t data_offset = gguf_get_data_offset(gctx);
-    for (int64_t i = 0; i < gguf_get_n_tensors(gctx); ++i) {
-        const char * name = gguf_get_tensor_name(gctx, i);
-        ggml_tensor * t = m->find(name);
-        const size_t offset = data_offset + gguf_get_tensor_offset(gctx, i);
-        if (offset + ggml_nbytes(t) > m->map_size || offset % 32) {
-            return glora_fail(GLORA_ERR_FORMAT, "%s: data of tensor '%s' lies outside the file (truncated?)",
-                              m->path.c_str(), name);
+    for (const glora_part & part : parts) {
+        const char * path = part.path.c_str();
+        const int fd = open(path, O_RDONLY);
+        if (fd < 0) return glora_fail(GLORA_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+        struct stat st;
+        void * addr = MAP_FAILED;
+        if (fstat(fd, &st) == 0 && st.st_size > 0) {
+            addr = mmap(nullptr, (size_t) st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+        }
+        close(fd);
+        if (addr == MAP_FAILED) {       // all or nothing: the read path allocates every weight
+            for (glora_mapped_file & mf : m->maps) munmap(mf.addr, mf.size);
+            m->maps.clear();
+            return GLORA_ERR_UNSUPPORTED;
+        }
+        m->maps.push_back({addr, (size_t) st.st_size, nullptr});
+        for (const auto & [t, offset] : part.weights) {
+            if (offset + ggml_nbytes(t) > (size_t) st.st_size || offset % 32) {
+                return glora_fail(GLORA_ERR_FORMAT, "%s: data of tensor '%s' lies outside the file (truncated?)",
+                                  path, t->name);
+            }
         }
     }
-    m->buf_w = ggml_backend_cpu_buffer_from_ptr(m->map, m->map_size);
-    if (!m->buf_w) return glora_fail(GLORA_ERR_OUT_OF_MEMORY, "%s: could not wrap the mapped file", m->path.c_str());
-    for (int64_t i = 0; i < gguf_get_n_tensors(gctx); ++i) {
-        ggml_tensor * t = m->find(gguf_get_tensor_name(gctx, i));
-        const ggml_status st_alloc = ggml_backend_tensor_alloc(m->buf_w, t,
-            (char *) m->map + data_offset + gguf_get_tensor_offset(gctx, i));
-        if (st_alloc != GGML_STATUS_SUCCESS) {
-            return glora_fail(GLORA_ERR_INTERNAL, "%s: could not place tensor '%s' in the mapped file", m->path.c_str(), t->name);
+    for (size_t i = 0; i < parts.size(); ++i) {
+        glora_mapped_file & mf = m->maps[i];
+        mf.buf = ggml_backend_cpu_buffer_from_ptr(mf.addr, mf.size);
+        if (!mf.buf) return glora_fail(GLORA_ERR_OUT_OF_MEMORY, "%s: could not wrap the mapped file", parts[i].path.c_str());
+        ggml_backend_buffer_set_usage(mf.buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        for (const auto & [t, offset] : parts[i].weights) {
+            if (ggml_backend_tensor_alloc(mf.buf, t, (char *) mf.addr + offset) != GGML_STATUS_SUCCESS) {
+                return glora_fail(GLORA_ERR_INTERNAL, "%s: could not place tensor '%s' in the mapped file",
+                                  parts[i].path.c_str(), t->name);
+            }
+            m->tensors.push_back(t);
         }
-        m->tensors.push_back(t);
     }
     return GLORA_OK;
 #else
-    (void) m; (void) gctx;
+    (void) m; (void) parts;
     return GLORA_ERR_UNSUPPORTED;
 #endif
+}
+
+namespace {
+
+// A GGUF's parsed header and the metadata context of its tensors, freed together.
+struct gguf_file {
+    gguf_context * gguf = nullptr;
+    ggml_context * meta = nullptr;
+    ~gguf_file() {
+        if (gguf) gguf_free(gguf);
+        if (meta) ggml_free(meta);
+    }
+};
+
+// A split.* key, which gguf-split writes as UINT16 (split.no, split.count) or INT32 (split.tensors.count);
+// -1 when absent. gguf_get_val_* assert on another type, so the type is checked first.
+int32_t split_key(const gguf_context * g, const char * path, const char * key, gguf_type type, int64_t * out) {
+    *out = -1;
+    const int64_t id = gguf_find_key(g, key);
+    if (id < 0) return GLORA_OK;
+    if (gguf_get_kv_type(g, id) != type) {
+        return glora_fail(GLORA_ERR_FORMAT, "%s: metadata key '%s' has type %s, expected %s", path, key,
+                          gguf_type_name(gguf_get_kv_type(g, id)), gguf_type_name(type));
+    }
+    *out = type == GGUF_TYPE_UINT16 ? (int64_t) gguf_get_val_u16(g, id) : (int64_t) gguf_get_val_i32(g, id);
+    return GLORA_OK;
+}
+
+// Opens `path` and, when it is the first part of a gguf-split model, every other part, as llama.cpp's
+// loader does (src/llama-model-loader.cpp:595-671): the first part holds every key and split.count,
+// part i (from 0) is named <prefix>-<i+1>-of-<count>.gguf (llama_split_path/llama_split_prefix,
+// src/llama.cpp:545-593), says split.no = i, and the parts hold split.tensors.count tensors together.
+int32_t open_parts(const char * path, std::vector<std::unique_ptr<gguf_file>> * files, std::vector<std::string> * paths) {
+    auto open_one = [&](const std::string & p) -> int32_t {
+        auto f = std::make_unique<gguf_file>();
+        gguf_init_params gp = { /*.no_alloc =*/ true, /*.ctx =*/ &f->meta };
+        f->gguf = gguf_init_from_file(p.c_str(), gp);
+        if (!f->gguf) return glora_fail(GLORA_ERR_FORMAT, "%s: not a readable GGUF file", p.c_str());
+        files->push_back(std::move(f));
+        paths->push_back(p);
+        return GLORA_OK;
+    };
+    int32_t rc = open_one(path);
+    int64_t count = -1, no = -1;
+    if (rc == GLORA_OK) rc = split_key((*files)[0]->gguf, path, "split.count", GGUF_TYPE_UINT16, &count);
+    if (rc != GLORA_OK || count <= 1) return rc;
+    if ((rc = split_key((*files)[0]->gguf, path, "split.no", GGUF_TYPE_UINT16, &no))) return rc;
+    if (no != 0) {
+        return glora_fail(GLORA_ERR_INVALID_ARGUMENT, "%s is part %lld of %lld of a split model; load the first "
+                          "part, -00001-of-%05lld.gguf", path, (long long) no + 1, (long long) count, (long long) count);
+    }
+    char suffix[32];
+    snprintf(suffix, sizeof(suffix), "-%05d-of-%05d.gguf", 1, (int) count);
+    const std::string first(path);
+    const size_t n_suffix = strlen(suffix);
+    if (first.size() <= n_suffix || first.compare(first.size() - n_suffix, n_suffix, suffix) != 0) {
+        return glora_fail(GLORA_ERR_FORMAT, "%s: split.count=%lld but the name does not end in '%s', so its other "
+                          "parts cannot be found", path, (long long) count, suffix);
+    }
+    const std::string prefix = first.substr(0, first.size() - n_suffix);
+    for (int i = 1; i < count; ++i) {
+        char tail[32];
+        snprintf(tail, sizeof(tail), "-%05d-of-%05d.gguf", i + 1, (int) count);
+        const std::string p = prefix + tail;
+        FILE * probe = fopen(p.c_str(), "rb");
+        if (!probe) {
+            return glora_fail(GLORA_ERR_IO, "%s: part %d of %lld of the model is missing: %s", p.c_str(), i + 1,
+                              (long long) count, strerror(errno));
+        }
+        fclose(probe);
+        if ((rc = open_one(p))) return rc;
+        if ((rc = split_key(files->back()->gguf, p.c_str(), "split.no", GGUF_TYPE_UINT16, &no))) return rc;
+        if (no != i) {
+            return glora_fail(GLORA_ERR_FORMAT, "%s: split.no=%lld, expected %d (the parts were mixed up?)", p.c_str(),
+                              (long long) no, i);
+        }
+    }
+    return GLORA_OK;
+}
+
+// The weights of every part in one metadata context, and where each lies: the only file's own context
+// when there is one part; a context holding copies of every part's tensors otherwise.
+int32_t gather_weights(glora_model * m, std::vector<std::unique_ptr<gguf_file>> & files,
+                       const std::vector<std::string> & paths, std::vector<glora_part> * parts) {
+    if (files.size() == 1) {
+        m->ctx_w = files[0]->meta;
+        files[0]->meta = nullptr;
+    } else {
+        size_t n_tensors = 0;
+        for (const auto & f : files) n_tensors += (size_t) gguf_get_n_tensors(f->gguf);
+        int64_t want = -1;
+        int32_t rc = split_key(files[0]->gguf, paths[0].c_str(), "split.tensors.count", GGUF_TYPE_INT32, &want);
+        if (rc) return rc;
+        if (want >= 0 && (size_t) want != n_tensors) {
+            return glora_fail(GLORA_ERR_FORMAT, "%s: split.tensors.count=%lld but its %zu parts hold %zu tensors",
+                              paths[0].c_str(), (long long) want, files.size(), n_tensors);
+        }
+        ggml_init_params ip = { ggml_tensor_overhead() * (n_tensors + 1), nullptr, true };
+        m->ctx_w = ggml_init(ip);
+        for (size_t i = 0; i < files.size(); ++i) {
+            for (ggml_tensor * t = ggml_get_first_tensor(files[i]->meta); t; t = ggml_get_next_tensor(files[i]->meta, t)) {
+                if (m->find(t->name)) {
+                    return glora_fail(GLORA_ERR_FORMAT, "%s: tensor '%s' is also in an earlier part", paths[i].c_str(),
+                                      t->name);
+                }
+                ggml_set_name(ggml_dup_tensor(m->ctx_w, t), t->name);
+            }
+        }
+    }
+    for (size_t i = 0; i < files.size(); ++i) {
+        const gguf_context * g = files[i]->gguf;
+        glora_part part{paths[i], {}};
+        for (int64_t j = 0; j < gguf_get_n_tensors(g); ++j) {
+            ggml_tensor * t = m->find(gguf_get_tensor_name(g, j));
+            part.weights.push_back({t, gguf_get_data_offset(g) + gguf_get_tensor_offset(g, j)});
+        }
+        parts->push_back(std::move(part));
+    }
+    return GLORA_OK;
+}
+
+}  // namespace
+
+uint64_t glora_model::weights_nbytes() const {
+    if (buf_w) return (uint64_t) ggml_backend_buffer_get_size(buf_w);
+    uint64_t n = 0;
+    for (const glora_mapped_file & mf : maps) n += mf.size;
+    return n;
 }
 
 extern "C" GLORA_API int32_t glora_model_load(const char * path, const glora_model_params * params, glora_model ** out) {
@@ -265,13 +404,15 @@ extern "C" GLORA_API int32_t glora_model_load(const char * path, const glora_mod
         m->path = path;
         m->hp   = hp;
 
-        ggml_context * ctx_meta = nullptr;
-        gguf_init_params gp = { /*.no_alloc =*/ true, /*.ctx =*/ &ctx_meta };
-        std::unique_ptr<gguf_context, void (*)(gguf_context *)> gctx(gguf_init_from_file(path, gp), gguf_free);
-        if (!gctx) return glora_fail(GLORA_ERR_FORMAT, "%s: not a readable GGUF file", path);
-        m->ctx_w = ctx_meta;
+        std::vector<std::unique_ptr<gguf_file>> files;
+        std::vector<std::string> paths;
+        std::vector<glora_part> parts;
+        int32_t rc = open_parts(path, &files, &paths);
+        if (rc == GLORA_OK) rc = gather_weights(m.get(), files, paths, &parts);
+        files.clear();
+        if (rc != GLORA_OK) return rc;
 
-        int32_t rc = glora_backends_init(hp.device, hp.n_threads, &m->be);
+        rc = glora_backends_init(hp.device, hp.n_threads, &m->be);
         if (rc == GLORA_OK) {
             m->hp.device = m->be.device_name.c_str();
             rc = bind_tensors(m.get());
@@ -279,18 +420,20 @@ extern "C" GLORA_API int32_t glora_model_load(const char * path, const glora_mod
         }
         bool mapped = false;
         if (rc == GLORA_OK && hp.use_mmap && m->be.main == m->be.cpu) {
-            rc = map_weights(m.get(), gctx.get());
+            rc = map_weights(m.get(), parts);
             mapped = rc == GLORA_OK;
             if (rc == GLORA_ERR_UNSUPPORTED) rc = GLORA_OK;          // not mappable here: read it instead
         }
         if (rc == GLORA_OK) {
             if (!mapped) m->buf_w = ggml_backend_alloc_ctx_tensors_from_buft(m->ctx_w, m->be.bufts[0]);
-            if (!m->buf_w) {
+            if (!mapped && !m->buf_w) {
                 rc = glora_fail(GLORA_ERR_OUT_OF_MEMORY, "%s: could not allocate the weights on %s", path,
                                 m->be.device_name.c_str());
             } else {
-                ggml_backend_buffer_set_usage(m->buf_w, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-                if (!mapped) rc = read_weights(m.get(), gctx.get());
+                if (!mapped) {
+                    ggml_backend_buffer_set_usage(m->buf_w, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+                    rc = read_weights(m.get(), parts);
+                }
                 for (const glora_layer & L : m->layers) {
                     for (ggml_tensor * w : L.projections()) m->matrices.insert(w);
                 }

@@ -431,7 +431,7 @@ extern "C" GLORA_API int32_t glora_trainer_measure(glora_trainer * trainer, int3
         const int32_t rc = glora_trainer_backward(trainer, &batch, 1.0f, 0, &unused, &compute);
         if (rc) return rc;
         *out = {};
-        out->weights     = (uint64_t) ggml_backend_buffer_get_size(model->buf_w);
+        out->weights     = model->weights_nbytes();
         out->transposed  = model->wt.nbytes();
         out->f16_weights = trainer->params.f16_weights ? model->wf.nbytes() : 0;
         out->adapter     = ctx_nbytes(trainer->adapter->ctx);

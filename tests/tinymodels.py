@@ -380,3 +380,24 @@ def quantize_with_llama_cpp(src: str | pathlib.Path, dst: str | pathlib.Path, ft
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {name}) failed with {rc}")
     return dst
+
+
+def split_model(src: str | pathlib.Path, dst: str | pathlib.Path, max_tensors: int) -> list[pathlib.Path]:
+    """Write the model `src` again as llama.cpp's multi-part format, by gguf-py's own split writer (what
+    `convert_hf_to_gguf.py --split-max-tensors` uses): at most `max_tensors` tensors a part, named
+    `<dst stem>-0000i-of-0000N.gguf` beside `dst`, every metadata key in the first. Returns the parts in order."""
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    kvs, _ = _read_gguf_meta(src)
+    arch = next(v for k, v, _, _ in kvs if k == "general.architecture").decode()
+    w = gguf.GGUFWriter(dst, arch=arch, split_max_tensors=max_tensors)
+    for key, value, vtype, sub in kvs:
+        if key != "general.architecture":          # the writer has written it
+            w.add_key_value(key, value, vtype, sub)
+    for t in gguf.GGUFReader(src).tensors:         # each tensor's stored bytes, unchanged
+        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    n = len(w.tensors)
+    return [dst.with_name(f"{dst.stem}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]

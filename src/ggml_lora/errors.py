@@ -94,3 +94,7 @@ class DistributedError(GGMLLoRAError, RuntimeError):
 class RewardFunctionError(GGMLLoRAError, ValueError):
     """A GRPO reward function raised or returned something other than one float or None per completion; the
     message names the function and the sample. Training stops before that step's update."""
+
+
+class MissingPartError(GGMLLoRAError, FileNotFoundError):
+    """A part of a multi-part GGUF (``name-0000i-of-0000N.gguf``) is not beside its first part."""

@@ -13,7 +13,8 @@ from typing import Any
 
 from .arch import ARCHITECTURES, FFN_GEGLU, ArchSpec, HParams, supported_list
 from .errors import GGUFFormatError, UnsupportedArchitectureError, UnsupportedError
-from .gguf_header import TYPE_NAMES, Header, read_header
+from .gguf_header import TYPE_NAMES, Header
+from .gguf_split import read_model_header
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,9 @@ class TensorMeta:
 
 
 def open_reader(path: str | os.PathLike[str]) -> Header:
-    """The checked header of a GGUF file; FileNotFoundError or GGUFFormatError otherwise."""
-    return read_header(path)
+    """The checked header of a GGUF model, every part's tensors for a split one; FileNotFoundError (a
+    MissingPartError for a part) or GGUFFormatError otherwise."""
+    return read_model_header(path)
 
 
 def field(reader: Header, key: str, kind: type, default: Any = None, *, path: str = "") -> Any:

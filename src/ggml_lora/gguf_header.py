@@ -43,8 +43,9 @@ class Tensor:
     shape: tuple[int, ...]    # ggml order, ne[0] first
     type: int                 # ggml type id
     type_name: str
-    offset: int               # absolute file offset of the data
+    offset: int               # absolute file offset of the data (in Header.parts[part] for a split model)
     n_bytes: int
+    part: int = 0             # which file of a split model holds it (gguf_split.read_model_header)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class Header:
     file_size: int
     # byte range [start, end) of each key-value pair in the file, key included (to copy them verbatim)
     field_spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # a split model's files in order, path first, when `tensors` holds every part's (gguf_split.py)
+    parts: tuple[Path, ...] = ()
 
     def get(self, key: str, default: Any = None) -> Any:
         f = self.fields.get(key)

@@ -231,6 +231,9 @@ def merge_adapters(model: str | os.PathLike[str], adapters: Sequence, out: str |
     from .gguf_header import read_header
 
     header = read_header(model)
+    if (header.get("split.count") or 1) > 1:      # the first part alone holds only some of the tensors
+        raise UnsupportedError(f"{model} is the first part of a split model, which merge does not read; join "
+                               "its parts first (llama.cpp's llama-gguf-split --merge FIRST-PART OUT.gguf)")
     adapters = _adapter_list(adapters)
     out = Path(out)
     for p in (Path(model), *(a for a, _ in adapters)):

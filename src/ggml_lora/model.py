@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 
-from . import gguf_file, hardware, planning
+from . import gguf_file, gguf_split, hardware, planning
 from .forward import evaluate
 from ._handles import Batch, NativeHandle
 from ._native import check, ffi, lib
@@ -92,6 +92,9 @@ class BaseModel(NativeHandle):
              n_ctx: int | None = None, use_mmap: bool = True) -> BaseModel:
         """Load ``path`` onto ``device`` (a name from :func:`ggml_lora.devices` or ``"auto"``).
 
+        ``path``: a GGUF file (of a split model, its first part ``...-00001-of-0000N.gguf``, the others
+        beside it).
+
         ``n_ctx`` is the longest sequence this model will be asked to process (default: the
         model's training context). On the CPU the weights are the memory-mapped file itself
         (``use_mmap``, as llama.cpp's default): pages cost memory only once read, so an untied model's
@@ -152,8 +155,8 @@ class BaseModel(NativeHandle):
         self._name = name if isinstance(name, str) else None
         self._sha256 = None
         self._source = None
-        if use_mmap and planning.is_cpu(self.device):    # the weights are views of the mapped file
-            self._source = _MappedFile(path)
+        if use_mmap and planning.is_cpu(self.device):    # the weights are views of the mapped file(s)
+            self._source = gguf_split.EachPart(_MappedFile(p) for p in reader.parts or (path,))
         # self._lock (from _set_handle): one native call at a time for the model and everything made
         # from it, since graphs and the scheduler are per model; trainers or threads sharing the model
         # take turns, and close() waits for a call in progress
