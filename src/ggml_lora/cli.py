@@ -80,8 +80,12 @@ def _import_peft(args: argparse.Namespace) -> int:
     return 0
 
 
+_HF_REF = "or a Hugging Face reference owner/repo[:QUANT] or owner/repo/file.gguf"
+
+
 def _merge(args: argparse.Namespace) -> int:
     from .cli_train import parse_adapter_arg
+    from .hub import resolve
     from .merge import merge_adapters
 
     def progress(done: int, total: int) -> None:
@@ -89,7 +93,8 @@ def _merge(args: argparse.Namespace) -> int:
             print(f"merged {done}/{total} tensors", flush=True)
 
     adapters = [parse_adapter_arg(a) for a in args.adapter]
-    out = merge_adapters(args.model, adapters, args.out, type=args.type, n_threads=args.n_threads, progress=progress)
+    out = merge_adapters(resolve(args.model), adapters, args.out, type=args.type, n_threads=args.n_threads,
+                         progress=progress)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})")
     return 0
 
@@ -106,16 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_info)
     p = sub.add_parser("export-peft", help="write a GGUF adapter as a PEFT folder (adapter_config.json + safetensors)")
     p.add_argument("adapter", type=Path)
-    p.add_argument("--model", type=Path, required=True, help="the base GGUF the adapter belongs to")
+    p.add_argument("--model", required=True, help=f"the base GGUF the adapter belongs to; {_HF_REF}")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=_export_peft)
     p = sub.add_parser("import-peft", help="turn a PEFT LoRA folder into a llama.cpp GGUF adapter")
     p.add_argument("peft_dir", type=Path)
-    p.add_argument("--model", type=Path, required=True, help="the base GGUF (converted from the PEFT base model)")
+    p.add_argument("--model", required=True, help=f"the base GGUF (converted from the PEFT base model); {_HF_REF}")
     p.add_argument("--out", type=Path, required=True, help="output .gguf")
     p.set_defaults(func=_import_peft)
     p = sub.add_parser("merge", help="merge GGUF LoRA adapters into the base model's weights, as a new GGUF")
-    p.add_argument("--model", type=Path, required=True, help="the base GGUF")
+    p.add_argument("--model", required=True, help=f"the base GGUF; {_HF_REF}")
     p.add_argument("--adapter", action="append", required=True, metavar="PATH[:SCALE]",
                    help="a GGUF LoRA adapter, with its scale (default 1); repeat for several")
     p.add_argument("--out", type=Path, required=True, help="output .gguf (written atomically)")

