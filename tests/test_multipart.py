@@ -12,7 +12,7 @@ from reference import assert_parity, llama_logits
 from tinymodels import split_model
 
 from ggml_lora import Adapter, BaseModel, InvalidArgumentError, LoRAConfig, UnsupportedError, gguf_file
-from ggml_lora.errors import MissingPartError, NativeIOError
+from ggml_lora.errors import GGMLLoRAError, MissingPartError, NativeIOError
 from ggml_lora.training import TrainingContext, loss_batch
 
 # gemma3 at q8_0: the newest architecture, quantized blocks and F32 norms spread over the parts
@@ -80,6 +80,21 @@ def test_missing_or_wrong_part_is_named(single_and_parts, tmp_path, monkeypatch)
     monkeypatch.setattr(gguf_file, "read_model_header", lambda path: header)
     with pytest.raises(NativeIOError, match="tiny-00003-of-00004.gguf: part 3 of 4 of the model is missing"):
         BaseModel.load(copies[0])
+
+
+def test_every_mapped_part_is_watched(single_and_parts, tmp_path):
+    """The weights are views of every part's mapping: a later part rewritten in place is refused by the next
+    call, as the single file is, before a read of the shrunken mapping could kill the process (SIGBUS)."""
+    _, parts = single_and_parts
+    copies = [tmp_path / p.name for p in parts]
+    for p, c in zip(parts, copies):
+        c.write_bytes(p.read_bytes())
+    with BaseModel.load(copies[0], n_threads=N_THREADS) as model:
+        model.logits([1, 2, 3])
+        with open(copies[3], "r+b") as f:
+            f.truncate(64)
+        with pytest.raises(GGMLLoRAError, match="tiny-00004-of-00004.gguf was modified in place"):
+            model.logits([1, 2, 3])
 
 
 def test_merge_refuses_a_split_model(single_and_parts, tmp_path):
