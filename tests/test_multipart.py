@@ -13,7 +13,8 @@ from tinymodels import split_model
 
 from ggml_lora import Adapter, BaseModel, InvalidArgumentError, LoRAConfig, UnsupportedError, gguf_file
 from ggml_lora.errors import GGMLLoRAError, MissingPartError, NativeIOError
-from ggml_lora.training import TrainingContext, loss_batch
+from ggml_lora.forward import loss_batch
+from ggml_lora.step import TrainingContext
 
 # gemma3 at q8_0: the newest architecture, quantized blocks and F32 norms spread over the parts
 MODEL = ("gemma3", "q8_0", {"n_layers": 2})
