@@ -42,6 +42,17 @@ def test_split_model_equals_single_file(single_and_parts, use_mmap):
         np.testing.assert_array_equal(split.logits(tokens), one.logits(tokens))
 
 
+def test_sha256_covers_every_part(single_and_parts):
+    """The base model's sha256 (checked on resume and across MPI ranks) is that of all the parts' bytes in
+    order, not of the first part alone: a checkpoint on other later parts is another model."""
+    import hashlib
+
+    _, parts = single_and_parts
+    with BaseModel.load(parts[0], n_threads=N_THREADS) as split:
+        assert split.sha256 == hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()
+        assert split.sha256 != hashlib.sha256(parts[0].read_bytes()).hexdigest()
+
+
 def test_split_model_trains_as_single_file(single_and_parts):
     """Three optimizer steps from the same initial adapter give the same losses and the same adapter."""
     single, parts = single_and_parts

@@ -155,9 +155,10 @@ class BaseModel(NativeHandle):
         self._vocab = None
         self._name = name if isinstance(name, str) else None
         self._sha256 = None
+        self._parts = tuple(reader.parts or (path,))       # the files of a split model, first part first
         self._source = None
         if use_mmap and planning.is_cpu(self.device):    # the weights are views of the mapped file(s)
-            self._source = gguf_split.EachPart(_MappedFile(p) for p in reader.parts or (path,))
+            self._source = gguf_split.EachPart(_MappedFile(p) for p in self._parts)
         # self._lock (from _set_handle): one native call at a time for the model and everything made
         # from it, since graphs and the scheduler are per model; trainers or threads sharing the model
         # take turns, and close() waits for a call in progress
@@ -262,14 +263,16 @@ class BaseModel(NativeHandle):
 
     @property
     def sha256(self) -> str:
-        """sha256 of the base GGUF file (computed once), recorded in adapters for provenance."""
+        """sha256 of the base GGUF file (computed once), recorded in adapters for provenance; of a split
+        model, of its parts' bytes in order (resume and MPI ranks compare it: every part counts)."""
         if self._sha256 is None:
             import hashlib
 
             digest = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
+            for part in self._parts:
+                with open(part, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        digest.update(block)
             self._sha256 = digest.hexdigest()
         return self._sha256
 
