@@ -99,7 +99,7 @@ def main() -> int:
         make_data()
 
     from ggml_lora import BaseModel, GRPOConfig, GRPOTrainer, LoRAConfig, TrainingConfig
-    from ggml_lora.cli_train import default_model
+    from ggml_lora.cli_config import default_model
 
     lora = LoRAConfig(rank=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                "down_proj"))

@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (None: ggml's choice)")
     args = ap.parse_args()
     if args.model is None:
-        from ggml_lora.cli_train import default_model
+        from ggml_lora.cli_config import default_model
 
         args.model = default_model()
 

@@ -11,7 +11,8 @@ import pytest
 
 from ggml_lora import LoRAConfig, TrainingConfig
 from ggml_lora.cli import main
-from ggml_lora.cli_train import parse_adapter_arg, read_config_file, resolve_configs
+from ggml_lora.cli_config import read_config_file, resolve_configs
+from ggml_lora.cli_eval import parse_adapter_arg
 from ggml_lora.config import learning_rate_at, warmup_steps
 from ggml_lora.errors import InvalidArgumentError
 
@@ -91,9 +92,9 @@ def test_config_file_and_command_line_precedence(tmp_path):
 
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers()
-    from ggml_lora.cli_train import add_verbs
+    from ggml_lora.cli_train import add_verb
 
-    add_verbs(sub)
+    add_verb(sub)
     args = ap.parse_args(["train", "-c", str(toml), "--rank", "16", "--target-modules", "q_proj,v_proj,o_proj",
                           "--no-progress"])
     lora, training, run = resolve_configs(args)
@@ -106,7 +107,7 @@ def test_config_file_and_command_line_precedence(tmp_path):
 
 
 def test_every_config_field_is_a_flag():
-    from ggml_lora.cli_train import config_fields
+    from ggml_lora.cli_config import config_fields
 
     keys = set(config_fields())
     assert {f.name for f in fields(TrainingConfig)} <= keys
@@ -150,11 +151,11 @@ def test_example_configs_resolve(name):
     """Every shipped config file is valid: known keys, values the dataclasses accept, data that exists."""
     import argparse
 
-    from ggml_lora.cli_train import add_verbs
+    from ggml_lora.cli_train import add_verb
 
     root = Path(__file__).resolve().parents[1]
     ap = argparse.ArgumentParser()
-    add_verbs(ap.add_subparsers())
+    add_verb(ap.add_subparsers())
     lora, training, run = resolve_configs(ap.parse_args(["train", "-c", str(root / "examples" / "configs" / name)]))
     assert (root / run["data"]).exists()
     assert lora.rank > 0 and training.output_dir

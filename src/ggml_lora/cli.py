@@ -84,7 +84,7 @@ _HF_REF = "or a Hugging Face reference owner/repo[:QUANT] or owner/repo/file.ggu
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .cli_train import parse_adapter_arg
+    from .cli_eval import parse_adapter_arg
     from .hub import resolve
     from .merge import merge_adapters
 
@@ -100,11 +100,12 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import cli_train
+    from . import cli_eval, cli_train
 
     ap = argparse.ArgumentParser(prog="ggml-lora", description="Train and inspect LoRA adapters for GGUF models.")
     sub = ap.add_subparsers(dest="verb", required=True)
-    cli_train.add_verbs(sub)
+    cli_train.add_verb(sub)
+    cli_eval.add_verbs(sub)
     p = sub.add_parser("info", help="describe a GGUF LoRA adapter: metadata, tensors, rank, alpha, size")
     p.add_argument("adapter", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -13,7 +13,6 @@ MPI is used only when the process was started by an MPI launcher with more than 
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import time
 from typing import NoReturn

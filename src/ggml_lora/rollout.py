@@ -66,7 +66,7 @@ class Sampler:
         """``n_ctx``: KV cells for a prompt and all ``n_seq`` completions together (the cache is unified)."""
         import llama_cpp
 
-        from . import llama  # noqa: F401  (importing it keeps llama.cpp off the AMX crash; see llama.py)
+        from . import llama_cpp_python  # noqa: F401  (importing it keeps llama.cpp off the AMX crash)
 
         from llama_cpp._logger import set_verbose
 

@@ -20,7 +20,6 @@ from a forward without it.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import time
