@@ -200,3 +200,12 @@ def check_memory(trainer: LoRATrainer, seq_len: int) -> dict:
             + (" even with gradient checkpointing" if not cfg.gradient_checkpointing else "")
             + f". To fit: {'; '.join(hints)}.")
     return est
+
+
+def report_placement(placement, progress) -> None:
+    """One progress line on where a run's first step ran (a model.Placement); a warning when part of it fell
+    back to the CPU."""
+    progress.message(f"placement: {placement.line()}")
+    warning = fallback_warning(placement.device, placement.device_share, placement.cpu_ops)
+    if warning:
+        log.warning(warning)

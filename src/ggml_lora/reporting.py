@@ -9,11 +9,13 @@ import os
 import resource
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from .config import REPORT_TO
 from .errors import InvalidArgumentError
+from .model import Placement
 
 log = logging.getLogger("ggml_lora.train")
 
@@ -28,6 +30,27 @@ class TrainerCallback(Protocol):
     def on_step(self, trainer: Any, record: dict) -> None: ...
     def on_eval(self, trainer: Any, record: dict) -> None: ...
     def on_save(self, trainer: Any, path: Path) -> None: ...
+
+
+@dataclass
+class TrainingHistory:
+    """What ``train`` did. ``steps``/``evals`` are the records also written to metrics.jsonl."""
+
+    steps: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    global_step: int = 0
+    total_steps: int = 0
+    interrupted: str | None = None          # "SIGINT" / "SIGTERM" when stopped by a signal
+    skipped_steps: int = 0
+    adapter_path: Path | None = None        # the final adapter (None when interrupted)
+    checkpoint_path: Path | None = None     # the newest checkpoint written
+    data: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)   # the estimate checked before the first step (bytes)
+    placement: Placement | None = None      # where the first step's work ran (device vs the CPU fallback)
+
+    @property
+    def losses(self) -> list[float]:
+        return [r["loss"] for r in self.steps]
 
 
 def call_hooks(callbacks: Iterable[Any], name: str, *args: Any) -> None:
@@ -394,4 +417,5 @@ def make_reporters(report_to: tuple[str, ...], output_dir: Path, logging_dir: st
 
 
 __all__ = ["MLflowReporter", "MetricsLog", "Progress", "REPORT_TO", "TensorBoardReporter", "TrainerCallback",
+           "TrainingHistory",
            "call_hooks", "check_reporters", "make_reporters", "peak_rss_bytes", "plot_losses"]

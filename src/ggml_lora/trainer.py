@@ -14,7 +14,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,35 +27,14 @@ from .checkpoint import check_writable
 from .config import LoRAConfig, TrainingConfig, learning_rate_at
 from .errors import CheckpointError, InvalidArgumentError, TrainingDivergedError, UnsupportedError
 from .methods import TrainingMethod, default_method
-from .model import BaseModel, Placement
+from .model import BaseModel
 from .run_data import RunData, fingerprint
-from .reporting import MetricsLog, Progress, call_hooks, check_reporters, make_reporters, peak_rss_bytes, \
+from .reporting import MetricsLog, Progress, TrainingHistory, call_hooks, check_reporters, make_reporters, peak_rss_bytes, \
     plot_losses, write_adapter_config
 from .signals import StopSignals
 from .step import TrainingContext
 
 log = logging.getLogger("ggml_lora.train")
-
-
-@dataclass
-class TrainingHistory:
-    """What ``train`` did. ``steps``/``evals`` are the records also written to metrics.jsonl."""
-
-    steps: list[dict] = field(default_factory=list)
-    evals: list[dict] = field(default_factory=list)
-    global_step: int = 0
-    total_steps: int = 0
-    interrupted: str | None = None          # "SIGINT" / "SIGTERM" when stopped by a signal
-    skipped_steps: int = 0
-    adapter_path: Path | None = None        # the final adapter (None when interrupted)
-    checkpoint_path: Path | None = None     # the newest checkpoint written
-    data: dict = field(default_factory=dict)
-    memory: dict = field(default_factory=dict)   # the estimate checked before the first step (bytes)
-    placement: Placement | None = None      # where the first step's work ran (device vs the CPU fallback)
-
-    @property
-    def losses(self) -> list[float]:
-        return [r["loss"] for r in self.steps]
 
 
 class LoRATrainer:
@@ -257,7 +235,7 @@ class LoRATrainer:
                 rec["device_share"] = placement.device_share
                 if history.placement is None:
                     history.placement = placement
-                    self._report_placement(placement, progress)
+                    planning.report_placement(placement, progress)
                 if self.comm.size > 1:
                     rec["processes"], rec["allreduce_bytes"] = self.comm.size, self.reduced_bytes
                 consecutive_skips = 0 if out.applied else consecutive_skips + 1
@@ -327,13 +305,6 @@ class LoRATrainer:
         if self.is_main_process:
             plot_losses(metrics.records, self.output_dir / "loss.png")
         call_hooks(callbacks, "on_eval", self, rec)
-
-    def _report_placement(self, placement: Placement, progress: Progress) -> None:
-        """One line on where the first step ran; a warning when part of it fell back to the CPU."""
-        progress.message(f"placement: {placement.line()}")
-        warning = planning.fallback_warning(placement.device, placement.device_share, placement.cpu_ops)
-        if warning:
-            log.warning(warning)
 
     def _save_checkpoint(self, step: int, fingerprint: str, total: int, callbacks) -> Path:
         path = ckpt.save_training(self, step, fingerprint, total)
