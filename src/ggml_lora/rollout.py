@@ -6,7 +6,8 @@ ids on its tokens (one KV entry shared by all, ``kv_unified``), then each step d
 unfinished sequence of every prompt in one batch. Sampling is ours, in NumPy, from llama.cpp's logits: seeded by
 (seed, step, prompt) so a run, and a resumed run, draws the same tokens, with TRL/transformers' order of
 filters (temperature, top_k, top_p, min_p). The log-probability of each drawn token under the unfiltered
-distribution is kept: the one our forward must reproduce (tests/test_grpo.py).
+distribution of logits / temperature is kept (the one our forward must reproduce, tests/test_grpo.py), and
+that distribution's entropy (TRL's ``entropy`` metric, of the policy that sampled).
 
 The adapter is refreshed before each generation batch by writing it to a file and loading that into the
 context (llama.cpp has no call that replaces an adapter's tensors in place); ``refresh_s`` says what it cost.
@@ -18,7 +19,7 @@ import ctypes
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,9 @@ from .errors import InvalidArgumentError
 @dataclass
 class Completion:
     ids: list[int]              # the sampled tokens, EOS included when one was drawn
-    logprobs: list[float]       # llama.cpp's log-probability of each (temperature 1, no filters)
+    logprobs: list[float]       # llama.cpp's log-probability of each (logits / temperature, no filters)
     truncated: bool             # stopped at max_tokens without an end-of-generation token
+    entropies: list[float] = field(default_factory=list)   # of the distribution each was drawn from, nats
 
 
 def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -204,12 +206,13 @@ class Sampler:
         for k in range(max_tokens):
             entries = []
             for s in live:
-                lp = _log_softmax(logits[s].astype(np.float64))
+                lp = _log_softmax(logits[s].astype(np.float64) / temperature)
                 x = filter_logits(logits[s], temperature, top_k, top_p, min_p)
                 p = np.exp(x - x.max())
                 tok = int(rngs[s // n].choice(self.n_vocab, p=p / p.sum()))
                 outs[s].ids.append(tok)
                 outs[s].logprobs.append(float(lp[tok]))
+                outs[s].entropies.append(float(-(np.exp(lp) * lp).sum()))
                 if self.is_eog(tok):
                     outs[s].truncated = False
                 else:
