@@ -155,6 +155,18 @@ def test_sampled_logprobs_match_our_forward(tiny, temperature):
     assert min(effect) > 10 * tol, effect
 
 
+def test_filtered_sampling_keeps_unfiltered_logprobs(tiny):
+    """top_k=1 draws the most likely token every time; the reported log-probabilities stay those of the whole
+    distribution (TRL scores sampled tokens without the filters), so they are below 0."""
+    with _random_adapter(tiny) as ad, Sampler(tiny.path, n_seq=2, n_ctx=64, n_threads=N_THREADS) as s:
+        s.set_adapter(ad)
+        prompt = tiny.tokenize("hello there")
+        outs = s.sample(prompt, 2, 6, np.random.default_rng(0), top_k=1)
+        logits = np.asarray(tiny.logits(prompt + outs[0].ids, ad)).reshape(len(prompt) + 6, -1)
+    assert outs[0].ids == outs[1].ids == logits[len(prompt) - 1:-1].argmax(axis=1).tolist()
+    assert max(outs[0].logprobs) < -1e-3
+
+
 def test_filters_follow_transformers():
     x = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05]))
     assert np.isfinite(filter_logits(x, top_k=2)).sum() == 2

@@ -203,16 +203,26 @@ class Sampler:
             start += [len(prompt)] * n
         outs = [Completion([], [], True) for _ in range(total)]
         live = list(range(total))
+        filtered = bool(top_k) or top_p < 1.0 or bool(min_p)
         for k in range(max_tokens):
             entries = []
-            for s in live:
-                lp = _log_softmax(logits[s].astype(np.float64) / temperature)
-                x = filter_logits(logits[s], temperature, top_k, top_p, min_p)
-                p = np.exp(x - x.max())
-                tok = int(rngs[s // n].choice(self.n_vocab, p=p / p.sum()))
+            # every live sequence at once, in float64: x = logits / T, e = exp(x - max), Z = Σe
+            x = np.stack([logits[s] for s in live]).astype(np.float64) / temperature      # (S, V)
+            x -= x.max(axis=1, keepdims=True)
+            e = np.exp(x)
+            z = e.sum(axis=1)
+            log_z = np.log(z)
+            entropy = log_z - (e * x).sum(axis=1) / z              # -Σ p log p with p = e / Z
+            # inverse CDF with one uniform draw per token, as Generator.choice(p=...) draws
+            cdf = np.cumsum(e if not filtered else np.stack(
+                [np.exp(f - f.max()) for f in (filter_logits(logits[s], temperature, top_k, top_p, min_p)
+                                               for s in live)]), axis=1)
+            for i, s in enumerate(live):
+                u = rngs[s // n].random()
+                tok = min(int(np.searchsorted(cdf[i], u * cdf[i, -1], side="right")), self.n_vocab - 1)
                 outs[s].ids.append(tok)
-                outs[s].logprobs.append(float(lp[tok]))
-                outs[s].entropies.append(float(-(np.exp(lp) * lp).sum()))
+                outs[s].logprobs.append(float(x[i, tok] - log_z[i]))
+                outs[s].entropies.append(float(entropy[i]))
                 if self.is_eog(tok):
                     outs[s].truncated = False
                 else:
