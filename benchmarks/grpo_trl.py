@@ -34,7 +34,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")       # rollout_func is marked experimental
 
 METRICS = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
-           "clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean", "kl")
+           "clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean", "kl", "entropy")
 
 
 def _table(rollouts):
@@ -115,7 +115,7 @@ def trl_grpo(gguf_path, rollouts, *, steps: int, learning_rate: float, rank: int
                           warmup_steps=0, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
                           weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to="none",
                           seed=0, data_seed=0, bf16=False, fp16=False, use_cpu=True, disable_dropout=True,
-                          dataloader_num_workers=0, temperature=1.0, **grpo)
+                          dataloader_num_workers=0, **{"temperature": 1.0, **grpo})
         dataset = datasets.Dataset.from_list([{"prompt": k} for k in by_prompt])
         trainer = Exact(model=model, reward_funcs=_reward_funcs(rewards, n_funcs), args=args, train_dataset=dataset,
                         processing_class=tokenizer, peft_config=lora, rollout_func=rollout_func)
@@ -155,12 +155,24 @@ def ours_grpo(model, rollouts, *, steps: int, learning_rate: float, rank: int, a
             def sample(prompts, seed_key):
                 ids = [c for p in prompts for c in by_prompt[p.prompt][1]]
                 trunc = [not trainer.method._is_eog(c[-1]) for c in ids]
-                return ids, [[0.0] * len(c) for c in ids], trunc
+                return ids, [[0.0] * len(c) for c in ids], trunc, [_entropies(model, trainer, p, c) for p, c in
+                                                                  zip([p for p in prompts for _ in range(G)], ids)]
             trainer.method.sample = sample
             history = trainer.train(rows)
         weights = {hf_module(t): adapter.get(t) for t in adapter.targets}
     adapter.close()
     return history.steps, weights, lora_a
+
+
+def _entropies(model, trainer, prompt, ids) -> list[float]:
+    """What the sampler reports for a completion: the entropy of the current policy's logits / temperature at
+    each completion token, here from our logits forward (the sampler's are llama.cpp's)."""
+    from ggml_lora.rollout import _log_softmax
+
+    toks = np.asarray(prompt.tokens.tolist() + list(ids))
+    logits = np.asarray(model.logits(toks, trainer.adapter)).reshape(len(toks), -1)
+    rows = logits[len(prompt.tokens) - 1:len(toks) - 1].astype(np.float64) / trainer.grpo.temperature
+    return [float(-(np.exp(lp) * lp).sum()) for lp in map(_log_softmax, rows)]
 
 
 def compare(model_path, rollouts, *, n_threads: int | None = None, **kw) -> dict:
@@ -173,7 +185,9 @@ def compare(model_path, rollouts, *, n_threads: int | None = None, **kw) -> dict
     if len(theirs) != len(mine):
         raise AssertionError(f"TRL logged {len(theirs)} steps, ours {len(mine)}")
     # TRL logs the generation batch's metrics only on the step that generated it, as we do
-    steps = [{"step": a["step"], **{n: [a.get(n), b[n]] for n in ("loss",) + METRICS if n in b}}
+    # entropy: ours is of the policy that sampled, logged on the step that generated (TRL logs it every step)
+    steps = [{"step": a["step"], **{n: [a.get(n), b[n]] for n in ("loss",) + METRICS
+                                    if n in b and (n != "entropy" or n in a)}}
              for a, b in zip(mine, theirs)]
     diff = {}
     for name, (a, b) in w_trl.items():

@@ -29,7 +29,7 @@
 #  define GLORA_API
 #endif
 
-#define GLORA_ABI_VERSION 15
+#define GLORA_ABI_VERSION 16
 
 #ifdef __cplusplus
 extern "C" {
@@ -215,6 +215,10 @@ typedef struct glora_batch {
                                     so one row gets the same mask however the step is split into
                                     micro-batches or processes. NULL: keyed by the flat position in
                                     this batch                                                      */
+    float           logit_scale; /* 0 (a zeroed struct) or 1: the loss rows' logits as computed; else
+                                    each is multiplied by it before the softmax of the loss, in the
+                                    forward and its gradient (GRPO scores sampled tokens with
+                                    logits / temperature); finite and > 0. glora_logits ignores it  */
 } glora_batch;
 
 /* logits for every position: out = [n_seq * n_tokens * n_vocab] float32. adapters may be NULL when

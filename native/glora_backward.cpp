@@ -332,7 +332,8 @@ int32_t backward_one_graph(glora_trainer * t, const glora_batch * batch, float l
     graph_ctx g(budget);
     glora_graph_inputs in;
     ggml_tensor * logits = glora_build_forward(g.ctx, m, batch, opt, true, &in);
-    ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in, batch->loss_weights != nullptr);
+    ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in, batch->loss_weights != nullptr,
+                                          glora_logit_scale(batch));
     ggml_set_loss(loss);
     ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, budget, true);
     ggml_build_forward_expand(gf, loss);
@@ -431,7 +432,8 @@ int32_t backward_checkpointed(glora_trainer * t, const glora_batch * batch, floa
         ggml_set_param(opt.x_in);
         glora_graph_inputs in;
         ggml_tensor * logits = glora_build_forward(g.ctx, m, &sub, opt, true, &in);
-        ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in, sub.loss_weights != nullptr);
+        ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in, sub.loss_weights != nullptr,
+                                              glora_logit_scale(&sub));
         ggml_set_loss(loss);
         ggml_cgraph * gf = ggml_new_graph_custom(g.ctx, budget, true);
         ggml_build_forward_expand(gf, loss);

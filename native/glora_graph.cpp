@@ -336,7 +336,12 @@ ggml_tensor * glora_build_forward(ggml_context * ctx, const glora_model * model,
 }
 
 ggml_tensor * glora_build_loss(ggml_context * ctx, ggml_tensor * row_logits, float weight, glora_graph_inputs * in,
-                               bool row_weights) {
+                               bool row_weights, float logit_scale) {
+    if (logit_scale != 1.0f) {
+        // a node of its own: ggml's backward scales the cross-entropy's gradient by it on the way back
+        row_logits = ggml_scale(ctx, row_logits, logit_scale);
+        ggml_set_name(row_logits, "scaled_logits");
+    }
     if (row_weights) {
         in->row_weights = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, row_logits->ne[1]);
         ggml_set_name(in->row_weights, "row_weights");
@@ -459,6 +464,8 @@ int32_t glora_validate_batch(const glora_model * model, const glora_batch * batc
         GLORA_CHECK_ARG(t >= 0 && t < model->n_vocab, "batch: token id %d at row %lld is outside [0, n_vocab=%lld)", t,
                         (long long) i, (long long) model->n_vocab);
     }
+    GLORA_CHECK_ARG(std::isfinite(batch->logit_scale) && batch->logit_scale >= 0.0f,
+                    "batch: logit_scale %g must be finite and > 0 (0: 1)", (double) batch->logit_scale);
     if (need_loss) {
         GLORA_CHECK_ARG(batch->n_loss > 0 && batch->loss_rows && batch->labels,
                         "batch: no loss rows (n_loss=%d); at least one supervised token is needed", batch->n_loss);

@@ -357,10 +357,12 @@ ggml_tensor * glora_bind(ggml_context * ctx, const ggml_tensor * t);
 // batch->n_loss > 0 and rows_only).
 ggml_tensor * glora_build_forward(ggml_context * ctx, const glora_model * model, const glora_batch * batch,
                                   const glora_graph_options & opt, bool rows_only, glora_graph_inputs * in);
-// Cross-entropy summed over the loss rows, times `weight`: a scalar. With `row_weights`, also an input
-// in->row_weights for the backward's per-row weights (glora_weight_loss_rows).
+// Cross-entropy of row_logits · logit_scale summed over the loss rows, times `weight`: a scalar. With
+// `row_weights`, also an input in->row_weights for the backward's per-row weights (glora_weight_loss_rows).
 ggml_tensor * glora_build_loss(ggml_context * ctx, ggml_tensor * row_logits, float weight, glora_graph_inputs * in,
-                               bool row_weights = false);
+                               bool row_weights = false, float logit_scale = 1.0f);
+// batch->logit_scale with 0 (a zeroed struct) read as 1
+inline float glora_logit_scale(const glora_batch * batch) { return batch->logit_scale == 0.0f ? 1.0f : batch->logit_scale; }
 // Uploads tokens, positions, mask, rows, labels and dropout masks (those the graph has); host may be NULL.
 void glora_graph_set_inputs(const glora_model * model, const glora_batch * batch, const glora_graph_inputs & in,
                             uint64_t dropout_seed, const glora_host_inputs * host = nullptr);

@@ -283,18 +283,19 @@ static int32_t loss_impl(glora_model * model, const glora_adapter * adapter, flo
             const int64_t V = model->n_vocab;
             std::vector<float> host((size_t) (V * sub.n_loss));
             ggml_backend_tensor_get(logits, host.data(), 0, host.size() * sizeof(float));
+            const double s = glora_logit_scale(&sub);
             for (int32_t i = 0; i < sub.n_loss; ++i) {
                 const float * l = host.data() + (size_t) i * V;
-                const double mx = *std::max_element(l, l + V);
+                const double mx = s * *std::max_element(l, l + V);
                 double z = 0.0;
-                for (int64_t v = 0; v < V; ++v) z += std::exp((double) l[v] - mx);
-                const double ce = mx + std::log(z) - (double) l[sub.labels[i]];
+                for (int64_t v = 0; v < V; ++v) z += std::exp(s * l[v] - mx);
+                const double ce = mx + std::log(z) - s * l[sub.labels[i]];
                 out_rows[r0 + i] = (float) ce;
                 sum += ce;
             }
             continue;
         }
-        ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in);
+        ggml_tensor * loss = glora_build_loss(g.ctx, logits, 1.0f, &in, false, glora_logit_scale(&sub));
         if ((rc = run_forward(model, g.ctx, budget, loss, &sub, in, true))) return rc;
         float v = 0.0f;
         ggml_backend_tensor_get(loss, &v, 0, sizeof(v));

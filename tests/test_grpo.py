@@ -14,6 +14,7 @@ import pytest
 
 from conftest import N_THREADS
 from ggml_lora import Adapter, BaseModel, GRPOConfig, GRPOTrainer, LoRAConfig, RewardFunctionError, TrainingConfig
+from ggml_lora._handles import Batch
 from ggml_lora.errors import DatasetError, InvalidArgumentError
 from ggml_lora.rollout import Sampler, filter_logits
 from ggml_lora.forward import loss_batch, row_losses
@@ -57,27 +58,94 @@ def _random_adapter(model, seed=0):
     return ad
 
 
-def _ours(model, adapter, prompt, ids):
+def _ours(model, adapter, prompt, ids, temperature=1.0):
     toks = np.array(prompt + ids)
     mask = np.zeros(len(toks), bool)
     mask[len(prompt):] = True
-    return -row_losses(model, adapter, loss_batch(model, toks, mask)).astype(np.float64)
+    b = loss_batch(model, toks, mask)
+    b = Batch(b.tokens, b.segments, b.loss_rows, b.labels, logit_scale=1 / temperature)
+    return -row_losses(model, adapter, b).astype(np.float64)
+
+
+def _entropies(model, adapter, prompt, ids, temperature=1.0):
+    from ggml_lora.rollout import _log_softmax
+
+    toks = np.array(prompt + ids)
+    logits = np.asarray(model.logits(toks, adapter), np.float64).reshape(len(toks), -1)
+    lps = [_log_softmax(r / temperature) for r in logits[len(prompt) - 1:len(toks) - 1]]
+    return np.array([-(np.exp(lp) * lp).sum() for lp in lps])
+
+
+# ---- the logit scale (temperature) of the native loss ------------------------------------------------
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_logit_scale_gives_the_loss_and_gradient_of_scaled_logits(tiny, checkpointing):
+    """glora_batch.logit_scale s: each row's loss is the cross-entropy of s x our logits forward, and the
+    gradient with signed row weights w is the central difference of sum_r w_r CE_r(s z)."""
+    from ggml_lora.rollout import _log_softmax
+    from ggml_lora.training import TrainingContext
+
+    s = 1 / 0.7
+    with _random_adapter(tiny) as ad:
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(0, tiny.n_vocab, (2, 10)).astype(np.int32)
+        rows = np.array([q * 10 + t for q in range(2) for t in range(3, 9)])
+        labels = tokens.reshape(-1)[rows + 1]
+        w = rng.normal(size=len(rows)).astype(np.float32)
+        batch = Batch(tokens, loss_rows=rows, labels=labels, loss_weights=w, logit_scale=s)
+        logits = np.asarray(tiny.logits(tokens, ad), np.float64).reshape(-1, tiny.n_vocab)
+        expected = np.array([-_log_softmax(s * logits[r])[y] for r, y in zip(rows, labels)])
+        got = row_losses(tiny, ad, batch).astype(np.float64)
+        # float32 forwards of two graphs (logits, loss rows): ~1e-6 apart; the scale changes them by ~0.1
+        tol = 1e-4 if tiny.weight_type == "f32" else 0.02
+        assert np.abs(got - expected).max() < tol
+        assert np.abs(got - row_losses(tiny, ad, Batch(tokens, loss_rows=rows, labels=labels))).max() > 10 * tol
+        if tiny.weight_type != "f32":
+            return      # Q4_1 products quantize the activations to 8 bits: no derivative at a finite step
+        with TrainingContext(ad, gradient_checkpointing=checkpointing) as ctx:
+            ctx.accumulate(batch, 1)
+            grads = ctx.gradients()
+        target = ad.targets[0]
+        pair = dict(zip("ab", ad.get(target)))
+
+        def objective(which, idx, delta):       # sum_r w_r CE_r with one element of A or B moved by delta
+            moved = {k: v.copy() for k, v in pair.items()}
+            moved[which][idx] += delta
+            ad.set(target, lora_a=moved["a"], lora_b=moved["b"])
+            return float(row_losses(tiny, ad, batch).astype(np.float64) @ w)
+
+        eps = 1e-2
+        for which, idx in (("a", (0, 0)), ("a", (1, 3)), ("b", (2, 1)), ("b", (7, 2))):
+            numeric = (objective(which, idx, eps) - objective(which, idx, -eps)) / (2 * eps)
+            # float32 forward: the central difference carries ~1e-3 of rounding at this step size (as in
+            # test_preference.py)
+            assert grads[target]["ab".index(which)][idx] == pytest.approx(numeric, rel=2e-3, abs=2e-3), (which, idx)
+        ad.set(target, lora_a=pair["a"], lora_b=pair["b"])
+
+
+def test_batch_rejects_bad_logit_scale():
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(InvalidArgumentError, match="logit_scale"):
+            Batch(np.zeros((1, 2), np.int32), logit_scale=bad)
 
 
 # ---- rollouts ----------------------------------------------------------------------------------------
 
-def test_sampled_logprobs_match_our_forward(tiny):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_match_our_forward(tiny, temperature):
     """llama.cpp samples 4 completions of one prompt together (shared prompt in the KV cache) through an
-    adapter with B != 0; our forward gives the sampled tokens the same log-probabilities."""
+    adapter with B != 0; our forward gives the sampled tokens the same log-probabilities of logits /
+    temperature, and the entropies the sampler reports are those of our logits / temperature."""
     with _random_adapter(tiny) as ad, Sampler(tiny.path, n_seq=4, n_ctx=128, n_threads=N_THREADS) as s:
         s.set_adapter(ad)
         prompt = tiny.tokenize("hello there, friend")
-        outs = s.sample(prompt, 4, 16, np.random.default_rng(0))
+        outs = s.sample(prompt, 4, 16, np.random.default_rng(0), temperature=temperature)
         diffs, effect = [], []
         for c in outs:
-            ours = _ours(tiny, ad, prompt, c.ids)
+            ours = _ours(tiny, ad, prompt, c.ids, temperature)
             diffs.append(np.abs(ours - np.array(c.logprobs)).max())
-            effect.append(np.abs(_ours(tiny, None, prompt, c.ids) - ours).max())
+            diffs.append(np.abs(_entropies(tiny, ad, prompt, c.ids, temperature) - np.array(c.entropies)).max())
+            effect.append(np.abs(_ours(tiny, None, prompt, c.ids, temperature) - ours).max())
     # F32 weights: the same arithmetic up to summation order (measured ~2e-6 with an F32 cache and no flash
     # attention, which llama.cpp's defaults would add: ~6e-3). Q4_1: llama.cpp's batched decode may take
     # another quantized-product path than our one-pass forward for a few rows (measured up to 5e-3); the
@@ -85,6 +153,18 @@ def test_sampled_logprobs_match_our_forward(tiny):
     tol = 1e-4 if tiny.weight_type == "f32" else 0.02
     assert max(diffs) < tol, diffs
     assert min(effect) > 10 * tol, effect
+
+
+def test_filtered_sampling_keeps_unfiltered_logprobs(tiny):
+    """top_k=1 draws the most likely token every time; the reported log-probabilities stay those of the whole
+    distribution (TRL scores sampled tokens without the filters), so they are below 0."""
+    with _random_adapter(tiny) as ad, Sampler(tiny.path, n_seq=2, n_ctx=64, n_threads=N_THREADS) as s:
+        s.set_adapter(ad)
+        prompt = tiny.tokenize("hello there")
+        outs = s.sample(prompt, 2, 6, np.random.default_rng(0), top_k=1)
+        logits = np.asarray(tiny.logits(prompt + outs[0].ids, ad)).reshape(len(prompt) + 6, -1)
+    assert outs[0].ids == outs[1].ids == logits[len(prompt) - 1:-1].argmax(axis=1).tolist()
+    assert max(outs[0].logprobs) < -1e-3
 
 
 def test_filters_follow_transformers():
@@ -102,8 +182,8 @@ def test_rollouts_use_the_live_adapter(tiny, tmp_path):
         tr.train(PROMPTS)
         assert any(np.abs(tr.adapter.get(t)[1]).max() > 0 for t in tr.adapter.targets)
         rows = tr.last_rollouts.prompts
-        ids, lps, _ = tr.sample(rows, (7,))
-        again, _, _ = tr.sample(rows, (7,))
+        ids, lps, _, _ = tr.sample(rows, (7,))
+        again, _, _, _ = tr.sample(rows, (7,))
         assert ids == again
         tol = 1e-4 if tiny.weight_type == "f32" else 0.02
         for i, (c, lp) in enumerate(zip(ids, lps)):
@@ -122,12 +202,46 @@ def test_train_logs_trl_metrics(tiny, tmp_path):
     want = {"reward", "reward_std", "rewards/even_reward/mean", "rewards/answer_reward/std", "frac_reward_zero_std",
             "completions/mean_length", "completions/min_length", "completions/max_length", "completions/clipped_ratio",
             "completions/mean_terminated_length", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean",
-            "clip_ratio/region_mean", "num_tokens", "step_time", "time/generation_s", "time/train_s"}
+            "clip_ratio/region_mean", "num_tokens", "step_time", "time/generation_s", "time/train_s", "entropy"}
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in lines if r.get("type") == "train"]
     assert len(steps) == 2 and want <= set(steps[0]), want - set(steps[0])
     assert steps[1]["num_tokens"] > steps[0]["num_tokens"] > 0
     assert steps[0]["kl"] == 0.0          # on-policy, B = 0 at the first step: the policy is the reference
+    # in nats, between a certain draw and a flat vocabulary (its values: test_sampled_logprobs_match_our_forward)
+    assert 0.0 < steps[0]["entropy"] < np.log(tiny.n_vocab)
+
+
+def test_report_to_tensorboard_and_mlflow(tiny, tmp_path, monkeypatch):
+    """TRL's GRPO metrics reach TensorBoard and MLflow under train/ and eval/, as metrics.jsonl has them."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    pytest.importorskip("tensorboardX")
+    mlflow = pytest.importorskip("mlflow")
+    if tiny.weight_type != "f32":
+        pytest.skip("reporting does not depend on the weights")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    cfg = TrainingConfig(max_steps=2, batch_size=8, learning_rate=5e-2, output_dir=str(tmp_path), progress=False,
+                         max_seq_length=64, eval_every=2, save_every=0, seed=3, report_to=("tensorboard", "mlflow"))
+    with GRPOTrainer(tiny, [even_reward, answer_reward], LORA, cfg,
+                     GRPOConfig(num_generations=4, max_completion_length=10)) as tr:
+        tr.train(PROMPTS, valid=PROMPTS[:2])
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in lines if r["type"] == "train"}
+    evals = {r["step"]: r for r in lines if r["type"] == "eval"}
+    pairs = [("train/" + k, train, k) for k in ("reward", "entropy", "rewards/even_reward/mean", "loss",
+                                                 "completions/mean_length", "frac_reward_zero_std")]
+    pairs += [("eval/" + k, evals, "val_" + k) for k in ("reward", "rewards/answer_reward/mean")]
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "runs"))
+    acc.Reload()
+    client = mlflow.tracking.MlflowClient((tmp_path / "mlruns").resolve().as_uri())
+    run_id = (tmp_path / "mlflow_run_id").read_text().strip()
+    for tag, recs, key in pairs:
+        want = {s: r[key] for s, r in recs.items()}
+        assert want, (tag, recs)
+        # event files store float32; MLflow float64
+        assert {e.step: e.value for e in acc.Scalars(tag)} == pytest.approx(want, rel=1e-6), tag
+        assert {m.step: m.value for m in client.get_metric_history(run_id, tag)} == pytest.approx(want, rel=1e-12), tag
 
 
 def test_num_iterations_reuse_one_generation_batch(tiny, tmp_path):
@@ -135,6 +249,7 @@ def test_num_iterations_reuse_one_generation_batch(tiny, tmp_path):
         history = tr.train(PROMPTS)
     gen = ["reward" in r for r in history.steps]
     assert gen == [True, False, True, False]          # generated on the first step of each batch, as TRL
+    assert ["entropy" in r for r in history.steps] == gen    # of the policy that sampled (grpo.py)
     assert history.steps[1]["clip_ratio/region_mean"] >= 0.0
 
 

@@ -120,7 +120,7 @@ def test_scale_rewards_and_gdpo():
     (dict(num_generations=1), "at least 2"),
     (dict(loss_type="vespo"), "vespo is not implemented"),
     (dict(loss_type="gspo"), "must be one of"),
-    (dict(temperature=0.7), "only 1.0 is supported"),
+    (dict(temperature=0.0), "temperature"),
     (dict(scale_rewards="sometimes"), "scale_rewards"),
     (dict(top_p=0.0), "top_p"),
     (dict(delta=1.1), "must exceed"),

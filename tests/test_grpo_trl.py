@@ -45,6 +45,8 @@ CASES = [
     dict(loss_type="sapo", num_iterations=2),
     dict(loss_type="dr_grpo", num_iterations=2, scale_rewards="batch", mask_truncated_completions=True),
     dict(loss_type="dapo", multi_objective_aggregation="normalize_then_sum", reward_weights=[1.0, 0.5]),
+    dict(loss_type="dapo", temperature=0.7),                 # log-probabilities, ratio and entropy of logits / 0.7
+    dict(loss_type="grpo", temperature=0.7, beta=0.1, num_iterations=2),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import weakref
 
@@ -112,7 +113,13 @@ class Batch:
 
     def __init__(self, tokens: np.ndarray, segments: np.ndarray | None = None,
                  loss_rows: np.ndarray | None = None, labels: np.ndarray | None = None,
-                 loss_weights: np.ndarray | None = None, seq_keys: np.ndarray | None = None):
+                 loss_weights: np.ndarray | None = None, seq_keys: np.ndarray | None = None,
+                 logit_scale: float = 1.0):
+        """``logit_scale``: the loss rows' logits are multiplied by it before the loss's softmax (GRPO:
+        1 / temperature)."""
+        if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
+            raise InvalidArgumentError(f"Batch: logit_scale must be a finite number > 0, got {logit_scale!r}")
+        self.logit_scale = float(logit_scale)
         self.tokens = _int_array("tokens", tokens, 2)                   # (n_seq, n_tokens)
         if self.tokens.size == 0:
             raise InvalidArgumentError(f"Batch: tokens is empty (shape {self.tokens.shape})")
@@ -149,6 +156,7 @@ class Batch:
         c = ffi.new("glora_batch *")
         c.tokens = ffi.cast("const int32_t *", ffi.from_buffer(self.tokens))
         c.n_seq, c.n_tokens = self.tokens.shape
+        c.logit_scale = self.logit_scale
         if self.segments is not None:
             c.segments = ffi.cast("const int32_t *", ffi.from_buffer(self.segments))
         if self.loss_rows is not None and len(self.loss_rows):

@@ -17,7 +17,7 @@ import cffi
 
 from .errors import BY_CODE, GGMLLoRAError, InternalError
 
-ABI_VERSION = 15
+ABI_VERSION = 16
 
 _HERE = Path(__file__).resolve().parent
 _LIB_NAMES = {"linux": "libggml_lora.so", "darwin": "libggml_lora.dylib", "win32": "ggml_lora.dll"}

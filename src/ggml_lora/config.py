@@ -462,8 +462,8 @@ class GRPOConfig:
 
     num_generations: int = _opt(8, "completions sampled per prompt, >= 2 (cfg:480)")
     max_completion_length: int = _opt(512, "the most tokens sampled per completion (cfg:494)")
-    temperature: float = _opt(1.0, "sampling temperature; the training log-probabilities use it too (cfg:532); "
-                                   "only 1.0 is supported yet")
+    temperature: float = _opt(1.0, "sampling temperature; the training log-probabilities use it too: logits / "
+                                   "temperature, as TRL's (cfg:532)")
     top_p: float = _opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability (cfg:536)")
     top_k: int = _opt(0, "sample among the k most likely tokens; 0 = all (cfg:543)")
     min_p: float | None = _opt(None, "drop tokens less likely than min_p x the most likely one (cfg:550)")
@@ -506,11 +506,6 @@ class GRPOConfig:
         if self.top_k < 0:
             raise _fail(c, "top_k", self.top_k, "must be >= 0 (0: off)")
         number("temperature", self.temperature, lambda v: v > 0, "must be positive")
-        if self.temperature != 1.0:
-            raise _fail(c, "temperature", self.temperature,
-                        "only 1.0 is supported: TRL scores the sampled tokens with logits / temperature "
-                        "(grpo_trainer.py:1068-1077) and the native forward has no logit scale yet; use top_k, "
-                        "top_p or min_p to sharpen sampling")
         number("top_p", self.top_p, lambda v: 0 < v <= 1, "must be in (0, 1]")
         if self.min_p is not None:
             number("min_p", self.min_p, lambda v: 0 <= v <= 1, "must be in [0, 1]")

@@ -59,9 +59,10 @@ class GRPOTrainer(LoRATrainer):
         return self.method.last_rollouts
 
     def sample(self, prompts: Sequence[PromptRow], seed_key: Sequence[int],
-               adapter_scale: float = 1.0) -> tuple[list, list, list]:
-        """(completion ids, llama.cpp log-probabilities, truncated) of num_generations completions per prompt,
-        sampled through the adapter as it is now (``adapter_scale`` 0: the base model)."""
+               adapter_scale: float = 1.0) -> tuple[list, list, list, list | None]:
+        """(completion ids, llama.cpp log-probabilities, truncated, entropies per token or None) of
+        num_generations completions per prompt, sampled through the adapter as it is now (``adapter_scale``
+        0: the base model); log-probabilities and entropies are of logits / temperature, unfiltered."""
         return self.method.sample(prompts, seed_key, adapter_scale)
 
     def score(self, prompts: Sequence[PromptRow], completions: list[list[int]]) -> np.ndarray:

@@ -121,13 +121,14 @@ def _coefficients(cfg: GRPOConfig, mask: np.ndarray, micro: list[np.ndarray], n_
 
 def grpo_loss(cfg: GRPOConfig, logp: np.ndarray, mask: np.ndarray, adv: np.ndarray, *,
               old: np.ndarray | None = None, ref: np.ndarray | None = None,
-              micro: list[np.ndarray] | None = None) -> Loss:
+              micro: list[np.ndarray] | None = None, entropy: np.ndarray | None = None) -> Loss:
     """TRL's GRPO loss of one optimizer step and its derivative by ``logp``.
 
     ``logp`` (N, T): logπθ of each completion token; ``mask`` (N, T) the tokens in the loss; ``adv`` (N,);
     ``old``: logπ_old (None: the step is on-policy and TRL uses logp.detach(), tr:3066: ratio 1, but its
     gradient is not zero); ``ref``: the reference's log-probabilities (needed when beta > 0); ``micro``:
-    the completions of each micro-batch (default: one micro-batch of all)."""
+    the completions of each micro-batch (default: one micro-batch of all); ``entropy`` (N, T): each token's
+    entropy of the policy, for TRL's ``entropy`` metric."""
     logp = np.asarray(logp, np.float64)
     M = np.asarray(mask, np.float64)
     N = logp.shape[0]
@@ -193,10 +194,10 @@ def grpo_loss(cfg: GRPOConfig, logp: np.ndarray, mask: np.ndarray, adv: np.ndarr
     if kl is not None:
         d_logp = d_logp + G * cfg.beta * dkl0 * rho
     d_logp = d_logp * (M > 0)
-    return Loss(loss, d_logp, _loss_metrics(cfg, coef_1, A, M, kl, micro))
+    return Loss(loss, d_logp, _loss_metrics(cfg, coef_1, A, M, kl, micro, entropy))
 
 
-def _loss_metrics(cfg: GRPOConfig, coef_1, A, M, kl, micro) -> dict:
+def _loss_metrics(cfg: GRPOConfig, coef_1, A, M, kl, micro, entropy=None) -> dict:
     """TRL's per-micro-batch metrics (tr:3254-3288), each averaged over the micro-batches as TRL's log does."""
     per: dict[str, list] = {}
 
@@ -214,6 +215,8 @@ def _loss_metrics(cfg: GRPOConfig, coef_1, A, M, kl, micro) -> dict:
     for idx in micro:
         if kl is not None:
             per.setdefault("kl", []).append(masked_mean(kl, idx))
+        if entropy is not None:                             # tr:3270, over the completion mask
+            per.setdefault("entropy", []).append(masked_mean(np.asarray(entropy, np.float64), idx))
         if cfg.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
             low = ((coef_1 < 1 - cfg.epsilon) & (A < 0)).astype(np.float64)
             high = ((coef_1 > 1 + cfg.eps_high) & (A > 0)).astype(np.float64)

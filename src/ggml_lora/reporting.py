@@ -213,10 +213,25 @@ _PREFERENCE = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewa
 _TAGS["train"].update({k: f"train/{k}" for k in _PREFERENCE})
 _TAGS["eval"].update({f"val_{k}": f"eval/{k}" for k in _PREFERENCE})
 
+# TRL's GRPO metrics (grpo_trainer.py:2293-2320, 2821-2830, 3213-3288), and rewards/<function>/mean and /std,
+# whose names come from the reward functions: every key under rewards/ is reported
+_GRPO = ("reward", "reward_std", "frac_reward_zero_std", "num_tokens", "entropy", "step_time", "cispo_clip_ratio",
+         *(f"completions/{k}" for k in ("mean_length", "min_length", "max_length", "clipped_ratio",
+                                        "mean_terminated_length", "min_terminated_length", "max_terminated_length")),
+         *(f"clip_ratio/{k}" for k in ("low_mean", "high_mean", "region_mean", "low_min", "high_max")))
+_TAGS["train"].update({k: f"train/{k}" for k in _GRPO})
+_TAGS["eval"].update({f"val_{k}": f"eval/{k}" for k in _GRPO})
+_REWARDS = {"train": ("rewards/", "train/"), "eval": ("val_rewards/", "eval/")}    # key prefix, tag = this + key
+
 
 def _scalars(record: dict) -> dict[str, float]:
+    kind = record.get("type")
+    tags = dict(_TAGS.get(kind, {}))
+    if kind in _REWARDS:
+        prefix, to = _REWARDS[kind]
+        tags.update({k: to + k.removeprefix("val_") for k in record if k.startswith(prefix) and k not in tags})
     out = {}
-    for key, tag in _TAGS.get(record.get("type"), {}).items():
+    for key, tag in tags.items():
         v = record.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             out[tag] = float(v)

@@ -6,7 +6,8 @@ ids on its tokens (one KV entry shared by all, ``kv_unified``), then each step d
 unfinished sequence of every prompt in one batch. Sampling is ours, in NumPy, from llama.cpp's logits: seeded by
 (seed, step, prompt) so a run, and a resumed run, draws the same tokens, with TRL/transformers' order of
 filters (temperature, top_k, top_p, min_p). The log-probability of each drawn token under the unfiltered
-distribution is kept: the one our forward must reproduce (tests/test_grpo.py).
+distribution of logits / temperature is kept (the one our forward must reproduce, tests/test_grpo.py), and
+that distribution's entropy (TRL's ``entropy`` metric, of the policy that sampled).
 
 The adapter is refreshed before each generation batch by writing it to a file and loading that into the
 context (llama.cpp has no call that replaces an adapter's tensors in place); ``refresh_s`` says what it cost.
@@ -18,7 +19,7 @@ import ctypes
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,9 @@ from .errors import InvalidArgumentError
 @dataclass
 class Completion:
     ids: list[int]              # the sampled tokens, EOS included when one was drawn
-    logprobs: list[float]       # llama.cpp's log-probability of each (temperature 1, no filters)
+    logprobs: list[float]       # llama.cpp's log-probability of each (logits / temperature, no filters)
     truncated: bool             # stopped at max_tokens without an end-of-generation token
+    entropies: list[float] = field(default_factory=list)   # of the distribution each was drawn from, nats
 
 
 def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -201,15 +203,26 @@ class Sampler:
             start += [len(prompt)] * n
         outs = [Completion([], [], True) for _ in range(total)]
         live = list(range(total))
+        filtered = bool(top_k) or top_p < 1.0 or bool(min_p)
         for k in range(max_tokens):
             entries = []
-            for s in live:
-                lp = _log_softmax(logits[s].astype(np.float64))
-                x = filter_logits(logits[s], temperature, top_k, top_p, min_p)
-                p = np.exp(x - x.max())
-                tok = int(rngs[s // n].choice(self.n_vocab, p=p / p.sum()))
+            # every live sequence at once, in float64: x = logits / T, e = exp(x - max), Z = Σe
+            x = np.stack([logits[s] for s in live]).astype(np.float64) / temperature      # (S, V)
+            x -= x.max(axis=1, keepdims=True)
+            e = np.exp(x)
+            z = e.sum(axis=1)
+            log_z = np.log(z)
+            entropy = log_z - (e * x).sum(axis=1) / z              # -Σ p log p with p = e / Z
+            # inverse CDF with one uniform draw per token, as Generator.choice(p=...) draws
+            cdf = np.cumsum(e if not filtered else np.stack(
+                [np.exp(f - f.max()) for f in (filter_logits(logits[s], temperature, top_k, top_p, min_p)
+                                               for s in live)]), axis=1)
+            for i, s in enumerate(live):
+                u = rngs[s // n].random()
+                tok = min(int(np.searchsorted(cdf[i], u * cdf[i, -1], side="right")), self.n_vocab - 1)
                 outs[s].ids.append(tok)
-                outs[s].logprobs.append(float(lp[tok]))
+                outs[s].logprobs.append(float(x[i, tok] - log_z[i]))
+                outs[s].entropies.append(float(entropy[i]))
                 if self.is_eog(tok):
                     outs[s].truncated = False
                 else:

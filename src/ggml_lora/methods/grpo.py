@@ -12,6 +12,10 @@ after the last optimizer step (rollout.py). It serves ``num_iterations`` optimiz
 3. one weighted accumulation (``glora_batch.loss_weights``): w_t = −∂loss/∂logπ_t from grpo_loss, the
    exact gradient of TRL's loss; then clipping and the AdamW update as in supervised training.
 
+Every log-probability, sampled or computed, is of logits / temperature (TRL, grpo_trainer.py:1068-1077): the
+native forward takes the scale as ``glora_batch.logit_scale``. TRL's ``entropy`` is that of the distribution
+each completion token was sampled from, which llama.cpp's logits give for free.
+
 Data: records with a ``prompt`` (a string, or a list of messages rendered with the chat template and its
 generation prompt) and any other columns, which reach the reward functions as keyword arguments (TRL's
 convention, grpo_trainer.py:1584-1598). LoRA dropout must be 0 (TRL's disable_dropout): the weights come
@@ -129,6 +133,7 @@ class Rollouts:
     metrics: dict
     old: np.ndarray | None = None           # (N, T) μ > 1: the old policy's log-probabilities
     ref: np.ndarray | None = None           # (N, T) beta > 0: the reference's
+    entropy: np.ndarray | None = None       # (N, T) entropy of the distribution each token was drawn from
 
 
 class GRPO(TrainingMethod):
@@ -231,13 +236,14 @@ class GRPO(TrainingMethod):
         return self._sampler
 
     def sample(self, prompts: Sequence[PromptRow], seed_key: Sequence[int],
-               adapter_scale: float = 1.0) -> tuple[list, list, list]:
-        """(completion ids, llama.cpp log-probabilities, truncated) of num_generations completions per prompt,
-        sampled through the adapter as it is now (``adapter_scale`` 0: the base model)."""
+               adapter_scale: float = 1.0) -> tuple[list, list, list, list | None]:
+        """(completion ids, llama.cpp log-probabilities, truncated, entropies per token or None) of
+        num_generations completions per prompt, sampled through the adapter as it is now (``adapter_scale``
+        0: the base model); log-probabilities and entropies are of logits / temperature, unfiltered."""
         g = self.grpo
         sampler = self._sampler_for()
         sampler.set_adapter(self.adapter, adapter_scale)
-        ids, lps, trunc = [], [], []
+        ids, lps, trunc, ent = [], [], [], []
         per_call = sampler.n_seq // g.num_generations
         for at in range(0, len(prompts), per_call):
             chunk = prompts[at:at + per_call]
@@ -249,7 +255,8 @@ class GRPO(TrainingMethod):
                     ids.append(c.ids)
                     lps.append(c.logprobs)
                     trunc.append(c.truncated)
-        return ids, lps, trunc
+                    ent.append(c.entropies)
+        return ids, lps, trunc, ent
 
     def _is_eog(self, token: int) -> bool:
         """An end-of-generation token of the model's vocabulary (EOS, EOT, ...)."""
@@ -304,7 +311,7 @@ class GRPO(TrainingMethod):
     def _generate(self, cycle: int, prompts: list[PromptRow]) -> Rollouts:
         g, cfg = self.grpo, self.config
         t0 = time.perf_counter()
-        ids, lps, trunc = self.sample(prompts, (cfg.seed, cycle))
+        ids, lps, trunc, ent = self.sample(prompts, (cfg.seed, cycle))
         t_gen = time.perf_counter() - t0
         rep = [p for p in prompts for _ in range(g.num_generations)]
         rewards = self.score(rep, ids)
@@ -327,6 +334,10 @@ class GRPO(TrainingMethod):
                         "time/adapter_refresh_s": self._sampler.refresh_s if self._sampler else 0.0,
                         "generation_tokens_per_s": float(lengths.sum() / t_gen) if t_gen > 0 else 0.0})
         ro = Rollouts(prompts, ids, lps, trunc, mask, adv, metrics)
+        if ent is not None:
+            ro.entropy = np.zeros(mask.shape)
+            for i, e in enumerate(ent):
+                ro.entropy[i, :len(e)] = e
         t1 = time.perf_counter()
         # through the forward the gradient is taken of (F16 copies when training uses them), so that an
         # unchanged policy has ratio 1 and KL 0 exactly
@@ -359,7 +370,10 @@ class GRPO(TrainingMethod):
                 tok.append(t)
             # padded, not packed: a packed micro-batch of 16 completions (16 segments) aborted ggml's allocator
             # in the backward ("out of free blocks", ggml-alloc.c:136) on SmolLM2
-            out.append((collate(rows, self.model), np.concatenate(seq), np.concatenate(tok)))
+            b = collate(rows, self.model)
+            # TRL scores the sampled tokens with logits / temperature (grpo_trainer.py:1068-1077)
+            b = Batch(b.tokens, b.segments, b.loss_rows, b.labels, logit_scale=1.0 / self.grpo.temperature)
+            out.append((b, np.concatenate(seq), np.concatenate(tok)))
         return out
 
     def logps(self, ro: Rollouts, adapter: Adapter | None, f16_weights: bool = False) -> np.ndarray:
@@ -385,19 +399,23 @@ class GRPO(TrainingMethod):
             t_logp = time.perf_counter() - t1
             bs = cfg.batch_size
             micro = [np.arange(i, min(i + bs, len(ro.completions))) for i in range(0, len(ro.completions), bs)]
-            out = grpo_loss(g, logp, ro.mask, ro.adv, old=None if on_policy else ro.old, ref=ro.ref, micro=micro)
+            out = grpo_loss(g, logp, ro.mask, ro.adv, old=None if on_policy else ro.old, ref=ro.ref, micro=micro,
+                            entropy=ro.entropy if first else None)
             t2 = time.perf_counter()
             need = (out.d_logp != 0).any(axis=1)           # zero-advantage groups need no backward
             for b, seq, tok in self._passes(ro, need):
                 w = -out.d_logp[seq, tok]                   # CE = -logp
-                ctx.accumulate(Batch(b.tokens, b.segments, b.loss_rows, b.labels, loss_weights=w.astype(np.float32)), 1)
+                ctx.accumulate(Batch(b.tokens, b.segments, b.loss_rows, b.labels, loss_weights=w.astype(np.float32),
+                                     logit_scale=b.logit_scale), 1)
             n_tokens = int(ro.mask.sum())
             res = ctx.finish_step(out.loss, n_tokens, lr, step, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
                                   max_grad_norm=cfg.max_grad_norm or None)
             t3 = time.perf_counter()
         # the generation batch's metrics (rewards, lengths, generation time) belong to the step that made it,
-        # as in TRL, which stores them only when it generates (tr:2293-2320, 2821-2830)
+        # as in TRL, which stores them only when it generates (tr:2293-2320, 2821-2830). So does entropy, which
+        # comes from the logits that sampled: the policy TRL's step evaluates then; on a batch's later
+        # iterations (num_iterations > 1) TRL's would be of the updated policy, which we do not compute
         metrics = {**(ro.metrics if first else {}), **out.metrics, "time/logps_s": t_logp,
                    "time/train_s": t3 - t2, "step_time": t3 - t0}
         return StepOutput(res.loss, res.n_tokens, res.grad_norm, not res.skipped, metrics)
@@ -407,7 +425,7 @@ class GRPO(TrainingMethod):
     def evaluate_rows(self, rows, batch_size: int, use_adapter: bool = True, f16_weights: bool = False) -> dict:
         """Mean reward of num_generations completions per held-out prompt, sampled with a fixed seed (the same
         draws for the same policy), through the adapter or, with use_adapter=False, the base model."""
-        ids, _, trunc = self.sample(rows, (self.config.seed, 2**31 - 1), 1.0 if use_adapter else 0.0)
+        ids, _, trunc, _ = self.sample(rows, (self.config.seed, 2**31 - 1), 1.0 if use_adapter else 0.0)
         rep = [p for p in rows for _ in range(self.grpo.num_generations)]
         rewards = self.score(rep, ids)
         _, m = advantages(self.grpo, rewards, self.reward_weights, self.reward_names)
