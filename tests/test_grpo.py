@@ -83,7 +83,7 @@ def test_logit_scale_gives_the_loss_and_gradient_of_scaled_logits(tiny, checkpoi
     """glora_batch.logit_scale s: each row's loss is the cross-entropy of s x our logits forward, and the
     gradient with signed row weights w is the central difference of sum_r w_r CE_r(s z)."""
     from ggml_lora.rollout import _log_softmax
-    from ggml_lora.training import TrainingContext
+    from ggml_lora.step import TrainingContext
 
     s = 1 / 0.7
     with _random_adapter(tiny) as ad:

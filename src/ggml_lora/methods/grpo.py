@@ -16,6 +16,11 @@ Every log-probability, sampled or computed, is of logits / temperature (TRL, grp
 native forward takes the scale as ``glora_batch.logit_scale``. TRL's ``entropy`` is that of the distribution
 each completion token was sampled from, which llama.cpp's logits give for free.
 
+Over MPI (``mpiexec -n N``; batch_size per process, as in supervised training) each rank samples, scores and
+back-propagates its contiguous share of the generation batch's prompts, keying each prompt's generator by its
+place in the whole batch; the rollouts are gathered so that every rank computes the same advantages, loss and
+row weights, and the gradients are summed before clipping and AdamW.
+
 Data: records with a ``prompt`` (a string, or a list of messages rendered with the chat template and its
 generation prompt) and any other columns, which reach the reward functions as keyword arguments (TRL's
 convention, grpo_trainer.py:1584-1598). LoRA dropout must be 0 (TRL's disable_dropout): the weights come
@@ -142,7 +147,9 @@ class GRPO(TrainingMethod):
 
     name = "grpo"
     weights_loss_rows = True
-    distributable = False      # each rank would generate for its prompts; not wired yet
+    # over MPI each rank generates, scores and back-propagates its share of a step's prompts (a contiguous
+    # run); the rollouts are then gathered so that every rank computes the same advantages, loss and weights
+    distributable = True
 
     def __init__(self, trainer, reward_funcs, grpo: GRPOConfig):
         super().__init__(trainer)
@@ -182,7 +189,9 @@ class GRPO(TrainingMethod):
 
     @property
     def prompts_per_step(self) -> int:
-        return self.config.rows_per_step // self.grpo.num_generations
+        """Prompts of a generation batch: batch_size x gradient_accumulation_steps completions per process
+        (batch_size is per process, as in supervised training), num_generations per prompt."""
+        return self.config.rows_per_step * self.trainer.comm.size // self.grpo.num_generations
 
     # ---- data ----------------------------------------------------------------------------------------
 
@@ -229,17 +238,19 @@ class GRPO(TrainingMethod):
 
             g = self.grpo
             # a whole generation batch at once: its prompts x num_generations sequences (llama.cpp allows 256)
-            n_prompts = max(1, min(self.prompts_per_step, 256 // g.num_generations))
+            n_prompts = max(1, min(self.config.rows_per_step // g.num_generations, 256 // g.num_generations))
             cells = n_prompts * (self.config.max_seq_length + (g.num_generations - 1) * g.max_completion_length)
             self._sampler = Sampler(self.model.path, n_seq=n_prompts * g.num_generations, n_ctx=cells,
                                     n_threads=self.config.n_threads or self.model.n_threads, seed=self.config.seed)
         return self._sampler
 
     def sample(self, prompts: Sequence[PromptRow], seed_key: Sequence[int],
-               adapter_scale: float = 1.0) -> tuple[list, list, list, list | None]:
+               adapter_scale: float = 1.0, first_index: int = 0) -> tuple[list, list, list, list | None]:
         """(completion ids, llama.cpp log-probabilities, truncated, entropies per token or None) of
         num_generations completions per prompt, sampled through the adapter as it is now (``adapter_scale``
-        0: the base model); log-probabilities and entropies are of logits / temperature, unfiltered."""
+        0: the base model); log-probabilities and entropies are of logits / temperature, unfiltered.
+        Prompt i draws from the generator keyed (seed_key, first_index + i): a rank sampling its share of
+        a batch from ``first_index`` on draws as one process sampling the whole batch would."""
         g = self.grpo
         sampler = self._sampler_for()
         sampler.set_adapter(self.adapter, adapter_scale)
@@ -247,7 +258,7 @@ class GRPO(TrainingMethod):
         per_call = sampler.n_seq // g.num_generations
         for at in range(0, len(prompts), per_call):
             chunk = prompts[at:at + per_call]
-            rngs = [np.random.default_rng([*seed_key, at + i]) for i in range(len(chunk))]
+            rngs = [np.random.default_rng([*seed_key, first_index + at + i]) for i in range(len(chunk))]
             for group in sampler.sample_many([p.tokens.tolist() for p in chunk], g.num_generations,
                                              g.max_completion_length, rngs, temperature=g.temperature,
                                              top_k=g.top_k, top_p=g.top_p, min_p=g.min_p):
@@ -257,6 +268,37 @@ class GRPO(TrainingMethod):
                     trunc.append(c.truncated)
                     ent.append(c.entropies)
         return ids, lps, trunc, ent
+
+    def _share(self, n: int) -> tuple[int, int]:
+        """[first, last) of this rank's contiguous share of ``n`` prompts (all of them in one process)."""
+        comm = self.trainer.comm
+        return n * comm.rank // comm.size, n * (comm.rank + 1) // comm.size
+
+    def _sample_all(self, prompts: Sequence[PromptRow], seed_key: Sequence[int], adapter_scale: float = 1.0):
+        """``sample`` of every prompt, each rank sampling its share, then gathered in prompt order; with the
+        rewards of every completion (each rank scores what it sampled)."""
+        comm = self.trainer.comm
+        if comm.size == 1:
+            ids, lps, trunc, ent = self.sample(prompts, seed_key, adapter_scale)
+            rep = [p for p in prompts for _ in range(self.grpo.num_generations)]
+            return ids, lps, trunc, ent, self.score(rep, ids)
+        first, last = self._share(len(prompts))
+        mine = list(prompts[first:last])
+        ids, lps, trunc, ent = self.sample(mine, seed_key, adapter_scale, first_index=first) if mine else ([],) * 4
+        rewards = self.score([p for p in mine for _ in range(self.grpo.num_generations)], ids) if mine else \
+            np.zeros((0, len(self.reward_funcs)))
+        parts = comm.allgather((ids, lps, trunc, ent, rewards))
+        return ([x for part in parts for x in part[0]], [x for part in parts for x in part[1]],
+                [x for part in parts for x in part[2]], [x for part in parts for x in part[3]],
+                np.concatenate([part[4] for part in parts]))
+
+    def _mine(self, ro: Rollouts) -> np.ndarray:
+        """(N,) which completions of ``ro`` this rank computes: those of its share of the prompts."""
+        first, last = self._share(len(ro.prompts))
+        g = self.grpo.num_generations
+        mine = np.zeros(len(ro.completions), dtype=bool)
+        mine[first * g:last * g] = True
+        return mine
 
     def _is_eog(self, token: int) -> bool:
         """An end-of-generation token of the model's vocabulary (EOS, EOT, ...)."""
@@ -311,10 +353,9 @@ class GRPO(TrainingMethod):
     def _generate(self, cycle: int, prompts: list[PromptRow]) -> Rollouts:
         g, cfg = self.grpo, self.config
         t0 = time.perf_counter()
-        ids, lps, trunc, ent = self.sample(prompts, (cfg.seed, cycle))
+        ids, lps, trunc, ent, rewards = self._sample_all(prompts, (cfg.seed, cycle))
         t_gen = time.perf_counter() - t0
         rep = [p for p in prompts for _ in range(g.num_generations)]
-        rewards = self.score(rep, ids)
         adv, metrics = advantages(g, rewards, self.reward_weights, self.reward_names)
         trunc = np.array(trunc, dtype=bool)
         T = max(len(c) for c in ids)
@@ -377,10 +418,14 @@ class GRPO(TrainingMethod):
         return out
 
     def logps(self, ro: Rollouts, adapter: Adapter | None, f16_weights: bool = False) -> np.ndarray:
-        """(N, T) log-probabilities of the completion tokens under ``adapter`` (None: the base model)."""
+        """(N, T) log-probabilities of the completion tokens under ``adapter`` (None: the base model); over
+        MPI each rank computes its share's and the ranks sum their (disjoint) parts."""
+        comm = self.trainer.comm
         out = np.zeros(ro.mask.shape)
-        for b, seq, tok in self._passes(ro):
+        for b, seq, tok in self._passes(ro, self._mine(ro) if comm.size > 1 else None):
             out[seq, tok] = -row_losses(self.model, adapter, b, f16_weights=f16_weights).astype(np.float64)
+        if comm.size > 1:
+            comm.allreduce(out)
         return out
 
     def step(self, batches, lr: float, step: int, n_step_tokens=None) -> StepOutput:
@@ -403,11 +448,15 @@ class GRPO(TrainingMethod):
                             entropy=ro.entropy if first else None)
             t2 = time.perf_counter()
             need = (out.d_logp != 0).any(axis=1)           # zero-advantage groups need no backward
+            if self.trainer.comm.size > 1:
+                need &= self._mine(ro)                      # this rank's share of the gradient
             for b, seq, tok in self._passes(ro, need):
                 w = -out.d_logp[seq, tok]                   # CE = -logp
                 ctx.accumulate(Batch(b.tokens, b.segments, b.loss_rows, b.labels, loss_weights=w.astype(np.float32),
                                      logit_scale=b.logit_scale), 1)
             n_tokens = int(ro.mask.sum())
+            if self.trainer.comm.size > 1:
+                self.trainer.reduce(0.0)                    # the ranks' gradients summed (the loss is everyone's)
             res = ctx.finish_step(out.loss, n_tokens, lr, step, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
                                   max_grad_norm=cfg.max_grad_norm or None)
@@ -425,9 +474,7 @@ class GRPO(TrainingMethod):
     def evaluate_rows(self, rows, batch_size: int, use_adapter: bool = True, f16_weights: bool = False) -> dict:
         """Mean reward of num_generations completions per held-out prompt, sampled with a fixed seed (the same
         draws for the same policy), through the adapter or, with use_adapter=False, the base model."""
-        ids, _, trunc, _ = self.sample(rows, (self.config.seed, 2**31 - 1), 1.0 if use_adapter else 0.0)
-        rep = [p for p in rows for _ in range(self.grpo.num_generations)]
-        rewards = self.score(rep, ids)
+        ids, _, trunc, _, rewards = self._sample_all(rows, (self.config.seed, 2**31 - 1), 1.0 if use_adapter else 0.0)
         _, m = advantages(self.grpo, rewards, self.reward_weights, self.reward_names)
         out = {f"val_{k}": v for k, v in m.items()}
         out["val_completions/mean_length"] = float(np.mean([len(c) for c in ids]))
