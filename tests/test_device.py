@@ -196,6 +196,8 @@ def method_run(model, tmp_path, name: str, method: str):
                                                p["rejected"], "label": bool(i % 3)} for i, p in enumerate(pairs)]
         with PreferenceTrainer(model, lora, cfg, PreferenceConfig(method=method, beta=0.5)) as trainer:
             return trainer.train(data)
+    if method == "grpo":
+        return grpo_run(model, lora, cfg, [{"prompt": f"{phrase(4)}:"} for _ in range(8)])
     if method == "adalora":
         lora = LoRAConfig(peft_type="adalora", init_r=6, target_r=3, alpha=8.0, target_modules=lora.target_modules,
                           tinit=1, tfinal=1, deltaT=1, seed=4)
@@ -205,9 +207,28 @@ def method_run(model, tmp_path, name: str, method: str):
         return trainer.train(data)
 
 
+def grpo_run(model, lora, cfg, prompts):
+    """GRPO with llama.cpp's sampling replaced by fixed completions (a generator keyed by the step and the
+    prompt's place), so that both runs score and train on the same rollouts; beta > 0 and two iterations
+    per batch make the loss depend on the device's forward (reference and old-policy log-probabilities)."""
+    from ggml_lora import GRPOConfig, GRPOTrainer
+
+    def even(prompts, completions, completion_ids, **kw):
+        return [float(sum(t % 2 == 0 for t in c)) for c in completion_ids]
+
+    g = GRPOConfig(num_generations=4, max_completion_length=6, beta=0.04, num_iterations=2)
+    with GRPOTrainer(model, even, lora, cfg, g) as trainer:
+        def sample(rows, seed_key, adapter_scale=1.0, first_index=0):
+            ids = [np.random.default_rng([*seed_key, first_index + i, j]).integers(3, 900, 6).tolist()
+                   for i in range(len(rows)) for j in range(g.num_generations)]
+            return ids, [[0.0] * len(c) for c in ids], [True] * len(ids), [[0.0] * len(c) for c in ids]
+        trainer.method.sample = sample
+        return trainer.train(prompts)
+
+
 # Each method's per-step losses on the device against the same run on the CPU (F32 base: only the
 # device's F16 rounding of product operands differs; 1e-2 relative, as the gradients above).
-@pytest.mark.parametrize("method", ["prompt-completion", "adalora", "dpo", "orpo", "kto"])
+@pytest.mark.parametrize("method", ["prompt-completion", "adalora", "dpo", "orpo", "kto", "grpo"])
 def test_each_method_trains_on_the_device_as_on_the_cpu(device, tiny_model_file, tmp_path, method):
     path = tiny_model_file("llama", "f32")
     with BaseModel.load(path, device="CPU", n_threads=N_THREADS) as cpu:
