@@ -62,6 +62,7 @@ def main() -> None:
     print(json.dumps({"machine": platform.processor() or platform.machine(), "cpu_flags": flags,
                       "threads": args.threads, "steps": args.steps, "repeats": args.repeats, "median": med,
                       "ratio_to_" + first: {name: {k: m[k] / med[first][k] for k in m} for name, m in med.items()},
+                      "runs": {name: [{k: round(v, 3) for k, v in x.items()} for x in rs] for name, rs in runs.items()},
                       "final_loss": {name: [x["final_loss"] for x in rs] for name, rs in runs.items()}}, indent=2))
 
 
