@@ -29,10 +29,24 @@ N_THREADS = 2
 
 
 def cpu_class() -> str:
-    """The CPU features ggml's kernels were chosen by, as one key."""
+    """The CPU the hashes hold for, as one key: ggml's features (which kernels run) and a digest of the model
+    name and every flag /proc/cpuinfo lists (GGML_NATIVE compiles with -march=native, and two CPUs with the
+    same ggml features, say Zen 4 and Zen 5, may still be vectorised differently)."""
+    import platform
+
     import ggml_lora
 
-    return " ".join(sorted(k for k, v in ggml_lora.cpu_features().items() if v not in ("0", "")))
+    features = " ".join(sorted(k for k, v in ggml_lora.cpu_features().items() if v not in ("0", "")))
+    info = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "flags") and key.strip() not in info:
+                info[key.strip()] = " ".join(sorted(value.split())) if key.strip() == "flags" else value.strip()
+    except OSError:
+        info["machine"] = platform.machine()
+    cpu = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{features} | {info.get('model name', platform.machine())} {cpu}"
 
 
 def _text(rng, n: int) -> str:
