@@ -10,8 +10,6 @@
 //    that yields d x_i and the gradients of the block's A and B. Peak memory is one block's graph.
 #include "glora_internal.h"
 
-#include "ggml-cpu.h"
-
 #include <algorithm>
 #include <cstring>
 #include <unordered_map>
