@@ -152,7 +152,7 @@ def ours_grpo(model, rollouts, *, steps: int, learning_rate: float, rank: int, a
                              max_seq_length=max(longest, grpo.get("max_completion_length", 512)) + 1)
         with GRPOTrainer(model, _reward_funcs(rewards, n_funcs), lora, cfg, GRPOConfig(num_generations=G, **grpo),
                          adapter=adapter) as trainer:
-            def sample(prompts, seed_key):
+            def sample(prompts, seed_key, adapter_scale=1.0, first_index=0):
                 ids = [c for p in prompts for c in by_prompt[p.prompt][1]]
                 trunc = [not trainer.method._is_eog(c[-1]) for c in ids]
                 return ids, [[0.0] * len(c) for c in ids], trunc, [_entropies(model, trainer, p, c) for p, c in
