@@ -1,5 +1,5 @@
-"""Issue 33, item 3: the methods beyond SFT on the new architectures, one small test each on tiny models:
-merge (fused phi3 matrices and gemma's), DPO/ORPO/KTO, AdaLoRA, packing with sliding-window masks."""
+"""Every method beyond SFT works on gemma2, gemma3 and phi3, one small test each on tiny models: merge
+(fused phi3 matrices and gemma's), DPO/ORPO/KTO, AdaLoRA, packing with sliding-window masks."""
 
 from __future__ import annotations
 

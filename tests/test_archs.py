@@ -1,4 +1,4 @@
-"""Issue 33: gemma2, gemma3 and phi3 on tiny random models: parity with llama.cpp with and without LoRA,
+"""gemma2, gemma3 and phi3 on tiny random models: parity with llama.cpp with and without LoRA,
 gradients against finite differences, adapters that llama.cpp loads, and the errors for what an
 architecture does not have."""
 

