@@ -85,3 +85,18 @@ def assert_parity(ours: np.ndarray, ref: np.ndarray, label: str = "") -> dict:
     assert rep["max_abs_diff"] <= MAX_ABS_DIFF, f"{label}: {rep}"
     assert rep["bad_flips"] == 0, f"{label}: {rep}"
     return rep
+
+
+def assert_adapter_parity(model, model_path, tokens, tensors, tmp_path: Path, alpha: float, min_change: float,
+                          label: str, n_threads: int = 2) -> dict:
+    """An adapter of ``tensors`` ({name: (A, B)}) changes ``model``'s logits of ``tokens`` by more than
+    ``min_change`` (so the check below means something), and llama.cpp given the same adapter as a file gives
+    the same logits within the parity bound."""
+    from ggml_lora import Adapter
+    from ggml_lora.adapter_file import write_lora_gguf
+
+    lora = write_lora_gguf(tmp_path / "lora.gguf", model.arch, alpha, tensors)
+    with Adapter.from_tensors(model, tensors, alpha=alpha) as adapter:
+        ours = model.logits(tokens, adapter)
+        assert np.abs(ours - model.logits(tokens)).max() > min_change, "the random adapter should change the logits"
+        return assert_parity(ours, llama_logits(model_path, tokens, lora=lora, n_threads=n_threads), label)

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import N_THREADS
-from reference import assert_parity, llama_logits
+from reference import assert_adapter_parity, assert_parity, llama_logits
 from test_parity import random_adapter_tensors
-from test_training import randomize, sample_tokens
+from test_training import directional_check, randomize, sample_tokens
 
 from ggml_lora import Adapter, BaseModel, InvalidArgumentError, LoRAConfig, UnsupportedError
-from ggml_lora.adapter_file import write_lora_gguf
 from ggml_lora.forward import evaluate, loss_batch
 from ggml_lora.step import TrainingContext
 
@@ -42,11 +41,7 @@ def test_tiny_models_match_llama_cpp(tiny_model_file, arch, weight_type, tmp_pat
         if not model.tied_embeddings:
             names.append("output.weight")
         tensors = random_adapter_tensors(model, names, rank=4, seed=2, b_scale=0.2)
-        lora = write_lora_gguf(tmp_path / "lora.gguf", model.arch, 8.0, tensors)
-        with Adapter.from_tensors(model, tensors, alpha=8.0) as adapter:
-            ours = model.logits(tokens, adapter)
-            assert np.abs(ours - model.logits(tokens)).max() > 0.1
-            assert_parity(ours, llama_logits(path, tokens, lora=lora, n_threads=N_THREADS), f"{arch}/{weight_type}+lora")
+        assert_adapter_parity(model, path, tokens, tensors, tmp_path, 8.0, 0.1, f"{arch}/{weight_type}+lora", N_THREADS)
 
 
 def test_sliding_window_and_softcaps_are_used(tiny_model_file):
@@ -61,42 +56,6 @@ def test_sliding_window_and_softcaps_are_used(tiny_model_file):
         assert np.abs(b.logits(tokens)).max() < 5.0      # final_logit_softcapping = 5
 
 
-def fitted_gradient_errors(model, adapter, tokens, mask, seed: int) -> dict[str, float]:
-    """Relative error of <grad, d> against the slope of our own forward's mean loss along d, per tensor.
-
-    d is the unit gradient plus a random unit vector, normalised (as test_training.directional_check).
-    gemma's GELU is ggml's F16 lookup table (ggml-cpu/vec.h, GGML_GELU_FP16): the loss is a staircase
-    whose steps, in a central difference of step 2e-2, gave errors up to 1.4e-2 that fell as the step
-    grew. A cubic fitted through 9 points in [-0.1, 0.1] averages over the steps (measured worst: gemma2
-    3.0e-3, gemma3 4.5e-3, phi3 9.7e-4) while its truncation error stays far below the tolerance 1e-2.
-    """
-    ctx = TrainingContext(adapter, optimizer="sgd")
-    batch = loss_batch(model, tokens, mask)
-    ctx.accumulate(batch, batch.n_loss)
-    grads = ctx.gradients()
-    ctx.close()
-    rng = np.random.default_rng(seed)
-    ts = np.linspace(-0.1, 0.1, 9)
-    errors = {}
-    for name in adapter.targets:
-        a0, b0 = adapter.get(name)
-        for which, (p0, g) in enumerate(zip((a0, b0), grads[name])):
-            half = ("lora_a", "lora_b")[which]
-            g = g.astype(np.float64)
-            r = rng.normal(size=p0.shape)
-            d = g / np.linalg.norm(g) + r / np.linalg.norm(r)
-            d /= np.linalg.norm(d)
-            losses = []
-            for t in ts:
-                adapter.set(name, **{half: (p0.astype(np.float64) + t * d).astype(np.float32)})
-                losses.append(evaluate(model, adapter, tokens, mask)[0])
-            adapter.set(name, lora_a=a0, lora_b=b0)
-            fd = float(np.polyfit(ts, losses, 3)[2])
-            an = float((g * d).sum())
-            errors[f"{name}.{half}"] = abs(fd - an) / max(abs(fd), abs(an))
-    return errors
-
-
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3", "phi3"])
 def test_gradient_matches_finite_differences(tiny_model_file, arch):
     kw = MODELS[arch] | {"n_layers": 2}
@@ -105,7 +64,11 @@ def test_gradient_matches_finite_differences(tiny_model_file, arch):
             randomize(ad, seed=1)
             tokens = sample_tokens(model, (2, 24), seed=2)     # 24 > the window of 8
             mask = np.random.default_rng(3).random(tokens.shape) < 0.6
-            errors = fitted_gradient_errors(model, ad, tokens, mask, seed=4)
+            # gemma's GELU is ggml's F16 lookup table (ggml-cpu/vec.h, GGML_GELU_FP16): the loss is a staircase
+            # whose steps, in a central difference of step 2e-2, gave errors up to 1.4e-2 that fell as the step
+            # grew. A cubic through 9 points in [-0.1, 0.1] averages over the steps (measured worst: gemma2
+            # 3.0e-3, gemma3 4.5e-3, phi3 9.7e-4) while its truncation error stays far below the tolerance 1e-2.
+            errors = directional_check(model, ad, tokens, mask, quantized=False, seed=4, fit=np.linspace(-0.1, 0.1, 9))
             worst = max(errors, key=errors.get)
             print(f"{arch}: worst relative error {errors[worst]:.2e} at {worst} over {len(errors)} tensors")
             stems = {n.split(".")[2] for n in errors if n.startswith("blk.")}

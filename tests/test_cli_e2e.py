@@ -22,6 +22,22 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def recalled_facts(model: Path, questions: dict[str, str], adapter: Path, *options: str) -> dict[str, list[str]]:
+    """{"base": answers, "adapter": answers} that contain the wanted answer, of `ggml-lora generate` (greedy,
+    llama.cpp) asked ``questions`` (answer -> question) without and with ``adapter``; printed per question."""
+    recalled = {}
+    for label, extra in (("base", []), ("adapter", ["--adapter", str(adapter)])):
+        args = ["generate", "--model", str(model), "--json", "--n-threads", str(N_THREADS), *options, *extra]
+        for q in questions.values():
+            args += ["--prompt", q]
+        answers = [json.loads(line)["completion"].strip() for line in cli(*args).stdout.splitlines()]
+        recalled[label] = [a for a, want in zip(answers, questions) if want in a]
+        print(f"{label}: {len(recalled[label])}/{len(questions)} facts recalled")
+        for a, want in zip(answers, questions):
+            print(f"  {'ok  ' if want in a else 'miss'} {a!r} (want {want!r})")
+    return recalled
+
+
 def held_out_questions() -> dict[str, str]:
     """answer -> one validation question that asks for it alone (one user turn, one assistant turn)."""
     out: dict[str, str] = {}
@@ -57,17 +73,7 @@ def test_train_eval_generate_on_smollm2(smollm2_file, tmp_path):
 
     questions = held_out_questions()
     assert len(questions) >= 10
-    recalled = {}
-    for label, extra in (("base", []), ("adapter", ["--adapter", str(out / "adapter.gguf")])):
-        args = ["generate", "--model", str(smollm2_file), "--chat", "--json", "--max-tokens", "32",
-                "--n-threads", str(N_THREADS), *extra]
-        for q in questions.values():
-            args += ["--prompt", q]
-        answers = [json.loads(line)["completion"].strip() for line in cli(*args).stdout.splitlines()]
-        recalled[label] = [a for a, want in zip(answers, questions) if want in a]
-        print(f"{label}: {len(recalled[label])}/{len(questions)} facts recalled")
-        for a, want in zip(answers, questions):
-            print(f"  {'ok  ' if want in a else 'miss'} {a!r} (want {want!r})")
+    recalled = recalled_facts(smollm2_file, questions, out / "adapter.gguf", "--chat", "--max-tokens", "32")
     # greedy decoding through llama.cpp with the adapter file: most held-out questions answered word for
     # word (measured: see the closing note), and the base model knows none of the made-up facts
     assert len(recalled["adapter"]) >= 0.75 * len(questions)

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import N_THREADS
-from reference import assert_parity, llama_logits
+from reference import assert_adapter_parity, assert_parity, llama_logits
+from test_cli_e2e import recalled_facts
 from test_parity import TEXTS, random_adapter_tensors
 
 from ggml_lora import Adapter, LoRAConfig
-from ggml_lora.adapter_file import write_lora_gguf
 from ggml_lora.forward import evaluate, loss_batch
 from ggml_lora.step import TrainingContext
 
@@ -42,12 +42,8 @@ def test_gemma3_with_adapter_matches_llama_cpp(gemma3, gemma3_file, tmp_path):
     names = [f"blk.{i}.{m}.weight" for i in range(gemma3.n_layers)
              for m in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
     tensors = random_adapter_tensors(gemma3, names, rank=8, seed=1, b_scale=0.02)
-    path = write_lora_gguf(tmp_path / "rand.gguf", gemma3.arch, 16.0, tensors)
     tokens = gemma3.tokenize(LONG_TEXT)[:600]
-    with Adapter.from_tensors(gemma3, tensors, alpha=16.0) as adapter:
-        ours = gemma3.logits(tokens, adapter)
-        assert np.abs(ours - gemma3.logits(tokens)).max() > 0.5, "the random adapter should change the logits"
-        assert_parity(ours, llama_logits(gemma3_file, tokens, lora=path, n_threads=N_THREADS), "gemma3+lora")
+    assert_adapter_parity(gemma3, gemma3_file, tokens, tensors, tmp_path, 16.0, 0.5, "gemma3+lora", N_THREADS)
 
 
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -108,17 +104,7 @@ def test_gemma3_learns_made_up_facts_from_prompt_completion_pairs(gemma3_file, t
     assert (out / "adapter.gguf").exists()
     questions = held_out()
     assert len(questions) >= 10
-    recalled = {}
-    for label, extra in (("base", []), ("adapter", ["--adapter", str(out / "adapter.gguf")])):
-        args = ["generate", "--model", str(gemma3_file), "--json", "--max-tokens", "24", "--n-threads",
-                str(N_THREADS), *extra]
-        for q in questions.values():
-            args += ["--prompt", q]
-        answers = [json.loads(line)["completion"].strip() for line in cli(*args).stdout.splitlines()]
-        recalled[label] = [a for a, want in zip(answers, questions) if want in a]
-        print(f"{label}: {len(recalled[label])}/{len(questions)} facts recalled")
-        for a, want in zip(answers, questions):
-            print(f"  {'ok  ' if want in a else 'miss'} {a!r} (want {want!r})")
+    recalled = recalled_facts(gemma3_file, questions, out / "adapter.gguf", "--max-tokens", "24")
     # greedy decoding by llama.cpp with the adapter file: most held-out questions answered word for word,
     # and the base model knows none of the made-up facts
     assert len(recalled["adapter"]) >= 0.75 * len(questions)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import N_THREADS
-from reference import assert_parity, llama_logits
+from reference import assert_adapter_parity, assert_parity, llama_logits
 
 from ggml_lora import Adapter, BaseModel
 from ggml_lora.adapter_file import write_lora_gguf
@@ -65,13 +65,8 @@ def test_smollm2_with_adapter_matches_llama_cpp(smollm2, smollm2_file, tmp_path)
     names = [f"blk.{i}.{m}.weight" for i in range(smollm2.n_layers)
              for m in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
     tensors = random_adapter_tensors(smollm2, names, rank=8, seed=1, b_scale=0.02)
-    path = write_lora_gguf(tmp_path / "rand.gguf", smollm2.arch, 16.0, tensors)
     tokens = smollm2.tokenize(TEXTS[0], add_special=False)
-    with Adapter.from_tensors(smollm2, tensors, alpha=16.0) as adapter:
-        ours = smollm2.logits(tokens, adapter)
-        base = smollm2.logits(tokens)
-        assert np.abs(ours - base).max() > 0.5, "the random adapter should change the logits"
-        assert_parity(ours, llama_logits(smollm2_file, tokens, lora=path, n_threads=N_THREADS), "smollm2+lora")
+    assert_adapter_parity(smollm2, smollm2_file, tokens, tensors, tmp_path, 16.0, 0.5, "smollm2+lora", N_THREADS)
 
 
 TINY_CASES = [(arch, wt) for arch in ("llama", "qwen2", "qwen3") for wt in ("f32", "q8_0")] + [
@@ -94,11 +89,7 @@ def test_tiny_models_match_llama_cpp(tiny_model_file, arch, weight_type, tmp_pat
         names = [f"blk.{i}.{stem}.weight" for i in range(model.n_layers)
                  for stem in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
         tensors = random_adapter_tensors(model, names, rank=4, seed=2, b_scale=0.2)
-        lora = write_lora_gguf(tmp_path / "lora.gguf", model.arch, 8.0, tensors)
-        with Adapter.from_tensors(model, tensors, alpha=8.0) as adapter:
-            ours = model.logits(tokens, adapter)
-            assert np.abs(ours - model.logits(tokens)).max() > 0.1
-            assert_parity(ours, llama_logits(path, tokens, lora=lora, n_threads=N_THREADS), f"{arch}/{weight_type}+lora")
+        assert_adapter_parity(model, path, tokens, tensors, tmp_path, 8.0, 0.1, f"{arch}/{weight_type}+lora", N_THREADS)
 
 
 def test_untied_lm_head_and_rope_freqs(tiny_model_file, tmp_path):

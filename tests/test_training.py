@@ -27,7 +27,8 @@ def sample_tokens(model: BaseModel, shape, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, model.n_vocab, shape)
 
 
-def directional_check(model, adapter, tokens, mask, quantized: bool, seed: int) -> dict[str, float]:
+def directional_check(model, adapter, tokens, mask, quantized: bool, seed: int,
+                      fit: np.ndarray | None = None) -> dict[str, float]:
     """Relative error of <grad, d> against differences of our own forward's mean loss, per tensor.
 
     F32 bases: d is a random unit vector plus the unit gradient, normalised. A purely random direction
@@ -38,7 +39,8 @@ def directional_check(model, adapter, tokens, mask, quantized: bool, seed: int) 
 
     Quantized bases: the forward rounds activations to 8 bits per block (Q8_0/Q8_1) before each
     quantized product, so the loss is a fine staircase. We take d along the gradient and fit a cubic
-    through 17 points in [-0.4, 0.4] to average over the steps.
+    through 17 points in [-0.4, 0.4] to average over the steps. ``fit``: the points of a cubic fit to use
+    instead (of a central difference on F32 bases), the direction unchanged.
     """
     ctx = TrainingContext(adapter, optimizer="sgd")
     batch = loss_batch(model, tokens, mask)
@@ -62,8 +64,8 @@ def directional_check(model, adapter, tokens, mask, quantized: bool, seed: int) 
                 adapter.set(name, **{half: (p0.astype(np.float64) + t * d).astype(np.float32)})
                 return evaluate(model, adapter, tokens, mask)[0]
 
-            if quantized:
-                ts = np.linspace(-0.4, 0.4, 17)
+            ts = np.linspace(-0.4, 0.4, 17) if quantized and fit is None else fit
+            if ts is not None:
                 fd = float(np.polyfit(ts, [loss_at(t) for t in ts], 3)[2])
             else:
                 h = 2e-2
